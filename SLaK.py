@@ -1,0 +1,592 @@
+"""SLaK: Sparse Large Kernel networks (and ConvNeXt emulated through the same code).
+
+A faithful re-implementation of ``models/SLaK.py`` from "More ConvNets in the 2020s: Scaling up Kernels Beyond
+51x51 using Sparsity" (ICLR 2023). Module and parameter names are the original's, so original checkpoints load with
+``strict=True``; the constructor takes exactly the original arguments (extra options are keyword-only).
+
+What differs from the original, on purpose (see README "Differences from the original"):
+
+* The depthwise convolution goes through one seam, :func:`get_conv2d`. It picks the fast Triton kernel in
+  ``cutlass/`` on CUDA and otherwise an ``nn.Conv2d`` with identical parameters, so the model runs on any device.
+  Padding is per axis, ``(kh // 2, kw // 2)``: what the original CUDA extension derives from the weight shape
+  (the Python code of the original *asks* for a scalar ``K // 2``, which breaks rectangular kernels: its issue #15).
+* BatchNorm is ``nn.BatchNorm2d`` (same keys as the original's hard-wired ``SyncBatchNorm``); ``main.py`` converts it
+  to SyncBatchNorm in distributed runs.
+* Inference folding works for every layout (the original's ``merge_kernel`` fails for ``Decom`` and ``bn=False``).
+* timm >= 0.6 passes ``pretrained_cfg`` & co. into entry points; the original crashed on them, the entry points here
+  drop them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, trunc_normal_
+from timm.models import register_model
+
+__all__ = [
+    'SLaK', 'Block', 'LayerNorm', 'ReparamLargeKernelConv', 'get_conv2d', 'conv_bn', 'fuse_bn',
+    'load_checkpoint', 'SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large', 'CONV_IMPLS',
+]
+
+_logger = logging.getLogger(__name__)
+
+_REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+CONV_IMPLS = ('auto', 'cutlass', 'torch')
+_DWCONV_MODULE_NAME = 'depthwise_conv2d_implicit_gemm'
+
+
+def _load_fast_dwconv(path: Optional[str] = None):
+    """Import ``DepthWiseConv2dImplicitGEMM`` from ``cutlass/`` (or from ``path``), or return None.
+
+    The file is loaded by path rather than ``import cutlass...``: ``cutlass/`` has no ``__init__.py`` on purpose, so
+    NVIDIA's real ``cutlass`` package is never shadowed by our folder (nor ours by theirs). ``path`` may also be the
+    folder of the original MegEngine extension (RepLKNet's ``LARGE_KERNEL_CONV_IMPL`` convention).
+    """
+    if _DWCONV_MODULE_NAME in sys.modules and path is None:
+        return getattr(sys.modules[_DWCONV_MODULE_NAME], 'DepthWiseConv2dImplicitGEMM', None)
+    folder = path or os.path.join(_REPO_ROOT, 'cutlass')
+    file = os.path.join(folder, _DWCONV_MODULE_NAME + '.py')
+    if not os.path.isfile(file):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(_DWCONV_MODULE_NAME, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_DWCONV_MODULE_NAME] = module
+        if path is not None and folder not in sys.path:
+            sys.path.append(folder)  # the original extension imports its compiled sibling module by name
+        spec.loader.exec_module(module)
+    except Exception as e:  # an unusable fast path must never break model construction
+        sys.modules.pop(_DWCONV_MODULE_NAME, None)
+        warnings.warn(f'fast depthwise conv in {folder} could not be imported ({e!r}); using nn.Conv2d')
+        return None
+    return getattr(module, 'DepthWiseConv2dImplicitGEMM', None)
+
+
+def _resolve_conv_impl(impl: Optional[str]) -> str:
+    """Decide which depthwise implementation to build: ``'cutlass'`` or ``'torch'``.
+
+    Priority: the explicit ``impl`` argument, then the ``LARGE_KERNEL_CONV_IMPL`` environment variable, then ``auto``.
+    ``auto`` takes the fast kernel when CUDA is available and it imports; ``cutlass`` insists on it (error if it
+    cannot be imported); ``torch`` always uses ``nn.Conv2d``. A folder path in the environment variable selects the
+    kernel file in that folder (compatible with RepLKNet/SLaK instructions).
+    """
+    choice = impl if impl is not None else os.environ.get('LARGE_KERNEL_CONV_IMPL', 'auto')
+    choice = choice.strip()
+    path = None
+    if choice not in CONV_IMPLS:
+        if os.path.isdir(choice):
+            path, choice = choice, 'cutlass'
+        else:
+            raise ValueError(f'conv_impl / LARGE_KERNEL_CONV_IMPL must be one of {CONV_IMPLS} or a folder holding '
+                             f'{_DWCONV_MODULE_NAME}.py; got {choice!r}')
+    if choice == 'torch':
+        return 'torch'
+    fast = _load_fast_dwconv(path)
+    if choice == 'cutlass':
+        if fast is None:
+            raise ValueError('conv_impl="cutlass" was requested but cutlass/depthwise_conv2d_implicit_gemm.py could '
+                             'not be imported; use conv_impl="torch" or LARGE_KERNEL_CONV_IMPL=torch')
+        return 'cutlass'
+    return 'cutlass' if (fast is not None and torch.cuda.is_available()) else 'torch'
+
+
+def get_conv2d(in_channels: int, out_channels: int, kernel_size: Union[int, Tuple[int, int]], stride: int,
+               padding, dilation: int, groups: int, bias: bool, impl: Optional[str] = None) -> nn.Conv2d:
+    """The one place that decides how a (depthwise) large-kernel convolution is computed.
+
+    Like the original, only ``in_channels``, ``kernel_size`` and ``bias`` really matter for the depthwise case: the
+    result is always a stride-1 cross-correlation with per-axis "same" padding ``(kh // 2, kw // 2)`` (what the
+    original CUDA extension derives from the weight shape). ``padding``/``stride``/``dilation`` are accepted for
+    signature compatibility. Non-depthwise requests get a plain ``nn.Conv2d`` with the arguments as given.
+
+    Both implementations are ``nn.Conv2d`` subclasses with a ``(C, 1, kh, kw)`` weight, so keys, init and FLOP hooks
+    are identical whichever runs.
+    """
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if not (in_channels == out_channels == groups):
+        return nn.Conv2d(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups, bias)
+    if _resolve_conv_impl(impl) == 'cutlass':
+        return _load_fast_dwconv()(in_channels, (kh, kw), bias=bias)
+    return nn.Conv2d(in_channels, in_channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=in_channels,
+                     bias=bias)
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size, stride: int, padding, groups: int, dilation: int = 1,
+            bn: bool = True, impl: Optional[str] = None) -> nn.Sequential:
+    """``conv`` (no bias) followed, when ``bn``, by ``bn``: the original's child names (checkpoint keys)."""
+    result = nn.Sequential()
+    result.add_module('conv', get_conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                         bias=False, impl=impl))
+    if bn:
+        result.add_module('bn', nn.BatchNorm2d(out_channels))
+    return result
+
+
+def fuse_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm into the preceding bias-free conv: returns (kernel, bias).
+
+    t = gamma / sqrt(running_var + eps); kernel = W * t; bias = beta - running_mean * t. Without BN the bias is 0.
+    """
+    kernel = conv.weight
+    if bn is None:
+        return kernel, torch.zeros(kernel.shape[0], dtype=kernel.dtype, device=kernel.device)
+    std = (bn.running_var + bn.eps).sqrt()
+    t = (bn.weight / std).reshape(-1, 1, 1, 1)
+    return kernel * t, bn.bias - bn.running_mean * bn.weight / std
+
+
+def _pad_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad a (C, 1, kh, kw) kernel to (C, 1, size, size), centred (all branches use centred 'same' padding)."""
+    kh, kw = kernel.shape[-2:]
+    ph, pw = (size - kh) // 2, (size - kw) // 2
+    return F.pad(kernel, [pw, pw, ph, ph])
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """The large-kernel depthwise convolution of a block, with its parallel branches.
+
+    Branches (children names are checkpoint keys): ``Decom`` -> ``LoRA1`` (K x k, tall) + ``LoRA2`` (k x K, wide);
+    otherwise ``lkb_origin`` (K x K). Plus ``small_conv`` (k x k) iff ``small_kernel < kernel_size``. Each is
+    ``conv_bn``; outputs are summed (no nonlinearity in between). "LoRA" here means the two rectangular kernels of the
+    paper's decomposition, not low-rank adapters.
+
+    Inference folding (BN folded into each kernel; exact because every branch uses centred 'same' padding):
+
+    * :meth:`merge_kernel` -> one ``lkb_reparam`` K x K conv with bias: one pass over the input, K*K MACs per pixel
+      (2,601 for K = 51). Best when the conv is memory-bound or its cost does not grow with kernel area (small maps
+      such as 7x7 where the whole map fits one tile; K = 13 stage 4).
+    * :meth:`merge_kernel` with ``decomposed=True`` -> keeps the three kernels separate (``lkb_decomposed``: tall,
+      wide, small) with a single summed bias: 2*K*k + k*k MACs per pixel (535 for K = 51, k = 5), about 5x fewer,
+      but three passes over the input. Best for large maps with large K, where direct convolution is compute-bound
+      (stages 1-2 of SLaK at 224 px with cuDNN or the Triton kernel).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
+                 small_kernel: Optional[int], small_kernel_merged: bool = False, Decom: bool = False, bn: bool = True,
+                 *, conv_impl: Optional[str] = None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.small_kernel = small_kernel
+        self.Decom = Decom
+        self.conv_impl = conv_impl
+        padding = kernel_size // 2  # only for signature compatibility; get_conv2d pads per axis
+        if small_kernel_merged:
+            self.lkb_reparam = get_conv2d(in_channels, out_channels, kernel_size, stride, padding, 1, groups, True,
+                                          impl=conv_impl)
+        else:
+            if self.Decom:
+                self.LoRA1 = conv_bn(in_channels, out_channels, (kernel_size, small_kernel), stride, padding, groups,
+                                     bn=bn, impl=conv_impl)
+                self.LoRA2 = conv_bn(in_channels, out_channels, (small_kernel, kernel_size), stride, padding, groups,
+                                     bn=bn, impl=conv_impl)
+            else:
+                self.lkb_origin = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups, bn=bn,
+                                          impl=conv_impl)
+            if small_kernel is not None and small_kernel < kernel_size:
+                self.small_conv = conv_bn(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups,
+                                          bn=bn, impl=conv_impl)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, 'lkb_reparam'):
+            return self.lkb_reparam(inputs)
+        if hasattr(self, 'lkb_decomposed'):
+            d = self.lkb_decomposed
+            out = d['tall'](inputs) + d['wide'](inputs)
+            if 'small' in d:
+                out = out + d['small'](inputs)
+            return out + self.lkb_bias.to(out.dtype).reshape(1, -1, 1, 1)
+        if self.Decom:
+            out = self.LoRA1(inputs) + self.LoRA2(inputs)
+        else:
+            out = self.lkb_origin(inputs)
+        if hasattr(self, 'small_conv'):
+            out = out + self.small_conv(inputs)
+        return out
+
+    def _branches(self) -> Dict[str, nn.Sequential]:
+        names = ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv')
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
+
+    def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One K x K kernel and bias equal (in eval mode) to the sum of all branches."""
+        kernel, bias = 0, 0
+        for branch in self._branches().values():
+            k, b = fuse_bn(branch.conv, getattr(branch, 'bn', None))
+            kernel = kernel + _pad_to(k, self.kernel_size)
+            bias = bias + b
+        return kernel, bias
+
+    @torch.no_grad()
+    def merge_kernel(self, decomposed: bool = False) -> None:
+        """Fold all branches (and their BNs) for inference; see the class docstring for which form is faster.
+
+        ``decomposed=False`` gives ``lkb_reparam`` (one K x K conv with bias, the original's key names);
+        ``decomposed=True`` gives ``lkb_decomposed`` {tall, wide[, small]} plus ``lkb_bias`` (Decom layouts only).
+        Idempotent: an already folded module is left alone.
+        """
+        if hasattr(self, 'lkb_reparam') or hasattr(self, 'lkb_decomposed'):
+            return
+        branches = self._branches()
+        any_conv = next(iter(branches.values())).conv
+        channels = any_conv.weight.shape[0]
+        if decomposed and self.Decom:
+            folded = nn.ModuleDict()
+            bias = 0
+            for name, key in (('LoRA1', 'tall'), ('LoRA2', 'wide'), ('small_conv', 'small')):
+                if name not in branches:
+                    continue
+                k, b = fuse_bn(branches[name].conv, getattr(branches[name], 'bn', None))
+                conv = get_conv2d(channels, channels, tuple(k.shape[-2:]), 1, 0, 1, channels, False,
+                                  impl=self.conv_impl).to(k.device, k.dtype)
+                conv.weight.copy_(k)
+                folded[key] = conv
+                bias = bias + b
+            self.lkb_decomposed = folded
+            self.lkb_bias = nn.Parameter(bias.detach().clone())
+        else:
+            kernel, bias = self.get_equivalent_kernel_bias()
+            conv = get_conv2d(channels, channels, self.kernel_size, 1, self.kernel_size // 2, 1, channels, True,
+                              impl=self.conv_impl).to(kernel.device, kernel.dtype)
+            conv.weight.copy_(kernel)
+            conv.bias.copy_(bias)
+            self.lkb_reparam = conv
+        for name in branches:
+            delattr(self, name)
+
+    def reparameterize(self, decomposed: bool = False) -> None:
+        """timm's ``reparameterize_model`` hook: same as :meth:`merge_kernel`."""
+        self.merge_kernel(decomposed=decomposed)
+
+    def extra_repr(self) -> str:
+        impl = 'unknown'
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                impl = 'cutlass' if type(m).__name__ == 'DepthWiseConv2dImplicitGEMM' else 'torch'
+                break
+        return f'kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, Decom={self.Decom}, conv_impl={impl}'
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over channels for ``channels_last`` (N, H, W, C) or ``channels_first`` (N, C, H, W) tensors.
+
+    channels_first normalises each pixel over dim 1 with the biased variance, as the original (and ConvNeXt) do;
+    it is correct for any memory format, including ``torch.channels_last``.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = 'channels_last'):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.eps = eps
+        self.data_format = data_format
+        if self.data_format not in ('channels_last', 'channels_first'):
+            raise NotImplementedError(f'data_format must be channels_last or channels_first; got {data_format!r}')
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_format == 'channels_last':
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class Block(nn.Module):
+    """SLaK block: large-kernel depthwise conv -> LayerNorm -> Linear -> GELU -> Linear -> gamma -> residual.
+
+    Like ConvNeXt's block, the pointwise layers run as ``nn.Linear`` on an NHWC permutation (the original's choice,
+    and its checkpoint keys ``pwconv1``/``pwconv2`` are Linear weights of shape (4C, C) / (C, 4C)).
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0., layer_scale_init_value: float = 1e-6, kernel_size=(7, 7),
+                 Decom=None, bn: bool = True, *, conv_impl: Optional[str] = None):
+        super().__init__()
+        self.large_kernel = ReparamLargeKernelConv(in_channels=dim, out_channels=dim, kernel_size=kernel_size[0],
+                                                   stride=1, groups=dim, small_kernel=kernel_size[1],
+                                                   small_kernel_merged=False, Decom=Decom, bn=bn, conv_impl=conv_impl)
+        self.norm = LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.large_kernel(x)
+        x = x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = self.pwconv1(x)
+        x = self.act(x)
+        x = self.pwconv2(x)
+        if self.gamma is not None:
+            x = self.gamma * x
+        x = x.permute(0, 3, 1, 2)
+        return shortcut + self.drop_path(x)
+
+
+def _check_kernel_sizes(kernel_size: Sequence[int], Decom) -> List[int]:
+    if not isinstance(kernel_size, (list, tuple)) or len(kernel_size) != 5:
+        raise ValueError(f'kernel_size must list 5 ints (4 stage kernels + the small kernel), e.g. 51 49 47 13 5; '
+                         f'got {kernel_size!r}')
+    ks = [int(k) for k in kernel_size]
+    if any(k < 1 for k in ks):
+        raise ValueError(f'kernel_size entries must be positive; got {ks}')
+    for i, k in enumerate(ks[:4]):
+        if k % 2 == 0:
+            raise ValueError(f'kernel_size[{i}] = {k} is even: kernels need a centre pixel for "same" padding; '
+                             f'use an odd size such as {k + 1}')
+    small = ks[4]
+    small_used = bool(Decom) or any(small < k for k in ks[:4])
+    if small_used and small % 2 == 0:
+        raise ValueError(f'kernel_size[4] (the small kernel) = {small} is even; use an odd size such as {small + 1}')
+    return ks
+
+
+class SLaK(nn.Module):
+    """SLaK (and, with ``kernel_size=[7, 7, 7, 7, 100]``, ConvNeXt) for image classification.
+
+    Args are the original's, with the same defaults. ``width_factor`` scales every entry of ``dims`` with truncation
+    (``int(d * width_factor)``: 1.3 gives 124/249/499/998). ``kernel_size`` = 4 stage kernels + 1 small kernel.
+    Keyword-only extras: ``conv_impl`` ('auto' | 'cutlass' | 'torch', default: env ``LARGE_KERNEL_CONV_IMPL`` or
+    'auto') chooses the depthwise implementation (see :func:`get_conv2d`).
+
+    ``forward_features`` returns the pooled, normed (N, C3) vector as the original does; stage feature maps come from
+    :meth:`forward_intermediates` (used by segmentation, detection, ERF and feature distillation).
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (3, 3, 9, 3),
+                 dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.,
+                 layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.,
+                 kernel_size: Sequence[int] = (51, 49, 47, 13, 5), width_factor: float = 1.0, Decom=None,
+                 bn: bool = True, *, conv_impl: Optional[str] = None):
+        super().__init__()
+        if not width_factor > 0:
+            raise ValueError(f'width_factor must be > 0; got {width_factor!r}')
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f'depths and dims must have 4 entries; got depths={list(depths)}, dims={list(dims)}')
+        kernel_size = _check_kernel_sizes(kernel_size, Decom)
+        dims = [int(x * width_factor) for x in dims]
+        if min(dims) < 1:
+            raise ValueError(f'width_factor={width_factor} makes a stage with 0 channels: {dims}')
+        self.dims = dims
+        self.depths = list(depths)
+        self.kernel_size = kernel_size
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.grad_checkpointing = False
+        self.conv_impl = _resolve_conv_impl(conv_impl)
+
+        self.downsample_layers = nn.ModuleList()
+        self.downsample_layers.append(nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+            LayerNorm(dims[0], eps=1e-6, data_format='channels_first')))
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                LayerNorm(dims[i], eps=1e-6, data_format='channels_first'),
+                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+
+        self.stages = nn.ModuleList()
+        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        cur = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[
+                Block(dim=dims[i], drop_path=dp_rates[cur + j], layer_scale_init_value=layer_scale_init_value,
+                      kernel_size=(kernel_size[i], kernel_size[-1]), Decom=Decom, bn=bn, conv_impl=self.conv_impl)
+                for j in range(depths[i])]))
+            cur += depths[i]
+
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+        self.apply(self._init_weights)
+        self.head.weight.data.mul_(head_init_scale)
+        self.head.bias.data.mul_(head_init_scale)
+        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}') for i in range(4)]
+        _logger.info('SLaK: depthwise large-kernel conv implementation = %s', self.conv_impl)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+
+    # ---- timm-style interface -----------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[i](x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.stages[i]:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.stages[i](x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage outputs (NCHW, before any extra norm) — the one feature API of the project.
+
+        Args:
+            indices: stage indices to return (default all four); an int n means the last n stages.
+            norm: accepted for timm compatibility; SLaK has no norm on feature maps, so it must be False.
+            stop_early: stop after the last requested stage (implied by ``intermediates_only``).
+            intermediates_only: return only the list of feature maps; otherwise ``(final, intermediates)`` with
+                ``final`` the last-stage feature map.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f'output_fmt must be NCHW; got {output_fmt!r}')
+        if norm:
+            raise ValueError('SLaK has no norm for spatial feature maps; use norm=False')
+        if indices is None:
+            take = [0, 1, 2, 3]
+        elif isinstance(indices, int):
+            take = list(range(4 - indices, 4))
+        else:
+            take = sorted(int(i) % 4 for i in indices)
+        last = max(take) if (stop_early or intermediates_only) else 3
+        intermediates = []
+        for i in range(last + 1):
+            x = self._run_stage(i, x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled and normed (N, C3) features, as the original (global average pool, then ``norm``)."""
+        for i in range(4):
+            x = self._run_stage(i, x)
+        return self.norm(x.mean([-2, -1]))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Classifier on the output of :meth:`forward_features`."""
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ---- inference folding ----------------------------------------------------------------------------------------
+    def reparameterize(self, decomposed: bool = False) -> 'SLaK':
+        """Fold every large-kernel module for inference (see :class:`ReparamLargeKernelConv`). Returns self."""
+        for m in self.modules():
+            if isinstance(m, ReparamLargeKernelConv):
+                m.merge_kernel(decomposed=decomposed)
+        return self
+
+
+def _strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def extract_state_dict(checkpoint, keys: Sequence[str] = ('model', 'module', 'state_dict', 'model_ema')) -> dict:
+    """The model state dict inside a checkpoint: the first of ``keys`` present, else the dict itself.
+
+    Leading ``module.`` (DDP) and ``backbone.`` prefixes are stripped.
+    """
+    sd = checkpoint
+    if isinstance(checkpoint, dict):
+        for key in keys:
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                sd = checkpoint[key]
+                break
+    if not isinstance(sd, dict):
+        raise ValueError(f'checkpoint holds no state dict (looked for keys {list(keys)})')
+    sd = _strip_prefix(sd, 'module.')
+    return _strip_prefix(sd, 'backbone.')
+
+
+def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
+                    keys: Sequence[str] = ('model', 'module', 'state_dict', 'model_ema'),
+                    ignore: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
+    """Load a checkpoint (path or dict) into ``model`` and report, by name, what does not match.
+
+    With ``strict`` a missing key, unexpected key or shape mismatch raises ``ValueError`` listing them (the usual
+    cause: a checkpoint of another architecture, kernel list, width or ``Decom`` setting). Keys starting with an entry
+    of ``ignore`` (e.g. ``'head.'`` when fine-tuning on other classes) are dropped first. Returns (missing, unexpected).
+    """
+    source = checkpoint if isinstance(checkpoint, str) else 'checkpoint'
+    if isinstance(checkpoint, str):
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f'checkpoint file not found: {checkpoint}')
+        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    sd = extract_state_dict(checkpoint, keys)
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in ignore)}
+    own = model.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in sd.items() if k in own and hasattr(v, 'shape') and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in sd and not any(k.startswith(p) for p in ignore)]
+    unexpected = [k for k in sd if k not in own]
+    if strict and (missing or unexpected or mismatched):
+        def show(xs):
+            return ', '.join(xs[:8]) + (f' ... (+{len(xs) - 8} more)' if len(xs) > 8 else '')
+        parts = []
+        if missing:
+            parts.append(f'missing keys ({len(missing)}): {show(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys ({len(unexpected)}): {show(unexpected)}')
+        if mismatched:
+            parts.append(f'shape mismatches ({len(mismatched)}): {show(mismatched)}')
+        raise ValueError(f'{source} does not match the model ({type(model).__name__}); '
+                         f'check --model, --kernel_size, --width_factor, --Decom and --bn. ' + '; '.join(parts))
+    sd = {k: v for k, v in sd.items() if k in own and tuple(getattr(v, 'shape', ())) == tuple(own[k].shape)}
+    model.load_state_dict(sd, strict=False)
+    return missing, unexpected
+
+
+# ---- timm registry ------------------------------------------------------------------------------------------------
+# timm >= 0.6 passes pretrained_cfg / pretrained_cfg_overlay / cache_dir into entry points; the KD scripts of the
+# original pass args / flag / gru to students. None of them configure the network, so they are dropped here.
+_IGNORED_KWARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'in_22k', 'args', 'flag', 'gru')
+
+
+def _create(depths, dims, pretrained: bool, kwargs) -> SLaK:
+    if pretrained:
+        raise ValueError('SLaK has no downloadable weights; load a local checkpoint with SLaK.load_checkpoint '
+                         '(or --resume / --finetune)')
+    for key in _IGNORED_KWARGS:
+        kwargs.pop(key, None)
+    return SLaK(depths=depths, dims=dims, **kwargs)
+
+
+@register_model
+def SLaK_tiny(pretrained: bool = False, **kwargs) -> SLaK:
+    return _create([3, 3, 9, 3], [96, 192, 384, 768], pretrained, kwargs)
+
+
+@register_model
+def SLaK_small(pretrained: bool = False, **kwargs) -> SLaK:
+    return _create([3, 3, 27, 3], [96, 192, 384, 768], pretrained, kwargs)
+
+
+@register_model
+def SLaK_base(pretrained: bool = False, **kwargs) -> SLaK:
+    return _create([3, 3, 27, 3], [128, 256, 512, 1024], pretrained, kwargs)
+
+
+@register_model
+def SLaK_large(pretrained: bool = False, **kwargs) -> SLaK:
+    return _create([3, 3, 27, 3], [192, 384, 768, 1536], pretrained, kwargs)
