@@ -397,7 +397,7 @@ class SLaK(nn.Module):
                 nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
 
         self.stages = nn.ModuleList()
-        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]
         cur = 0
         for i in range(4):
             self.stages.append(nn.Sequential(*[
@@ -569,7 +569,9 @@ def _create(depths, dims, pretrained: bool, kwargs) -> SLaK:
                          '(or --resume / --finetune)')
     for key in _IGNORED_KWARGS:
         kwargs.pop(key, None)
-    return SLaK(depths=depths, dims=dims, **kwargs)
+    kwargs.setdefault('depths', depths)  # overridable (tests, small research variants)
+    kwargs.setdefault('dims', dims)
+    return SLaK(**kwargs)
 
 
 @register_model

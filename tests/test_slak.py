@@ -1,0 +1,393 @@
+"""Tests for SLaK.py: keys, shapes and counts against the SPEC, maths against an independent float64 reference,
+inference folding, the conv seam, modern execution paths and bad-input errors."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import SLaK  # noqa: E402  (registers the models)
+import timm  # noqa: E402
+
+REGISTRY = {  # name -> (depths, base dims), SPEC §1.1
+    'SLaK_tiny': ([3, 3, 9, 3], [96, 192, 384, 768]),
+    'SLaK_small': ([3, 3, 27, 3], [96, 192, 384, 768]),
+    'SLaK_base': ([3, 3, 27, 3], [128, 256, 512, 1024]),
+    'SLaK_large': ([3, 3, 27, 3], [192, 384, 768, 1536]),
+}
+TINY = dict(width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], Decom=True)
+
+
+def meta_model(name, **kwargs):
+    """Structure-only model (no memory, no init cost): for keys, shapes and counts of the big variants."""
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+def expected_state_dict_shapes(depths, dims, kernel_size, width_factor=1.0, Decom=False, bn=True, num_classes=1000,
+                               in_chans=3):
+    """Keys and shapes in order, written out from SPEC §1.10 independently of SLaK.py."""
+    C = [int(d * width_factor) for d in dims]
+    out = [('downsample_layers.0.0.weight', (C[0], in_chans, 4, 4)), ('downsample_layers.0.0.bias', (C[0],)),
+           ('downsample_layers.0.1.weight', (C[0],)), ('downsample_layers.0.1.bias', (C[0],))]
+    for i in range(1, 4):
+        out += [(f'downsample_layers.{i}.0.weight', (C[i - 1],)), (f'downsample_layers.{i}.0.bias', (C[i - 1],)),
+                (f'downsample_layers.{i}.1.weight', (C[i], C[i - 1], 2, 2)), (f'downsample_layers.{i}.1.bias', (C[i],))]
+
+    def conv_bn(prefix, c, kh, kw):
+        rows = [(f'{prefix}.conv.weight', (c, 1, kh, kw))]
+        if bn:
+            rows += [(f'{prefix}.bn.weight', (c,)), (f'{prefix}.bn.bias', (c,)), (f'{prefix}.bn.running_mean', (c,)),
+                     (f'{prefix}.bn.running_var', (c,)), (f'{prefix}.bn.num_batches_tracked', ())]
+        return rows
+
+    k = kernel_size[-1]
+    for s in range(4):
+        K, c = kernel_size[s], C[s]
+        for b in range(depths[s]):
+            p = f'stages.{s}.{b}'
+            rows = [(f'{p}.gamma', (c,))]
+            if Decom:
+                rows += conv_bn(f'{p}.large_kernel.LoRA1', c, K, k) + conv_bn(f'{p}.large_kernel.LoRA2', c, k, K)
+            else:
+                rows += conv_bn(f'{p}.large_kernel.lkb_origin', c, K, K)
+            if k < K:
+                rows += conv_bn(f'{p}.large_kernel.small_conv', c, k, k)
+            rows += [(f'{p}.norm.weight', (c,)), (f'{p}.norm.bias', (c,)), (f'{p}.pwconv1.weight', (4 * c, c)),
+                     (f'{p}.pwconv1.bias', (4 * c,)), (f'{p}.pwconv2.weight', (c, 4 * c)), (f'{p}.pwconv2.bias', (c,))]
+            out += rows
+    out += [('norm.weight', (C[3],)), ('norm.bias', (C[3],)), ('head.weight', (num_classes, C[3])),
+            ('head.bias', (num_classes,))]
+    return out
+
+
+LAYOUTS = [
+    dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, bn=True),
+    dict(kernel_size=[31, 29, 27, 13, 5], width_factor=1.3, Decom=False, bn=True),
+    dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, bn=False),
+    dict(kernel_size=[7, 7, 7, 7, 100], width_factor=1.0, Decom=False, bn=True),
+    dict(kernel_size=[61, 59, 57, 13, 5], width_factor=0.77, Decom=True, bn=True),
+]
+
+
+@pytest.mark.parametrize('name', list(REGISTRY))
+@pytest.mark.parametrize('layout', LAYOUTS, ids=lambda d: f"{d['kernel_size'][0]}-wf{d['width_factor']}-"
+                                                          f"D{int(d['Decom'])}-bn{int(d['bn'])}")
+def test_state_dict_keys_order_shapes(name, layout):
+    model = meta_model(name, **layout)
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    depths, dims = REGISTRY[name]
+    assert got == expected_state_dict_shapes(depths, dims, **layout)
+
+
+@pytest.mark.parametrize('name,kwargs,count', [
+    ('SLaK_tiny', dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True), 50_703_838),
+    ('SLaK_small', dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True), 91_131_820),
+    ('SLaK_base', dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True), 157_950_792),
+    ('SLaK_tiny', dict(kernel_size=[7, 7, 7, 7, 100]), 28_595_752),
+])
+def test_exact_parameter_counts(name, kwargs, count):
+    model = meta_model(name, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_width_truncation_rule():
+    assert meta_model('SLaK_tiny', width_factor=1.3, kernel_size=[7, 7, 7, 7, 3]).dims == [124, 249, 499, 998]
+    assert meta_model('SLaK_base', width_factor=1.3, kernel_size=[7, 7, 7, 7, 3]).dims == [166, 332, 665, 1331]
+    assert meta_model('SLaK_large', width_factor=1.3, kernel_size=[7, 7, 7, 7, 3]).dims == [249, 499, 998, 1996]
+
+
+def test_timm_create_model_passes_pretrained_cfg():
+    """timm 1.0 passes pretrained_cfg / pretrained_cfg_overlay into entry points (the original crashed)."""
+    m = timm.create_model('SLaK_tiny', pretrained=False, pretrained_cfg_overlay=dict(num_classes=10), num_classes=10,
+                          **TINY)
+    assert m.head.out_features == 10
+    with pytest.raises(ValueError, match='no downloadable weights'):
+        timm.create_model('SLaK_tiny', pretrained=True, **TINY)
+
+
+# ---- maths against an independent float64 reference ----------------------------------------------------------------
+def ref_dwconv(x, w):
+    """Depthwise 'same' cross-correlation with explicit per-axis zero padding, then an unpadded F.conv2d."""
+    kh, kw = w.shape[-2:]
+    xp = F.pad(x, [kw // 2, kw // 2, kh // 2, kh // 2])
+    return F.conv2d(xp, w, groups=x.shape[1])
+
+
+def ref_bn(x, bn):
+    g, b = bn.weight.view(1, -1, 1, 1), bn.bias.view(1, -1, 1, 1)
+    m, v = bn.running_mean.view(1, -1, 1, 1), bn.running_var.view(1, -1, 1, 1)
+    return (x - m) / torch.sqrt(v + bn.eps) * g + b
+
+
+def ref_ln_channels_first(x, ln, eps=1e-6):
+    u = x.mean(1, keepdim=True)
+    var = ((x - u) ** 2).mean(1, keepdim=True)
+    return (x - u) / torch.sqrt(var + eps) * ln.weight.view(1, -1, 1, 1) + ln.bias.view(1, -1, 1, 1)
+
+
+def ref_block(x, blk):
+    lk = blk.large_kernel
+    y = 0
+    for name in ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv'):
+        if hasattr(lk, name):
+            br = getattr(lk, name)
+            z = ref_dwconv(x, br.conv.weight)
+            y = y + (ref_bn(z, br.bn) if hasattr(br, 'bn') else z)
+    t = y.permute(0, 2, 3, 1)
+    u = t.mean(-1, keepdim=True)
+    t = (t - u) / torch.sqrt(((t - u) ** 2).mean(-1, keepdim=True) + 1e-6) * blk.norm.weight + blk.norm.bias
+    t = t @ blk.pwconv1.weight.T + blk.pwconv1.bias
+    t = 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+    t = t @ blk.pwconv2.weight.T + blk.pwconv2.bias
+    t = t * blk.gamma
+    return x + t.permute(0, 3, 1, 2)
+
+
+def ref_model(x, m):
+    for i in range(4):
+        ds = m.downsample_layers[i]
+        if i == 0:
+            x = F.conv2d(x, ds[0].weight, ds[0].bias, stride=4)
+            x = ref_ln_channels_first(x, ds[1])
+        else:
+            x = ref_ln_channels_first(x, ds[0])
+            x = F.conv2d(x, ds[1].weight, ds[1].bias, stride=2)
+        for blk in m.stages[i]:
+            x = ref_block(x, blk)
+    v = x.mean((2, 3))
+    u = v.mean(-1, keepdim=True)
+    v = (v - u) / torch.sqrt(((v - u) ** 2).mean(-1, keepdim=True) + 1e-6) * m.norm.weight + m.norm.bias
+    return v @ m.head.weight.T + m.head.bias
+
+
+def randomise_bn_and_gamma(model, seed=0):
+    """Non-trivial BN statistics and layer scale so every term of the maths matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            if isinstance(mod, SLaK.Block):
+                mod.gamma.copy_(torch.randn(mod.gamma.shape, generator=g) * 0.5)
+            if isinstance(mod, (SLaK.LayerNorm, nn.LayerNorm)):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+    return model
+
+
+TINY_LAYOUTS = [
+    dict(kernel_size=[9, 7, 5, 5, 3], Decom=True, bn=True),
+    dict(kernel_size=[9, 7, 5, 5, 3], Decom=False, bn=True),
+    dict(kernel_size=[9, 7, 5, 5, 3], Decom=True, bn=False),
+    dict(kernel_size=[7, 7, 7, 7, 100], Decom=False, bn=True),
+]
+LAYOUT_IDS = ['decom', 'full', 'decom-nobn', 'convnext']
+
+
+@pytest.mark.parametrize('layout', TINY_LAYOUTS, ids=LAYOUT_IDS)
+def test_forward_matches_float64_reference(layout):
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', width_factor=0.125, num_classes=7, depths=[1, 1, 2, 1],
+                              **layout).double().eval()
+    randomise_bn_and_gamma(model)
+    x = torch.randn(2, 3, 37, 45, dtype=torch.float64)  # odd, non-square: per-axis padding must hold
+    torch.testing.assert_close(model(x), ref_model(x, model), rtol=1e-10, atol=1e-10)
+
+
+def test_rectangular_branch_padding_is_per_axis():
+    """A (K, k) kernel gets (K//2, k//2) padding: output size = input size (original issue #15)."""
+    blk = SLaK.ReparamLargeKernelConv(4, 4, 11, 1, 4, 3, Decom=True, bn=False)
+    x = torch.randn(1, 4, 13, 17)
+    assert blk(x).shape == x.shape
+    assert blk.LoRA1.conv.weight.shape == (4, 1, 11, 3) and blk.LoRA2.conv.weight.shape == (4, 1, 3, 11)
+    assert blk.LoRA1.conv.padding == (5, 1) and blk.LoRA2.conv.padding == (1, 5)
+
+
+def test_init_and_drop_path_schedule():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', kernel_size=[7, 7, 7, 7, 100], drop_path_rate=0.3, head_init_scale=0.5,
+                          layer_scale_init_value=1e-6, width_factor=0.5)
+    stem = m.downsample_layers[0][0]
+    assert stem.bias.abs().max() == 0
+    big = m.stages[2][0].pwconv1.weight
+    assert abs(big.std().item() - 0.02) < 0.002 and big.abs().max() < 0.04 * 3  # trunc_normal(0.02), |w| <= 2 abs
+    assert abs(m.head.weight.std().item() - 0.01) < 0.002  # 0.02 * head_init_scale
+    assert torch.all(m.stages[1][1].gamma == 1e-6)
+    rates = [0.0 if isinstance(b.drop_path, nn.Identity) else b.drop_path.drop_prob for s in m.stages for b in s]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 18))
+
+
+def test_layer_norm_rejects_unknown_format():
+    with pytest.raises(NotImplementedError):
+        SLaK.LayerNorm(4, data_format='nhwc')
+
+
+# ---- folding ----------------------------------------------------------------------------------------------------
+def trained_like(layout, seed=0):
+    torch.manual_seed(seed)
+    m = timm.create_model('SLaK_tiny', width_factor=0.125, num_classes=5, depths=[1, 1, 1, 1], **layout).double()
+    return randomise_bn_and_gamma(m, seed).eval()
+
+
+@pytest.mark.parametrize('layout', TINY_LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize('decomposed', [False, True])
+def test_folding_equals_unfolded(layout, decomposed):
+    m = trained_like(layout)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    before = m(x)
+    m.reparameterize(decomposed=decomposed)
+    lk = m.stages[0][0].large_kernel
+    use_decomposed = decomposed and layout['Decom']
+    assert hasattr(lk, 'lkb_decomposed') == use_decomposed and hasattr(lk, 'lkb_reparam') != use_decomposed
+    assert not any(hasattr(lk, n) for n in ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv'))
+    torch.testing.assert_close(m(x), before, rtol=1e-11, atol=1e-11)
+
+
+def test_merge_kernel_keys_are_original_lkb_reparam():
+    m = trained_like(TINY_LAYOUTS[0])
+    m.stages[0][0].large_kernel.merge_kernel()
+    keys = [k for k in m.state_dict() if k.startswith('stages.0.0.large_kernel')]
+    assert keys == ['stages.0.0.large_kernel.lkb_reparam.weight', 'stages.0.0.large_kernel.lkb_reparam.bias']
+    assert m.state_dict()['stages.0.0.large_kernel.lkb_reparam.weight'].shape == (12, 1, 9, 9)
+
+
+def test_timm_reparameterize_model_folds_whole_model():
+    from timm.utils import reparameterize_model
+    m = trained_like(TINY_LAYOUTS[0])
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    folded = reparameterize_model(m)
+    assert all(hasattr(lk, 'lkb_reparam') for lk in folded.modules() if isinstance(lk, SLaK.ReparamLargeKernelConv))
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-11, atol=1e-11)
+
+
+# ---- training-time behaviour ----------------------------------------------------------------------------------------
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=4, depths=[1, 1, 1, 1], layer_scale_init_value=0.5, **TINY)
+    m(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=4, depths=[1, 1, 2, 1], layer_scale_init_value=0.5, **TINY).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    m(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_and_bf16_autocast_match_default():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=4, depths=[1, 1, 1, 1], layer_scale_init_value=0.5, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = m(x)
+    cl = m.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = m(x)
+    assert low.dtype == torch.bfloat16
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2
+
+
+def test_forward_intermediates_and_interface():
+    m = timm.create_model('SLaK_tiny', num_classes=3, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(f.shape) for f in feats] == [(2, 12, 16, 16), (2, 24, 8, 8), (2, 48, 4, 4), (2, 96, 2, 2)]
+    final, inter = m.forward_intermediates(x, indices=[1, 3])
+    assert len(inter) == 2 and torch.equal(final, inter[-1]) and torch.equal(inter[0], feats[1])
+    pooled = m.forward_features(x)
+    assert pooled.shape == (2, 96)
+    torch.testing.assert_close(pooled, m.norm(feats[-1].mean((2, 3))))
+    torch.testing.assert_close(m.forward_head(pooled), m(x))
+    assert m.get_classifier() is m.head
+    m.reset_classifier(11)
+    assert m(x).shape == (2, 11)
+
+
+def test_torch_compile_smoke():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=3, depths=[1, 1, 1, 1], **TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(m, backend='eager')
+    torch.testing.assert_close(compiled(x), m(x))
+
+
+# ---- the conv seam --------------------------------------------------------------------------------------------------
+def test_conv_seam_torch_choice_is_plain_conv_and_visible(monkeypatch):
+    monkeypatch.setenv('LARGE_KERNEL_CONV_IMPL', 'torch')
+    m = timm.create_model('SLaK_tiny', **TINY)
+    assert m.conv_impl == 'torch'
+    assert type(m.stages[0][0].large_kernel.LoRA1.conv) is nn.Conv2d
+    assert 'conv_impl=torch' in repr(m.stages[0][0].large_kernel)
+    non_dw = SLaK.get_conv2d(4, 8, 3, 1, 1, 1, 1, True)
+    assert type(non_dw) is nn.Conv2d and non_dw.weight.shape == (8, 4, 3, 3)
+
+
+def test_conv_seam_rejects_unknown_choice():
+    with pytest.raises(ValueError, match='LARGE_KERNEL_CONV_IMPL'):
+        timm.create_model('SLaK_tiny', conv_impl='fastest', **TINY)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(os.path.dirname(SLaK.__file__), 'cutlass',
+                                                    'depthwise_conv2d_implicit_gemm.py')),
+                    reason='cutlass/ kernel not present')
+def test_conv_seam_cutlass_choice_has_identical_keys():
+    torch.manual_seed(0)
+    a = timm.create_model('SLaK_tiny', conv_impl='torch', **TINY)
+    b = timm.create_model('SLaK_tiny', conv_impl='cutlass', **TINY)
+    assert type(b.stages[0][0].large_kernel.LoRA1.conv).__name__ == 'DepthWiseConv2dImplicitGEMM'
+    assert 'conv_impl=cutlass' in repr(b.stages[0][0].large_kernel)
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(kernel_size=[51, 49, 48, 13, 5]), r'kernel_size\[2\] = 48 is even'),
+    (dict(kernel_size=[51, 49, 47, 13, 4], Decom=True), r'kernel_size\[4\].*even'),
+    (dict(kernel_size=[51, 49, 47, 13]), 'must list 5 ints'),
+    (dict(kernel_size=[51, 49, 47, 13, 5], width_factor=0), 'width_factor must be > 0'),
+    (dict(kernel_size=[51, 49, 47, 13, 5], width_factor=-1.3), 'width_factor must be > 0'),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('SLaK_tiny', **kwargs)
+
+
+def test_convnext_emulation_even_unused_small_kernel_is_fine():
+    m = timm.create_model('SLaK_tiny', kernel_size=[7, 7, 7, 7, 100], width_factor=0.125)
+    assert not hasattr(m.stages[0][0].large_kernel, 'small_conv')
+
+
+def test_load_checkpoint_reports_missing_and_unexpected(tmp_path):
+    src = timm.create_model('SLaK_tiny', num_classes=3, **TINY)
+    path = str(tmp_path / 'ckpt.pth')
+    torch.save({'model': {'module.' + k: v for k, v in src.state_dict().items()}}, path)
+    dst = timm.create_model('SLaK_tiny', num_classes=3, **TINY)
+    SLaK.load_checkpoint(dst, path)  # 'module.' prefix stripped, strict load works
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+    other = timm.create_model('SLaK_tiny', num_classes=3, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], Decom=False)
+    with pytest.raises(ValueError, match=r'missing keys.*lkb_origin.*unexpected keys.*LoRA1'):
+        SLaK.load_checkpoint(other, path)
+    wider = timm.create_model('SLaK_tiny', num_classes=3, width_factor=0.25, kernel_size=[7, 7, 5, 5, 3], Decom=True)
+    with pytest.raises(ValueError, match=r'shape mismatches'):
+        SLaK.load_checkpoint(wider, path)
+    with pytest.raises(ValueError, match='not found'):
+        SLaK.load_checkpoint(dst, str(tmp_path / 'nope.pth'))
