@@ -1,0 +1,200 @@
+"""Check and time the Triton depthwise conv (cutlass/) against cuDNN on every SLaK-T/S/B large-kernel layer.
+
+Run on a CUDA machine from the repository root::
+
+    python benchmarks/bench_dwconv.py [--sweep] [--json results.json]
+
+Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
+(2) for each layer at batch 64 in bf16: forward and forward+backward time of ours and of cuDNN (``F.conv2d`` with
+per-axis padding, ``cudnn.benchmark`` on, same run), TFLOP/s, speed-ups, and the floor
+max(bytes / 3 TB/s, FLOPs / CUDA-core rate). ``--sweep`` also times alternative tile configurations.
+Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
+"""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("depthwise_conv2d_implicit_gemm",
+                                               ROOT / "cutlass" / "depthwise_conv2d_implicit_gemm.py")
+dw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dw)
+kern = dw._kernels
+
+BATCH = 64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test of check() under TRITON_INTERPRET=1
+HBM_BYTES_PER_S = 3.0e12  # device-to-device copy measured on this H100 kind (KINDS.md)
+CUDA_CORE_FLOPS = 67e12   # H100 SXM fp32 FMA peak (datasheet); a direct CUDA-core kernel cannot beat this
+# (channels at width 1.3 for SLaK-T/S, SLaK-B) per stage: map size and (large kernel) per the SLaK configs
+STAGES = [(56, 51, (124, 166)), (28, 49, (249, 332)), (14, 47, (499, 665)), (7, 13, (998, 1331))]
+
+
+def layers():
+    for hw, k, chans in STAGES:
+        for c, model in zip(chans, ("T/S", "B")):
+            for kh, kw in ((k, 5), (5, k), (5, 5)):
+                yield model, c, hw, kh, kw
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(c, h, w, kh, kw, dtype, channels_last=False, n=2):
+    x = torch.randn(n, c, h, w, device=DEV, dtype=torch.float64)
+    wt = torch.randn(c, 1, kh, kw, device=DEV, dtype=torch.float64) / (kh * kw) ** 0.5
+    g = torch.randn(n, c, h, w, device=DEV, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, padding=(kh // 2, kw // 2), groups=c)
+    ref.backward(g)
+    xo = x.to(dtype)
+    if channels_last:
+        xo = xo.contiguous(memory_format=torch.channels_last)
+    xo.requires_grad_()
+    wo = wt.to(dtype).requires_grad_()
+    out = dw.depthwise_conv2d(xo, wo)
+    out.backward(g.to(dtype))
+    poisoned = torch.full((n, c, h, w), float("nan"), device=DEV, dtype=dtype)
+    kern._launch_fwd(x.to(dtype).contiguous(), wt.to(dtype).contiguous(), out=poisoned)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return (rel(out, ref), rel(xo.grad, xr.grad), rel(wo.grad, wr.grad), bool(torch.isfinite(poisoned).all()),
+            out.is_contiguous(memory_format=torch.channels_last) == channels_last)
+
+
+def correctness():
+    print("== GPU correctness (relative Frobenius error vs float64; poison = every output element written)")
+    cases = [(124, 56, 56, 51, 5), (124, 56, 56, 5, 51), (499, 14, 14, 47, 5), (998, 7, 7, 5, 13), (37, 23, 17, 13, 9),
+             (5, 65, 70, 31, 31), (3, 130, 40, 61, 3), (7, 9, 11, 63, 63)]
+    ok = True
+    for c, h, w, kh, kw in cases:
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 3e-3), (torch.float32, 1e-3)):
+            for cl in (False, True):
+                e_out, e_dx, e_dw, written, fmt = check(c, h, w, kh, kw, dtype, cl)
+                good = max(e_out, e_dx, e_dw) < tol and written and fmt
+                ok &= good
+                print(f"{c:5d}x{h:3d}x{w:3d} k{kh}x{kw} {str(dtype)[6:]:9s} cl={int(cl)} out {e_out:.1e} dx {e_dx:.1e}"
+                      f" dw {e_dw:.1e} written={written} {'OK' if good else 'FAIL'}")
+    torch.backends.cudnn.allow_tf32 = False
+    e = check(124, 56, 56, 51, 5, torch.float32)
+    torch.backends.cudnn.allow_tf32 = True
+    print(f"fp32 exact (allow_tf32=False): out {e[0]:.1e} dx {e[1]:.1e} dw {e[2]:.1e}")
+    ok &= max(e[:3]) < 1e-5
+    print("correctness:", "ALL OK" if ok else "FAILURES")
+    return ok
+
+
+def bench(fn):
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def bench_graph(fn):
+    """Median ms of CUDA-graph replays (no CPU launch overhead): the GPU time of the layer."""
+    try:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=60, return_mode="median")
+    except Exception as exc:  # noqa: BLE001 - report, keep timing the rest
+        print(f"graph capture failed: {exc!r}")
+        return float("nan")
+
+
+def time_layer(c, hw, kh, kw, dtype=torch.bfloat16):
+    x = torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype, requires_grad=True)
+    w = (torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype) / (kh * kw) ** 0.5).requires_grad_()
+    g = torch.randn_like(x)
+    pad = (kh // 2, kw // 2)
+
+    def ours():
+        return dw.depthwise_conv2d(x, w)
+
+    def cudnn():
+        return F.conv2d(x, w, padding=pad, groups=c)
+
+    res = {}
+    for name, f in (("ours", ours), ("cudnn", cudnn)):
+        with torch.no_grad():
+            res[name + "_fwd"] = bench_graph(f)
+            res[name + "_fwd_eager"] = bench(f)
+        res[name + "_fb"] = bench_graph(lambda: torch.autograd.backward(f(), g))
+        res[name + "_fb_eager"] = bench(lambda: torch.autograd.backward(f(), g))
+    return res
+
+
+def sweep(c, hw, kh, kw, dtype=torch.bfloat16):
+    x = torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype)
+    w = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
+    fwd = {}
+    for cfg in ((64, 128, 32, 4), (64, 128, 64, 8), (64, 64, 32, 4), (32, 128, 32, 4), (16, 128, 16, 4),
+                (16, 256, 16, 8), (32, 64, 16, 4)):
+        try:
+            fwd[str(cfg)] = bench(lambda: kern._launch_fwd(x, w, config=cfg))
+        except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
+            fwd[str(cfg)] = f"error {type(exc).__name__}"
+    wg = {}
+    for cfg in ((64, 64, 4), (64, 128, 8), (32, 64, 4), (32, 128, 4), (16, 128, 4), (16, 64, 4)):
+        try:
+            wg[str(cfg)] = bench(lambda: kern._launch_wgrad(x, x, tuple(w.shape), config=cfg))
+        except Exception as exc:  # noqa: BLE001
+            wg[str(cfg)] = f"error {type(exc).__name__}"
+    return fwd, wg
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-check", action="store_true")
+    args = parser.parse_args()
+    import triton
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+          f"cudnn {torch.backends.cudnn.version()}")
+    torch.manual_seed(0)
+    ok = True if args.skip_check else correctness()
+    torch.backends.cudnn.benchmark = True
+    rows, out = [], {"device": torch.cuda.get_device_name(), "layers": []}
+    print(f"== batch {BATCH}, bf16, median ms of CUDA-graph replays (eager: do_bench, CPU launch cost included); "
+          "TFLOP/s on 2*N*C*H*W*kh*kw (fwd) and 3x that (fwd+bwd)")
+    hdr = (f"{'model':5s} {'C':>5s} {'map':>4s} {'kernel':>6s} | {'ours fwd':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s}"
+           f" | {'ours f+b':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s} | {'floor f+b':>9s}")
+    print(hdr)
+    for model, c, hw, kh, kw in layers():
+        r = time_layer(c, hw, kh, kw)
+        flops = 2 * BATCH * c * hw * hw * kh * kw
+        nbytes_fb = 12 * BATCH * c * hw * hw  # bf16: fwd x,y; dx: dy,dx; dw: dy,x
+        floor = max(nbytes_fb / HBM_BYTES_PER_S, 3 * flops / CUDA_CORE_FLOPS) * 1e3
+        r.update(model=model, C=c, map=hw, kernel=[kh, kw], gflop_fwd=flops / 1e9, floor_fb_ms=floor)
+        out["layers"].append(r)
+        print(f"{model:5s} {c:5d} {hw:4d} {kh:2d}x{kw:<3d} | {r['ours_fwd']:8.3f} {r['cudnn_fwd']:7.3f} "
+              f"{r['cudnn_fwd'] / r['ours_fwd']:5.1f} {flops / r['ours_fwd'] / 1e9:5.1f} | {r['ours_fb']:8.3f} "
+              f"{r['cudnn_fb']:7.3f} {r['cudnn_fb'] / r['ours_fb']:5.1f} {3 * flops / r['ours_fb'] / 1e9:5.1f} | "
+              f"{floor:9.3f} | {r['ours_fb_eager']:7.3f} {r['cudnn_fb_eager']:7.3f}")
+        rows.append(r)
+    tot = {k: sum(r[k] for r in rows) for k in ("ours_fwd", "cudnn_fwd", "ours_fb", "cudnn_fb")}
+    print(f"sum over layers: fwd {tot['ours_fwd']:.2f} vs {tot['cudnn_fwd']:.2f} ms "
+          f"({tot['cudnn_fwd'] / tot['ours_fwd']:.1f}x); fwd+bwd {tot['ours_fb']:.2f} vs {tot['cudnn_fb']:.2f} ms "
+          f"({tot['cudnn_fb'] / tot['ours_fb']:.1f}x); min f+b speed-up "
+          f"{min(r['cudnn_fb'] / r['ours_fb'] for r in rows):.1f}x")
+    if args.sweep:
+        out["sweep"] = {}
+        for model, c, hw, kh, kw in layers():
+            if model != "T/S":
+                continue
+            fwd, wg = sweep(c, hw, kh, kw)
+            out["sweep"][f"{c}@{hw} {kh}x{kw}"] = {"fwd": fwd, "wgrad": wg}
+            best = lambda d: min(((v, k) for k, v in d.items() if isinstance(v, float)), default=(0, "-"))  # noqa
+            print(f"sweep {c}@{hw} {kh}x{kw}: best fwd {best(fwd)} best wgrad {best(wg)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if not ok:
+        raise SystemExit("GPU correctness check failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Whole-model training and inference throughput: SLaK-T with our Triton depthwise conv vs nn.Conv2d and ConvNeXt-T.
+
+Run on a CUDA machine from the repository root (needs timm)::
+
+    python benchmarks/bench_throughput.py [--train-batch 64] [--infer-batch 128] [--steps 10]
+
+Training: AdamW, bf16 autocast, 224x224 random images, batch 64; inference: bf16 autocast, no_grad, batch 128.
+Prints img/s and peak memory per model, all in the same run on the same card. Compare with ``benchmarks/RESULTS.md``
+(section "dwconv (cutlass/)").
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+import SLaK  # noqa: E402,F401  (registers SLaK_tiny & co. with timm)
+
+SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True)
+CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
+
+
+def make(name):
+    if name == "convnext_tiny (timm)":
+        return timm.create_model("convnext_tiny")
+    impl = "cutlass" if "ours" in name else "torch"
+    kwargs = CONVNEXT_EMULATION if "emulation" in name else SLAK_T
+    return timm.create_model("SLaK_tiny", conv_impl=impl, **kwargs)
+
+
+def train_speed(model, batch, steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+@torch.no_grad()
+def infer_speed(model, batch, steps):
+    model.eval()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--infer-batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", default="all", help="comma-separated subset of the names printed")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
+    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
+             "SLaK-T ours folded decomposed",
+             "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
+    if args.models != "all":
+        names = [n for n in names if n in args.models.split(",")]
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = make(name).cuda()
+        if "folded" in name:
+            train, train_mem = float("nan"), float("nan")
+            model.eval()
+            model.reparameterize(decomposed="decomposed" in name)
+        else:
+            train, train_mem = train_speed(model, args.train_batch, args.steps)
+        infer, infer_mem = infer_speed(model, args.infer_batch, args.steps)
+        rows.append((name, train, train_mem, infer, infer_mem))
+        print(f"{name:36s} train {train:8.1f} img/s ({train_mem:5.1f} GiB)  infer {infer:8.1f} img/s "
+              f"({infer_mem:5.1f} GiB)", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    base = {r[0]: r for r in rows}.get("convnext_tiny (timm)")
+    if base:
+        for name, train, _, infer, _ in rows:
+            print(f"{name:36s} vs ConvNeXt-T: train {train / base[1]:.3f}x  infer {infer / base[3]:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

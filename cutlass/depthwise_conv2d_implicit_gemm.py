@@ -1,0 +1,193 @@
+"""Large-kernel depthwise convolution (stride 1, per-axis "same" padding) with Triton kernels.
+
+Drop-in replacement for the original SLaK/RepLKNet CUDA extension ``depthwise_conv2d_implicit_gemm`` (built from
+MegEngine's CUTLASS fork). Same public name and constructor: ``DepthWiseConv2dImplicitGEMM(channels, kernel,
+bias=False)`` is an ``nn.Conv2d(channels, channels, kernel, groups=channels, bias=bias)`` whose ``forward`` always
+computes a stride-1, dilation-1 cross-correlation with zero padding ``kh // 2`` on top/bottom and ``kw // 2`` on
+left/right, so the output has the input's spatial size (the module's own ``padding``/``stride`` attributes are
+ignored, as in the original, which derived the padding from the weight shape).
+
+Algorithm (implicit GEMM on a banded matrix). Call the longer kernel axis the *band axis* (rows for 51x5, columns
+for 5x51; the kernels get strides that swap the two axes, so no data is moved). For one channel and one kernel tap
+``j`` across the short axis, the band-axis correlation is a product with a Toeplitz matrix
+``T_j[h, k] = w[k - h + kh // 2, j]``: ``out[h, col] = sum_j sum_k T_j[h, k] * x[k, col + j - kw // 2]``, where
+``col`` runs over every (image, position) pair of the short axis. The kernels build ``T_j`` blocks from the weight in
+registers and run the products on tensor cores (``tl.dot``: bf16/fp16 operands, fp32 accumulation; fp32 inputs use
+tf32 when ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN would, else exact fp32). Flattening the batch into
+the GEMM's N dimension is what keeps small maps (14x14) efficient. Small kernels (both sides <= 7) and tiny maps
+(<= 64 pixels) use direct CUDA-core kernels instead, where a banded tile would be mostly zeros. Gradients:
+
+* input gradient: the same forward kernel applied to ``grad_out`` with the kernel flipped on both axes (odd kernels
+  keep the same padding under the flip);
+* weight gradient: a Gram block ``G[h, k] = sum_col dy[h, col] * x[k, col + j - kw // 2]`` per channel and tap ``j``
+  on tensor cores, whose diagonals ``k - h = i - kh // 2`` are summed into ``dw[c, i, j]`` (fp32 atomics).
+
+The op is registered as ``torch.ops.slak.dwconv2d`` (with ``slak::dwconv2d_weight_grad`` for the backward) through
+``torch.library.custom_op`` with fake (meta) implementations, so it traces under ``torch.compile``, and with FLOP
+formulas (``2 * N * C * H * W * kh * kw`` per op, so FlopCounterMode counts the backward as twice the forward).
+Under ``torch.autocast`` the wrapper casts input and weight to the autocast dtype itself (custom ops are not
+autocast-aware). Channels-last inputs are made NCHW-contiguous for the kernels and the output is returned
+channels-last again.
+
+Fallback. ``is_supported(x, weight)`` says whether the Triton path runs. It does not when: Triton cannot be imported;
+the tensors are on CPU and ``TRITON_INTERPRET=1`` was not set before Triton was imported (with it, the kernels run
+through Triton's interpreter, which is how CPU-only CI tests them); the dtype is not fp32/fp16/bf16; a kernel side
+exceeds ``MAX_KERNEL_SIZE``; or the weight is not depthwise-shaped for ``x``. Then the module computes
+``F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=C)`` and warns once per reason. Even kernel sizes raise
+``ValueError`` (constructor and functional form): "same" padding is not defined for them and the original extension
+wrote out of bounds (SPEC 1.6).
+
+Name-clash rule: this folder is called ``cutlass/`` for fidelity with the original repository but has no
+``__init__.py`` and must never get one: NVIDIA ships a real ``cutlass`` Python package, which must stay importable.
+Load this file by path (``importlib.util.spec_from_file_location``); it loads its sibling ``dwconv_triton.py`` the
+same way, registered in ``sys.modules`` as ``slak_dwconv_triton``.
+"""
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "is_supported", "MAX_KERNEL_SIZE"]
+
+MAX_KERNEL_SIZE = 127
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _load_triton_kernels():
+    """Import the sibling kernel file by path (the folder is not a package); None if Triton is unavailable."""
+    name = "slak_dwconv_triton"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("dwconv_triton.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_kernels = _load_triton_kernels()
+_warned_reasons = set()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_odd(kh: int, kw: int) -> None:
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"DepthWiseConv2dImplicitGEMM needs odd kernel sizes for 'same' padding; got {kh}x{kw}")
+
+
+def is_supported(x: torch.Tensor, weight: torch.Tensor) -> Tuple[bool, str]:
+    """Whether the Triton kernels can run on these tensors.
+
+    Args:
+        x: input of shape (N, C, H, W).
+        weight: depthwise weight of shape (C, 1, kh, kw).
+
+    Returns:
+        (True, "") when the Triton path runs, else (False, reason).
+    """
+    if _kernels is None:
+        return False, "triton is not installed"
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        return False, f"not a depthwise conv: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+    if x.device != weight.device:
+        return False, f"x on {x.device} but weight on {weight.device}"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return False, f"dtype {x.dtype} is not supported"
+    if max(weight.shape[2:]) > MAX_KERNEL_SIZE:
+        return False, f"kernel {tuple(weight.shape[2:])} exceeds MAX_KERNEL_SIZE={MAX_KERNEL_SIZE}"
+    if x.device.type == "cpu":
+        if not _interpreting():
+            return False, "CPU tensors (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
+    elif x.device.type != "cuda":
+        return False, f"device {x.device.type} is not supported"
+    return True, ""
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(f"depthwise_conv2d: falling back to F.conv2d ({reason})", stacklevel=3)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stride-1 depthwise cross-correlation with per-axis 'same' zero padding (kh // 2, kw // 2).
+
+    Args:
+        x: input (N, C, H, W), NCHW or channels-last, fp32/fp16/bf16.
+        weight: (C, 1, kh, kw) with odd kh and kw.
+        bias: optional (C,) added per channel.
+
+    Returns:
+        Output of x's shape (and memory format); dtype of x, or the autocast dtype under ``torch.autocast``.
+
+    Raises:
+        ValueError: for even kernel sizes.
+    """
+    kh, kw = weight.shape[-2:]
+    _check_odd(kh, kw)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    ok, reason = is_supported(x, weight)
+    if not ok:
+        _warn_once(reason)
+        return F.conv2d(x, weight.to(x.dtype), bias, padding=(kh // 2, kw // 2), groups=weight.shape[0])
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = _kernels.dwconv2d(x.contiguous(), weight.to(x.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
+    """Depthwise 'same' convolution with large odd kernels (original SLaK/RepLKNet extension's name and signature).
+
+    Args:
+        channels: number of input (= output) channels.
+        kernel: odd kernel size, an int or a (kh, kw) pair.
+        bias: whether to learn a per-channel bias.
+    """
+
+    def __init__(self, channels: int, kernel, bias: bool = False):
+        super().__init__(channels, channels, kernel, groups=channels, bias=bias)
+        _check_odd(*self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias)
+
+
+def _self_test() -> None:
+    """Compare with nn.Conv2d on the original's __main__ shape (64x384x32x32, 31x31) when a GPU is present."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to test")
+        return
+    torch.manual_seed(0)
+    x = torch.randn(64, 384, 32, 32, device="cuda", requires_grad=True)
+    ours = DepthWiseConv2dImplicitGEMM(384, 31).cuda()
+    ref = nn.Conv2d(384, 384, 31, padding=15, groups=384, bias=False).cuda()
+    ref.weight.data.copy_(ours.weight.data)
+    y1, y2 = ours(x), ref(x)
+    g = torch.randn_like(y1)
+    (dx1, dw1), (dx2, dw2) = (torch.autograd.grad(y, (x, m.weight), g) for y, m in ((y1, ours), (y2, ref)))
+    for name, a, b in (("out", y1, y2), ("dx", dx1, dx2), ("dw", dw1, dw2)):
+        print(f"{name}: relative error {((a - b).norm() / b.norm()).item():.2e}")
+
+
+if __name__ == "__main__":
+    _self_test()
