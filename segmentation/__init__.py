@@ -1,0 +1,1 @@
+"""SLaK for MMSegmentation 1.x: ``import segmentation.slak`` registers the backbone and optimizer constructor."""

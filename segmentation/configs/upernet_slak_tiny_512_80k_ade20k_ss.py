@@ -1,0 +1,20 @@
+# UperNet + SLaK-T (51x51, decomposed, dense), ADE20K 512x512, 80k iterations, 4 GPUs x 4 images.
+# Fine-tune a main.py checkpoint: --cfg-options model.backbone.init_cfg.checkpoint=/path/to/checkpoint-best.pth
+_base_ = [
+    '_base_/models/upernet_slak.py', '_base_/datasets/ade20k.py',
+    '_base_/default_runtime.py', '_base_/schedules/schedule_80k.py',
+]
+checkpoint_file = '/path/to/checkpoint-best.pth'
+crop_size = (512, 512)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        kernel_size=[51, 49, 47, 13, 5],
+        width_factor=1.3,
+        Decom=True,
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[124, 249, 499, 998], num_classes=150),
+    auxiliary_head=dict(in_channels=499, num_classes=150),
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
+train_dataloader = dict(batch_size=4)
