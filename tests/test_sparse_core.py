@@ -1,0 +1,467 @@
+"""Tests for sparse_core: prune-rate schedule, ERK/SNIP init, exact prune/grow, AMP, checkpointing, sparse EMA."""
+import copy
+import io
+import math
+import os
+import sys
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import SLaK  # noqa: E402
+import sparse_core  # noqa: E402
+from sparse_core import CosineDecay, Masking, ModelEma, count_nonzero_params, erk_densities  # noqa: E402
+
+
+def tiny_model(seed: int = 0, decom: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    return SLaK.SLaK(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_size=[7, 7, 5, 5, 3], Decom=decom,
+                     num_classes=10)
+
+
+def make_args(**overrides) -> Namespace:
+    fields = dict(sparse_init='uniform', sparsity=0.5, update_frequency=None, fix=False, only_L=False, seed=0,
+                  device='cpu', prune='magnitude', growth='random', redistribution='none', prune_rate=0.3)
+    fields.update(overrides)
+    return Namespace(**fields)
+
+
+def batches(n: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(n)]
+
+
+def build(args: Namespace, seed: int = 0, optimizer: str = 'adamw', loader=None, log_writer=None, model=None,
+          mask_state=None):
+    model = model if model is not None else tiny_model(seed)
+    if optimizer == 'adamw':
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.05)
+    decay = CosineDecay(args.prune_rate, T_max=20)
+    mask = Masking(opt, loader, decay, prune_mode=args.prune, growth_mode=args.growth,
+                   redistribution_mode=args.redistribution, args=args, log_writer=log_writer)
+    mask.add_module(model, mask_state=mask_state)
+    return model, opt, mask
+
+
+def fp32_step(model, opt, mask, x, y):
+    F.cross_entropy(model(x), y).backward()
+    mask.step()
+    opt.zero_grad()
+
+
+def assert_masked_zero(mask: Masking):
+    for name, m in mask.masks.items():
+        assert torch.all(mask.params[name][~m] == 0), name
+
+
+# ---- CosineDecay -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('init_step', [0, 7])
+def test_cosine_decay_matches_closed_form_and_torch_scheduler(init_step):
+    p0, t_max = 0.3, 50
+    decay = CosineDecay(p0, T_max=t_max, init_step=init_step)
+    dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=p0)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(dummy, t_max, eta_min=0.005)
+    for _ in range(init_step):
+        dummy.step()
+        reference.step()
+    for n in range(init_step, init_step + 2 * t_max + 5):
+        closed = 0.005 + (p0 - 0.005) * (1 + math.cos(math.pi * n / t_max)) / 2
+        assert decay.get_dr() == pytest.approx(closed, abs=1e-15)
+        assert decay.get_dr() == pytest.approx(dummy.param_groups[0]['lr'], abs=1e-12)
+        decay.step()
+        dummy.step()
+        reference.step()
+    restored = CosineDecay(0.9, T_max=3)
+    restored.load_state_dict(decay.state_dict())
+    assert restored.get_dr() == decay.get_dr()
+    with pytest.raises(ValueError, match='T_max'):
+        CosineDecay(0.3, T_max=0)
+
+
+# ---- ERK ------------------------------------------------------------------------------------------------------------
+def erk_reference(shapes, density):
+    """Independent float64 recomputation of SPEC 2.4's ERK iteration."""
+    n = np.array([np.prod(s) for s in shapes], dtype=np.float64)
+    raw = np.array([np.sum(s) / np.prod(s) for s in shapes], dtype=np.float64)
+    dense = np.zeros(len(shapes), dtype=bool)
+    while True:
+        eps = (np.sum(n[~dense]) * density - np.sum(n[dense]) * (1 - density)) / np.sum(raw[~dense] * n[~dense])
+        top = raw[~dense].max()
+        if top * eps <= 1:
+            return np.where(dense, 1.0, eps * raw), dense
+        dense |= (raw == top)
+
+
+def test_erk_densities_for_slak_tiny_match_formula():
+    import timm
+    model = timm.create_model('SLaK_tiny', kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True)
+    names = [n for n, p in model.named_parameters() if p.dim() in (2, 4)]
+    shapes = [tuple(p.shape) for p in model.parameters() if p.dim() in (2, 4)]
+    expected, expected_dense = erk_reference(shapes, 0.6)
+    params = dict(model.named_parameters())
+    untouched = {n: params[n].detach().clone() for n, d in zip(names, expected) if d >= 0.99}
+    _, _, mask = build(make_args(sparse_init='ERK', sparsity=0.4), model=model)
+    assert list(mask.params) == names and len(names) == 95
+    counts = np.array([np.prod(s) for s in shapes], dtype=np.float64)
+    assert np.sum(expected * counts) == pytest.approx(0.6 * counts.sum(), rel=1e-12)  # the budget is met exactly
+    ours, ours_dense = erk_densities(dict(zip(names, shapes)), 0.6)
+    np.testing.assert_allclose([ours[n] for n in names], expected, rtol=1e-12, atol=0)
+    assert set(ours_dense) == {n for n, d in zip(names, expected_dense) if d}
+    assert any(expected_dense)  # the formula does force some layers of SLaK-T dense at 40% sparsity
+    # Masks: expected-dense (>= 0.99) layers are popped and untouched; the others follow the density (Bernoulli).
+    for name, density, shape in zip(names, expected, shapes):
+        if density >= 0.99:
+            assert name not in mask.masks and torch.equal(mask.params[name], untouched[name])
+        else:
+            n = mask.masks[name].numel()
+            assert abs(mask.masks[name].float().mean().item() - density) <= 5 * math.sqrt(density * (1 - density) / n)
+            assert mask.masks[name].dtype == torch.bool
+
+
+# ---- masks hold under fp32 / bf16 / fp16 ----------------------------------------------------------------------------
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'fp16_scaler'])
+def test_masked_weights_stay_zero_and_counts_fixed(precision):
+    args = make_args(update_frequency=3)
+    model, opt, mask = build(args)
+    counts = {n: int(m.sum()) for n, m in mask.masks.items()}
+    scaler = torch.amp.GradScaler('cpu') if precision == 'fp16_scaler' else None
+    versions = mask.mask_version
+    stepped = 0
+    for x, y in batches(7):
+        if precision == 'fp32':
+            fp32_step(model, opt, mask, x, y)
+        else:
+            dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
+            with torch.autocast('cpu', dtype=dtype):
+                loss = F.cross_entropy(model(x), y)
+            if scaler is None:
+                loss.backward()
+                mask.step()
+            else:
+                scaler.scale(loss).backward()
+                scale_before = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                mask.after_step(scaler.get_scale() >= scale_before)
+                stepped += scaler.get_scale() >= scale_before
+            opt.zero_grad()
+        assert_masked_zero(mask)
+        assert {n: int(m.sum()) for n, m in mask.masks.items()} == counts
+    steps = 7 if scaler is None else stepped  # fp16: the scaler skips the first step(s) while finding its scale
+    assert steps >= 4 and mask.steps == steps and mask.mask_version == versions + steps // 3
+    assert mask.prune_rate == pytest.approx(CosineDecay(0.3, T_max=20, init_step=steps).get_dr())
+
+
+def test_skipped_scaler_step_does_not_advance_schedule():
+    args = make_args(update_frequency=1)
+    model, opt, mask = build(args)
+    scaler = torch.amp.GradScaler('cpu')
+    x, y = batches(1)[0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    name = next(iter(mask.masks))
+    mask.params[name].grad.view(-1)[0] = float('inf')
+    before = {n: m.clone() for n, m in mask.masks.items()}
+    scale_before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    stepped = scaler.get_scale() >= scale_before
+    assert not stepped
+    inactive = (~mask.masks[name]).nonzero()[0].tolist()
+    with torch.no_grad():
+        mask.params[name][tuple(inactive)] = 1.0  # something wrote into a pruned position: re-applying must fix it
+    rate = mask.prune_rate
+    mask.after_step(stepped)
+    assert mask.steps == 0 and mask.prune_rate == rate and mask.prune_rate_decay.last_epoch == 0
+    assert all(torch.equal(before[n], m) for n, m in mask.masks.items())  # no prune/grow although u=1
+    assert_masked_zero(mask)
+    mask.after_step(True)
+    assert mask.steps == 1 and mask.prune_rate < rate
+
+
+# ---- prune / grow ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('prune', ['magnitude', 'SET'])
+@pytest.mark.parametrize('growth', ['random', 'gradient', 'momentum', 'momentum_neuron'])
+def test_prune_grow_exact_counts_and_reset_state(prune, growth):
+    args = make_args(prune=prune, growth=growth)
+    model, opt, mask = build(args)
+    data = batches(3)
+    for x, y in data[:2]:
+        fp32_step(model, opt, mask, x, y)
+    F.cross_entropy(model(data[2][0]), data[2][1]).backward()
+    opt.step()
+    mask.apply_mask()
+    old = {n: m.clone() for n, m in mask.masks.items()}
+    weights = {n: mask.params[n].detach().clone() for n in mask.masks}
+    mask.truncate_weights()
+    for name, m in mask.masks.items():
+        assert int(m.sum()) == int(old[name].sum()), name
+        assert mask.name2removed[name] == math.ceil(mask.prune_rate * int(old[name].sum()))
+        changed = m ^ old[name]
+        grown, pruned = m & ~old[name], old[name] & ~m
+        assert int(grown.sum()) == int(pruned.sum()) <= mask.name2removed[name]
+        state = opt.state[mask.params[name]]
+        for key in ('exp_avg', 'exp_avg_sq'):
+            assert torch.all(state[key][changed] == 0)
+        assert torch.all(mask.params[name][grown] == 0)
+        if prune == 'magnitude' and pruned.any():
+            survivors = old[name] & m & (mask.params[name].detach() == weights[name])  # not pruned-and-regrown
+            assert weights[name][pruned].abs().max() <= weights[name][survivors].abs().min()
+    assert_masked_zero(mask)
+
+
+def test_set_prune_removes_most_negative_half():
+    args = make_args(prune='SET')
+    model, opt, mask = build(args)
+    name = 'stages.3.0.pwconv1.weight'
+    m, w = mask.masks[name].clone(), mask.params[name].detach().clone()
+    new = sparse_core.magnitude_and_negativity_prune(mask, m, w, name)
+    removed = m & ~new
+    num_remove = math.ceil(mask.prune_rate * int(m.sum()))
+    assert int(removed.sum()) == num_remove
+    most_negative = torch.sort(w[m]).values[:num_remove // 2]
+    assert set(most_negative.tolist()) <= set(w[removed].tolist())
+
+
+def test_sgd_momentum_buffer_reset_on_growth():
+    args = make_args(growth='momentum')
+    model, opt, mask = build(args, optimizer='sgd')
+    for x, y in batches(2):
+        fp32_step(model, opt, mask, x, y)
+    old = {n: m.clone() for n, m in mask.masks.items()}
+    mask.truncate_weights()
+    for name, m in mask.masks.items():
+        assert int(m.sum()) == int(old[name].sum())
+        assert torch.all(opt.state[mask.params[name]]['momentum_buffer'][m ^ old[name]] == 0)
+
+
+def test_fix_keeps_masks_static_without_mutating_args():
+    args = make_args(update_frequency=1, fix=True)
+    model, opt, mask = build(args)
+    before = {n: m.clone() for n, m in mask.masks.items()}
+    for x, y in batches(3):
+        fp32_step(model, opt, mask, x, y)
+    assert args.update_frequency == 1 and mask.update_frequency is None
+    assert all(torch.equal(before[n], m) for n, m in mask.masks.items())
+    assert_masked_zero(mask)
+
+
+# ---- checkpointing --------------------------------------------------------------------------------------------------
+def test_save_load_continue_is_bit_identical():
+    args = make_args(update_frequency=2, growth='random')
+    data = batches(6)
+    model, opt, mask = build(args)
+    for x, y in data[:3]:
+        fp32_step(model, opt, mask, x, y)
+    buffer = io.BytesIO()
+    torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'mask': mask.state_dict()}, buffer)
+    for x, y in data[3:]:
+        fp32_step(model, opt, mask, x, y)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert all(not k.startswith('module.') for k in checkpoint['mask']['masks'])
+    resumed = tiny_model(seed=123)
+    resumed.load_state_dict(checkpoint['model'])
+    args_resumed = make_args(update_frequency=2, growth='random', sparse_init='snip')  # SNIP would need a loader
+    model2, opt2, mask2 = build(args_resumed, model=resumed, mask_state=checkpoint['mask'])
+    opt2.load_state_dict(checkpoint['optimizer'])
+    assert mask2.steps == 3
+    for x, y in data[3:]:
+        fp32_step(model2, opt2, mask2, x, y)
+    assert mask2.mask_version > 1 and mask.steps == mask2.steps == 6
+    assert mask2.prune_rate == mask.prune_rate
+    assert mask.masks.keys() == mask2.masks.keys()
+    assert all(torch.equal(mask.masks[n], mask2.masks[n]) for n in mask.masks)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_resume_mode_uses_zero_pattern_of_weights():
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() in (2, 4):
+                p.mul_(torch.rand_like(p) < 0.3)
+    expected = {n: p != 0 for n, p in model.named_parameters() if p.dim() in (2, 4)}
+    _, _, mask = build(make_args(sparse_init='resume'), model=model)
+    assert mask.masks.keys() == expected.keys()
+    assert all(torch.equal(mask.masks[n], expected[n]) for n in expected)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('field, value, message', [
+    ('sparse_init', 'GMP', '--sparse_init must be one of'),
+    ('prune', 'global_magnitude', 'never worked'),
+    ('growth', 'random_unfired', 'never worked'),
+    ('growth', 'mix', '--growth must be one of'),
+    ('redistribution', 'nonzeros', '--redistribution must be one of'),
+    ('sparsity', 1.0, '--sparsity must be in'),
+    ('update_frequency', 0, 'update-frequency'),
+])
+def test_bad_names_raise(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        build(make_args(**{field: value}))
+
+
+def test_only_L_without_decomposed_kernels_raises_and_with_them_masks_only_lora():
+    with pytest.raises(ValueError, match='only-L'):
+        build(make_args(only_L=True), model=tiny_model(decom=False))
+    _, _, mask = build(make_args(only_L=True))
+    assert mask.masks and all('large_kernel.LoRA' in n for n in mask.masks)
+
+
+def test_snip_without_loader_raises():
+    with pytest.raises(ValueError, match='train_loader'):
+        build(make_args(sparse_init='snip'))
+
+
+# ---- SNIP -----------------------------------------------------------------------------------------------------------
+def snip_reference(model, x, y, names, density):
+    clone = copy.deepcopy(model)
+    clone.zero_grad(set_to_none=True)
+    F.cross_entropy(clone(x), y).backward()
+    params = dict(clone.named_parameters())
+    scores = {n: (params[n].detach().double() * params[n].grad.double()).abs().float() for n in names}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    tau = torch.sort(flat, descending=True).values[int(flat.numel() * density) - 1]
+    return {n: s > tau for n, s in scores.items()}
+
+
+def test_snip_topk_keeps_top_scores_and_snip_randomises_positions_without_touching_live_model():
+    model = tiny_model()
+    x, y = batches(1, seed=5)[0]
+    F.cross_entropy(model(x), y).backward()  # live model has gradients and BN statistics to preserve
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    names = [n for n, p in model.named_parameters() if p.dim() in (2, 4)]
+    expected = snip_reference(model, x, y, names, 0.5)
+
+    _, _, topk = build(make_args(sparse_init='snip_topk'), model=model, loader=[(x, y)])
+    for name in names:
+        if expected[name].float().mean() >= 0.99:
+            assert name not in topk.masks
+        else:
+            assert torch.equal(topk.masks[name], expected[name]), name
+    for n, p in model.named_parameters():
+        want = params[n] * topk.masks[n] if n in topk.masks else params[n]
+        assert torch.equal(p.detach(), want) and torch.equal(p.grad, grads[n]), n
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+    model2 = tiny_model()
+    _, _, snip = build(make_args(sparse_init='snip'), model=model2, loader=[(x, y)])
+    name = 'stages.3.0.pwconv1.weight'  # 16,384 weights: Bernoulli noise is small
+    density = expected[name].float().mean().item()
+    assert 0.05 < density < 0.95
+    assert abs(snip.masks[name].float().mean().item() - density) < 0.03
+    overlap = (snip.masks[name] & expected[name]).sum().item() / expected[name].sum().item()
+    assert abs(overlap - density) < 0.05  # random positions: overlap with the top-k set is chance level
+
+
+# ---- logging / counting ---------------------------------------------------------------------------------------------
+class ScalarWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+class UpdateWriter:
+    def __init__(self):
+        self.calls = []
+
+    def update(self, head, step=None, **kwargs):
+        self.calls.append((head, step, kwargs))
+
+
+def test_log_writer_and_nonzero_count(capsys):
+    model = tiny_model()
+    nonzero_dense = {n: p.detach() != 0 for n, p in model.named_parameters()}
+    writer = ScalarWriter()
+    model, opt, mask = build(make_args(update_frequency=2), model=model, log_writer=writer)
+    removed = sum(int((nonzero_dense[n] & ~m).sum()) for n, m in mask.masks.items())
+    expected_count = sum(int(v.sum()) for v in nonzero_dense.values()) - removed
+    assert count_nonzero_params(model) == expected_count
+    assert f'Total number of parameters are {expected_count}' in capsys.readouterr().out
+    for x, y in batches(2):
+        fp32_step(model, opt, mask, x, y)
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    for step in (0, 2):
+        assert ('sparsity/overall', step) in tags and ('sparsity/prune_rate', step) in tags
+        assert all((f'sparsity/{n}', step) in tags for n in mask.masks)
+    overall = [v for t, v, s in writer.scalars if t == 'sparsity/overall' and s == 2][0]
+    assert overall == pytest.approx(sum(int(m.sum()) for m in mask.masks.values()) /
+                                    sum(m.numel() for m in mask.masks.values()))
+    assert 'Dynamic Sparsity' in capsys.readouterr().out
+
+    other = UpdateWriter()
+    build(make_args(), log_writer=other)
+    head, step, scalars = other.calls[0]
+    assert head == 'sparsity' and step == 0 and 'overall' in scalars and 'head.weight' in scalars
+
+
+# ---- EMA ------------------------------------------------------------------------------------------------------------
+class Wrapper(nn.Module):
+    """Stands in for DDP: parameters are named `module.*`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_sparse_ema_semantics_with_ddp_style_prefix():
+    decay = 0.9
+    model = tiny_model()
+    ema = ModelEma(model, decay=decay)
+    assert not ema.ema.training and all(not p.requires_grad for p in ema.ema.parameters())
+    wrapped = Wrapper(model)
+    _, opt, mask = build(make_args(), model=wrapped)
+    assert all(not n.startswith('module.') for n in mask.masks)
+    x, y = batches(1)[0]
+    F.cross_entropy(wrapped(x), y).backward()
+    mask.step()
+    opt.zero_grad()
+
+    ema_before = {k: v.double().clone() for k, v in ema.ema.state_dict().items()}
+    ema.update(wrapped, mask)
+    live = model.state_dict()
+    for key, value in ema.ema.state_dict().items():
+        if key.endswith('num_batches_tracked'):
+            assert torch.equal(value, live[key])
+            continue
+        want = decay * ema_before[key] + (1 - decay) * live[key].double()
+        if key in mask.masks:
+            want = want * mask.masks[key]
+        torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
+
+    old = {n: m.clone() for n, m in mask.masks.items()}
+    mask.truncate_weights()
+    name = 'stages.3.0.pwconv1.weight'
+    grown, pruned, kept = (mask.masks[name] & ~old[name], old[name] & ~mask.masks[name],
+                           old[name] & mask.masks[name])
+    assert grown.any() and pruned.any()
+    with torch.no_grad():
+        mask.params[name][grown] = 0.5  # live value of newly grown weights (after a later step)
+        ema_value = ema.ema.state_dict()[name]
+        zero_pos = kept.nonzero()[0].tolist()
+        ema_value[tuple(zero_pos)] = 0.0  # an active weight whose EMA is exactly 0 is NOT new (quirk 11.16 fixed)
+    ema_prev = ema_value.double().clone()
+    ema.update(wrapped, mask)
+    ema_value = ema.ema.state_dict()[name]
+    w = mask.params[name].detach().double()
+    assert torch.all(ema_value[grown] == 0.5)
+    assert torch.all(ema_value[pruned] == 0)
+    torch.testing.assert_close(ema_value[kept].double(), decay * ema_prev[kept] + (1 - decay) * w[kept],
+                               rtol=1e-6, atol=1e-7)
+    assert ema_value[tuple(zero_pos)].item() == pytest.approx((1 - decay) * w[tuple(zero_pos)].item(), rel=1e-5)
