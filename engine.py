@@ -1,0 +1,186 @@
+"""One training epoch and one evaluation pass (SPEC 3), shared by ``main.py`` and ``main_KD.py``.
+
+Differences from the original ``engine.py``, on purpose:
+
+* Sparse training also works with AMP: the loss scaler steps the optimizer and then ``mask.after_step`` re-applies
+  the masks and advances the prune/grow schedule (the original never stepped the mask under ``--use_amp``).
+* ``--clip_grad`` clips in fp32 training too (the original clipped only in the AMP path).
+* Gradient-accumulation micro-batches that do not update run under DDP ``no_sync`` (one all-reduce per step).
+* The lr/wd schedule is applied once per optimizer step (the original's guard had a precedence bug).
+* A non-finite loss raises :class:`NonFiniteLossError` (epoch, step, value) instead of ``assert``; nothing is saved.
+* ``evaluate`` counts every validation image exactly once (see ``utils.DistributedEvalSampler``), averages the loss
+  over images, and reports top-min(5, classes) accuracy as ``acc5`` for datasets with fewer than 5 classes.
+* ``grad_norm`` is logged whenever it is computed: always with AMP, and in fp32 when ``--clip_grad`` is set.
+* ``compute_loss(samples, targets) -> (loss, output, terms)`` lets distillation reuse this loop; each named term is
+  logged as a meter and as TensorBoard ``loss/<name>``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from timm.data import Mixup
+
+import utils
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; carries where, so ``main.py`` can say it in one line."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopping (the last checkpoint '
+                         f'on disk is from before this epoch). Try a lower --lr, --clip_grad or fp32 training')
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+def _autocast(device: torch.device, use_amp: bool, amp_dtype: torch.dtype):
+    return torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)
+
+
+def _to_device(samples: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    samples = samples.to(device, non_blocking=True)
+    return samples.contiguous(memory_format=torch.channels_last) if channels_last else samples
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler,
+                    max_norm: float = 0, model_ema=None, mixup_fn: Optional[Mixup] = None, log_writer=None,
+                    wandb_logger=None, start_steps: Optional[int] = None, lr_schedule_values=None,
+                    wd_schedule_values=None, num_training_steps_per_epoch: Optional[int] = None,
+                    update_freq: Optional[int] = None, use_amp: bool = False, mask=None,
+                    amp_dtype: torch.dtype = torch.float16,
+                    compute_loss: Optional[Callable] = None, channels_last: bool = False) -> Dict[str, float]:
+    """Train for one epoch; returns the epoch averages of every meter (``loss``, ``class_acc``, ``lr``, ...).
+
+    The optimizer steps every ``update_freq`` micro-batches (gradients summed, each loss divided by ``update_freq``).
+    With ``use_amp`` the ``loss_scaler`` (``utils.NativeScalerWithGradNormCount``; disabled scaling for bfloat16)
+    does backward and step; otherwise ``mask.step()`` (which steps the optimizer) or ``optimizer.step()``.
+    """
+    model.train(True)
+    update_freq = update_freq or 1
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger.add_meter('min_lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = f'Epoch: [{epoch}]'
+    print_freq = 200
+    clip = max_norm if max_norm and max_norm > 0 else None
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    second_order = getattr(optimizer, 'is_second_order', False)
+
+    optimizer.zero_grad()
+    for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        step = data_iter_step // update_freq
+        if num_training_steps_per_epoch is not None and step >= num_training_steps_per_epoch:
+            continue
+        it = start_steps + step if start_steps is not None else step
+        is_update = (data_iter_step + 1) % update_freq == 0
+        if data_iter_step % update_freq == 0:  # python floats: numpy scalars would break weights_only loading
+            for param_group in optimizer.param_groups:
+                if lr_schedule_values is not None:
+                    param_group['lr'] = float(lr_schedule_values[it]) * param_group.get('lr_scale', 1.0)
+                if wd_schedule_values is not None and param_group['weight_decay'] > 0:
+                    param_group['weight_decay'] = float(wd_schedule_values[it])
+
+        samples = _to_device(samples, device, channels_last)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        sync_ctx = model.no_sync() if (is_ddp and not is_update) else contextlib.nullcontext()
+        grad_norm = None
+        with sync_ctx:
+            with _autocast(device, use_amp, amp_dtype):
+                if compute_loss is not None:
+                    loss, output, terms = compute_loss(samples, targets)
+                else:
+                    output = model(samples)
+                    loss = criterion(output, targets)
+                    terms = {}
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(epoch, it, loss_value)
+            loss = loss / update_freq
+            if use_amp:
+                grad_norm = loss_scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters(),
+                                        create_graph=second_order, update_grad=is_update)
+                if is_update:
+                    optimizer.zero_grad()
+                    if mask is not None:
+                        mask.after_step(stepped=not loss_scaler.last_step_skipped)
+            else:
+                loss.backward(create_graph=second_order)
+                if is_update:
+                    if clip is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    if mask is not None:
+                        mask.step()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad()
+        if is_update and model_ema is not None:
+            model_ema.update(model, mask)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+        class_acc = (output.argmax(dim=-1) == targets).float().mean() if mixup_fn is None else None
+        min_lr = min(group['lr'] for group in optimizer.param_groups)
+        max_lr = max(group['lr'] for group in optimizer.param_groups)
+        weight_decay_value = None
+        for group in optimizer.param_groups:
+            if group['weight_decay'] > 0:
+                weight_decay_value = group['weight_decay']
+        metric_logger.update(loss=loss_value, class_acc=class_acc, lr=max_lr, min_lr=min_lr,
+                             weight_decay=weight_decay_value, grad_norm=grad_norm,
+                             **{k: float(v) for k, v in terms.items()})
+
+        if log_writer is not None:
+            log_writer.update(loss=loss_value, head='loss')
+            log_writer.update(class_acc=class_acc, head='loss')
+            log_writer.update(head='loss', **{k: float(v) for k, v in terms.items()})
+            log_writer.update(lr=max_lr, head='opt')
+            log_writer.update(min_lr=min_lr, head='opt')
+            log_writer.update(weight_decay=weight_decay_value, head='opt')
+            log_writer.update(grad_norm=grad_norm, head='opt')
+            log_writer.set_step()
+        if wandb_logger is not None:
+            wandb_logger.log_batch({
+                'Rank-0 Batch Wise/train_loss': loss_value,
+                'Rank-0 Batch Wise/train_max_lr': max_lr,
+                'Rank-0 Batch Wise/train_min_lr': min_lr,
+                **({'Rank-0 Batch Wise/train_class_acc': float(class_acc)} if class_acc is not None else {}),
+                **({'Rank-0 Batch Wise/train_grad_norm': float(grad_norm)} if grad_norm is not None else {}),
+                'Rank-0 Batch Wise/global_train_step': it,
+            })
+
+    metric_logger.synchronize_between_processes(device)
+    print('Averaged stats:', metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device, use_amp: bool = False,
+             amp_dtype: torch.dtype = torch.float16, channels_last: bool = False) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set, all ranks together."""
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    for name in ('loss', 'acc1', 'acc5'):  # every rank joins the same all-reduces, even one with no images
+        metric_logger.add_meter(name, utils.SmoothedValue())
+    model.eval()
+    for batch in metric_logger.log_every(data_loader, 10, 'Test:'):
+        images = _to_device(batch[0], device, channels_last)
+        target = batch[-1].to(device, non_blocking=True)
+        with _autocast(device, use_amp, amp_dtype):
+            output = model(images)
+            loss = criterion(output.float(), target)
+        k = min(5, output.shape[-1])
+        top = output.topk(k, dim=-1).indices
+        correct = top.eq(target[:, None])
+        batch_size = images.shape[0]
+        metric_logger.update(n=batch_size, loss=loss.item(), acc1=correct[:, 0].float().mean().item() * 100.,
+                             acc5=correct.any(dim=-1).float().mean().item() * 100.)
+    metric_logger.synchronize_between_processes(device)
+    print(f'* Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f} '
+          f'loss {metric_logger.loss.global_avg:.3f}')
+    return {k: metric_logger.meters[k].global_avg for k in ('loss', 'acc1', 'acc5')}

@@ -1,0 +1,564 @@
+"""Train or evaluate SLaK (and ConvNeXt-style baselines) on ImageNet-style data, with optional dynamic sparsity.
+
+Reads top to bottom in the order things happen: args -> distributed init -> data -> model -> EMA -> DDP ->
+optimizer -> schedules -> resume -> (eval) -> sparse masks -> epoch loop. Every command of the original README runs
+unchanged, with ``torchrun --nproc_per_node=N main.py ...``, ``python -m torch.distributed.launch ...``, Slurm, or a
+single process on one GPU or the CPU (``--device cpu``).
+
+Differences from the original ``main.py``, on purpose (each is noted where it happens):
+
+* Masks, mask step, prune-rate schedule and RNG states are checkpointed, so ``--auto_resume`` continues a sparse run
+  exactly (bit-identical on CPU); no ``--sparse_init resume`` needed (it still works).
+* An explicit ``--resume`` wins over ``--auto_resume``; ``--auto_resume`` looks only in a non-empty ``--output_dir``.
+* Single-process runs reshuffle every epoch (the original called ``set_epoch`` only when distributed).
+* ``--dist_eval`` counts every validation image once (no padded duplicates).
+* Periodic checkpoints are written after the epoch's evaluation, so they also carry the best accuracy so far. As in
+  the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
+  pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
+* New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
+  ``--conv_impl``, ``--dist_timeout``, ``--hflip``; ``--sparse_init`` also accepts ``snip_topk``.
+* ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
+  ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
+  under ``model`` and the EMA under ``model_ema``).
+* User errors (paths, model names, checkpoints of another architecture, NaN loss, out of memory, even kernels) end
+  with one ``error: ...`` line and exit code 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+import timm
+from timm.data.mixup import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.flop_counter import FlopCounterMode
+
+import SLaK  # noqa: F401  (registers SLaK_* in timm)
+import utils
+from datasets import DATA_SETS, build_dataset
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from optim_factory import build_layer_decay_assigner, create_optimizer
+from sparse_core import SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
+from utils import NativeScalerWithGradNormCount as NativeScaler
+from utils import str2bool
+
+DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Every flag of the original ``main.py`` (same spelling, type and default) plus the new ones listed above."""
+    parser = argparse.ArgumentParser('SLaK training and evaluation script for image classification', add_help=False)
+    parser.add_argument('--batch_size', default=64, type=int, help='Per GPU batch size')
+    parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--update_freq', default=1, type=int, help='gradient accumulation steps')
+
+    # Model parameters
+    parser.add_argument('--model', default='SLaK_tiny', type=str, metavar='MODEL', help='Name of model to train')
+    parser.add_argument('--drop_path', type=float, default=0, metavar='PCT', help='Drop path rate (default: 0.0)')
+    parser.add_argument('--input_size', default=224, type=int, help='image input size')
+    parser.add_argument('--layer_scale_init_value', default=1e-6, type=float, help='Layer scale initial values')
+    parser.add_argument('--channels_last', type=str2bool, default=False, help='channels_last memory format')
+    parser.add_argument('--compile', type=str2bool, default=False, help='torch.compile the model (in place)')
+    parser.add_argument('--grad_checkpointing', type=str2bool, default=False,
+                        help='recompute each block in backward (less memory, more time)')
+    parser.add_argument('--sync_bn', type=str2bool, default=True,
+                        help='convert BatchNorm to SyncBatchNorm in distributed CUDA runs')
+    parser.add_argument('--conv_impl', type=str, default=None, choices=list(SLaK.CONV_IMPLS),
+                        help='depthwise conv implementation (default: LARGE_KERNEL_CONV_IMPL env or auto)')
+
+    # EMA related parameters
+    parser.add_argument('--model_ema', type=str2bool, default=False)
+    parser.add_argument('--model_ema_decay', type=float, default=0.9999, help='')
+    parser.add_argument('--model_ema_force_cpu', type=str2bool, default=False, help='')
+    parser.add_argument('--model_ema_eval', type=str2bool, default=False, help='Using ema to eval during training.')
+
+    # Optimization parameters
+    parser.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='Optimizer (default: "adamw"')
+    parser.add_argument('--opt_eps', default=1e-8, type=float, metavar='EPSILON', help='Optimizer Epsilon')
+    parser.add_argument('--opt_betas', default=None, type=float, nargs='+', metavar='BETA', help='Optimizer Betas')
+    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+                        help='Clip gradient norm (default: None, no clipping)')
+    parser.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum (default: 0.9)')
+    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
+    parser.add_argument('--weight_decay_end', type=float, default=None,
+                        help='Final value of the weight decay (cosine schedule; default: --weight_decay)')
+    parser.add_argument('--lr', type=float, default=4e-3, metavar='LR', help='learning rate (default: 4e-3)')
+    parser.add_argument('--layer_decay', type=float, default=1.0)
+    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR', help='lower lr bound (default: 1e-6)')
+    parser.add_argument('--warmup_epochs', type=int, default=20, metavar='N', help='epochs to warmup LR')
+    parser.add_argument('--warmup_steps', type=int, default=-1, metavar='N',
+                        help='num of steps to warmup LR, will overload warmup_epochs if set > 0')
+
+    # Augmentation parameters
+    parser.add_argument('--color_jitter', type=float, default=0.4, metavar='PCT', help='Color jitter factor')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                        help='AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" disables it')
+    parser.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for digits/text)')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+    parser.add_argument('--train_interpolation', type=str, default='bicubic',
+                        help='Training interpolation (random, bilinear, bicubic default: "bicubic")')
+
+    # Evaluation parameters
+    parser.add_argument('--crop_pct', type=float, default=None)
+
+    # Random Erase params
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='Random erase prob (default: 0.25)')
+    parser.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
+    parser.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    parser.add_argument('--resplit', type=str2bool, default=False, help='Do not random erase first augmentation split')
+
+    # Mixup params
+    parser.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, mixup enabled if > 0.')
+    parser.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, cutmix enabled if > 0.')
+    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+                        help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    parser.add_argument('--mixup_prob', type=float, default=1.0,
+                        help='Probability of performing mixup or cutmix when either/both is enabled')
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                        help='Probability of switching to cutmix when both mixup and cutmix enabled')
+    parser.add_argument('--mixup_mode', type=str, default='batch',
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    # Finetuning params
+    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
+    parser.add_argument('--head_init_scale', default=1.0, type=float, help='classifier head initial scale')
+    parser.add_argument('--model_key', default='model|module', type=str,
+                        help='which key to load from the --finetune checkpoint (model_ema for EMA weights)')
+    parser.add_argument('--model_prefix', default='', type=str)
+
+    # Dataset parameters
+    parser.add_argument('--data_path', default=DEFAULT_DATA_PATH, type=str, help='dataset path')
+    parser.add_argument('--eval_data_path', default=None, type=str, help='dataset path for evaluation')
+    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--imagenet_default_mean_and_std', type=str2bool, default=True)
+    parser.add_argument('--data_set', default='IMNET', choices=list(DATA_SETS), type=str, help='ImageNet dataset path')
+    parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default=None, help='path where to tensorboard log')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--auto_resume', type=str2bool, default=True)
+    parser.add_argument('--save_ckpt', type=str2bool, default=True)
+    parser.add_argument('--save_ckpt_freq', default=10, type=int)
+    parser.add_argument('--save_ckpt_num', default=3, type=int)
+
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--eval', type=str2bool, default=False, help='Perform evaluation only')
+    parser.add_argument('--dist_eval', type=str2bool, default=True, help='Enabling distributed evaluation')
+    parser.add_argument('--disable_eval', type=str2bool, default=False,
+                        help='Disabling evaluation during training')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', type=str2bool, default=True,
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', type=str2bool, default=False)
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    parser.add_argument('--dist_timeout', default=float(os.environ.get('SLAK_DIST_TIMEOUT', 30)), type=float,
+                        help='minutes a collective may wait before failing (env SLAK_DIST_TIMEOUT)')
+
+    parser.add_argument('--use_amp', type=str2bool, default=False, help="Use PyTorch's AMP (automatic mixed precision)")
+    parser.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
+                        help='autocast dtype with --use_amp true (bfloat16 needs no loss scaling)')
+
+    # Weights and Biases arguments
+    parser.add_argument('--enable_wandb', type=str2bool, default=False, help='enable logging to Weights and Biases')
+    parser.add_argument('--project', default='SLaK', type=str, help='The name of the W&B project')
+    parser.add_argument('--wandb_ckpt', type=str2bool, default=False,
+                        help='Save model checkpoints as W&B Artifacts.')
+
+    # SLaK architecture and sparse training
+    parser.add_argument('--Decom', type=str2bool, default=False, help='Enabling kernel decomposition')
+    parser.add_argument('--width_factor', type=float, default=1.0, help='set the width factor of the model')
+    parser.add_argument('--sparse', action='store_true', help='Enable sparse model. Default: False.')
+    parser.add_argument('--kernel_size', type=int, nargs='*', default=[51, 49, 47, 13, 5],
+                        help='kernel size of conv layers (4 stages + the small kernel)')
+    parser.add_argument('--growth', type=str, default='random',
+                        help='Growth mode. Choose from: momentum, random, and momentum_neuron.')
+    parser.add_argument('--prune', type=str, default='magnitude',
+                        help='Death mode / pruning mode. Choose from: magnitude, SET, threshold.')
+    parser.add_argument('--redistribution', type=str, default='none',
+                        help='Redistribution mode. Choose from: momentum, magnitude, nonzeros, or none.')
+    parser.add_argument('--prune_rate', type=float, default=0.3, help='The pruning rate / death rate.')
+    parser.add_argument('--sparsity', type=float, default=0.4, help='The sparsity of the overall sparse network.')
+    parser.add_argument('--verbose', action='store_true', help='Prints verbose status of pruning/growth algorithms.')
+    parser.add_argument('--fix', action='store_true', help='static masks: no prune/grow (masks still applied)')
+    parser.add_argument('--sparse_init', type=str, default='snip', help=f'sparse initialization: {SPARSE_INITS}')
+    parser.add_argument('-u', '--update-frequency', type=int, default=100, metavar='N', dest='update_frequency',
+                        help='how many optimizer steps between prune/grow (adaptation) rounds')
+    parser.add_argument('--only-L', action='store_true', dest='only_L',
+                        help='only sparsify the decomposed large kernels (LoRA1/LoRA2)')
+    parser.add_argument('--bn', type=str2bool, default=True, help='add BN layer after each conv branch')
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that would otherwise fail deep inside torch."""
+    if args.sparse_init not in SPARSE_INITS:
+        raise ValueError(f'--sparse_init must be one of {SPARSE_INITS}; got {args.sparse_init!r}')
+    if args.update_freq < 1:
+        raise ValueError(f'--update_freq must be >= 1; got {args.update_freq}')
+    if args.batch_size < 1:
+        raise ValueError(f'--batch_size must be >= 1; got {args.batch_size}')
+    if not 0 <= args.sparsity < 1:
+        raise ValueError(f'--sparsity must be in [0, 1); got {args.sparsity}')
+    if args.eval and args.disable_eval:
+        raise ValueError('--eval true needs the validation set; drop --disable_eval true')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError('--device cuda but no CUDA device is available; use --device cpu')
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """What ``build_data`` returns: datasets, samplers, loaders and the optional Mixup/CutMix function."""
+    dataset_train: torch.utils.data.Dataset
+    dataset_val: Optional[torch.utils.data.Dataset]
+    sampler_train: torch.utils.data.DistributedSampler
+    data_loader_train: torch.utils.data.DataLoader
+    data_loader_val: Optional[torch.utils.data.DataLoader]
+    mixup_fn: Optional[Mixup]
+
+
+def build_data(args: argparse.Namespace) -> Data:
+    """Datasets, samplers and loaders (SPEC 4.4); sets ``args.nb_classes`` from the training set."""
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    if args.disable_eval:
+        args.dist_eval = False
+        dataset_val = None
+    else:
+        dataset_val, nb_val = build_dataset(is_train=False, args=args)
+        if nb_val != args.nb_classes:
+            raise ValueError(f'train set has {args.nb_classes} classes but the val set has {nb_val}; check '
+                             f'--data_path / --eval_data_path')
+
+    num_tasks, global_rank = utils.get_world_size(), utils.get_rank()
+    pin_memory = args.pin_mem and torch.device(args.device).type == 'cuda'  # pinning needs an accelerator
+    sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
+                                                        shuffle=True, seed=args.seed)
+    print(f'Sampler_train = {sampler_train}')
+    data_loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=pin_memory, drop_last=True, persistent_workers=False)
+    if len(data_loader_train) == 0:
+        raise ValueError(f'the training set ({len(dataset_train)} images over {num_tasks} processes) is smaller than '
+                         f'one batch; lower --batch_size')
+
+    data_loader_val = None
+    if dataset_val is not None:
+        if args.dist_eval:
+            sampler_val = utils.DistributedEvalSampler(dataset_val, num_replicas=num_tasks, rank=global_rank)
+        else:
+            sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+        data_loader_val = torch.utils.data.DataLoader(
+            dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
+            pin_memory=pin_memory, drop_last=False)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        print('Mixup is activated!')
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    return Data(dataset_train, dataset_val, sampler_train, data_loader_train, data_loader_val, mixup_fn)
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
+    """``timm.create_model(name, ...)`` with the SLaK arguments (kernel sizes, width, Decom, bn) for SLaK models."""
+    if not timm.is_model(name):
+        slak = [m for m in timm.list_models('SLaK*')]
+        raise ValueError(f'--model {name!r} is not registered; SLaK models: {", ".join(slak)} '
+                         f'(any timm model name also works, e.g. convnext_tiny)')
+    kwargs = dict(pretrained=False, num_classes=args.nb_classes, drop_path_rate=args.drop_path)
+    if name.startswith('SLaK'):
+        kwargs.update(layer_scale_init_value=args.layer_scale_init_value, head_init_scale=args.head_init_scale,
+                      kernel_size=args.kernel_size, width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
+        if args.conv_impl is not None:
+            kwargs['conv_impl'] = args.conv_impl
+    return timm.create_model(name, **kwargs)
+
+
+def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """``--finetune``: non-strict load of the first ``--model_key`` entry; a head of another class count is dropped."""
+    checkpoint = utils.load_checkpoint_file(args.finetune)
+    print(f'Load ckpt from {args.finetune}')
+    checkpoint_model = None
+    for model_key in args.model_key.split('|'):
+        if model_key in checkpoint:
+            checkpoint_model = checkpoint[model_key]
+            print(f'Load state_dict by model_key = {model_key}')
+            break
+    if checkpoint_model is None:
+        checkpoint_model = checkpoint
+    checkpoint_model = SLaK.extract_state_dict(checkpoint_model, keys=())
+    state_dict = model.state_dict()
+    for k in ('head.weight', 'head.bias'):
+        if k in checkpoint_model and k in state_dict and checkpoint_model[k].shape != state_dict[k].shape:
+            print(f'Removing key {k} from pretrained checkpoint')
+            del checkpoint_model[k]
+    utils.load_state_dict(model, checkpoint_model, prefix=args.model_prefix)
+
+
+def count_flops(model: torch.nn.Module, input_size: int, device: torch.device) -> Tuple[int, int]:
+    """(dense, sparse) forward FLOPs of one image at ``input_size`` with ``FlopCounterMode``.
+
+    Forward only: FlopCounterMode over-counts the backward of depthwise convs by ~C (it ignores ``groups``). The
+    sparse count scales each conv/linear layer's FLOPs by the density (non-zero fraction) of its weight.
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
+    model.train(was_training)
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    dense = counter.get_total_flops()
+    saved = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            flops = sum(per_module.get(f'{root}.{name}', {}).values())
+            density = (module.weight != 0).float().mean().item()
+            saved += flops * (1.0 - density)
+    return int(dense), int(dense - saved)
+
+
+def build_criterion(args: argparse.Namespace, mixup_fn: Optional[Mixup]) -> torch.nn.Module:
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is handled inside Mixup
+    if args.smoothing > 0.:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_training_objects(args: argparse.Namespace, model_without_ddp: torch.nn.Module,
+                           num_training_steps_per_epoch: int):
+    """(optimizer, loss_scaler, lr_schedule_values, wd_schedule_values) as in the original (SPEC 4.6-4.7)."""
+    assigner = build_layer_decay_assigner(args.model, args.layer_decay)
+    if assigner is not None:
+        print(f'Assigned values = {assigner.values}')
+    optimizer = create_optimizer(args, model_without_ddp, skip_list=None,
+                                 get_num_layer=assigner.get_layer_id if assigner is not None else None,
+                                 get_layer_scale=assigner.get_scale if assigner is not None else None)
+    device_type = torch.device(args.device).type
+    loss_scaler = NativeScaler(device_type, enabled=args.use_amp and args.amp_dtype == 'float16')
+
+    print('Use Cosine LR scheduler')
+    lr_schedule_values = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_training_steps_per_epoch,
+                                                warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
+    if args.weight_decay_end is None:
+        args.weight_decay_end = args.weight_decay
+    wd_schedule_values = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
+                                                num_training_steps_per_epoch)
+    print(f'Max WD = {max(wd_schedule_values):.7f}, Min WD = {min(wd_schedule_values):.7f}')
+    return optimizer, loss_scaler, lr_schedule_values, wd_schedule_values
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> Optional[dict]:
+    """Run training (or ``--eval``); returns the last epoch's log dict (or the eval stats)."""
+    check_args(args)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    utils.init_distributed_mode(args)
+    print(args)
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    cudnn.benchmark = True
+
+    data = build_data(args)
+
+    global_rank = utils.get_rank()
+    log_writer = None
+    if global_rank == 0 and args.log_dir is not None:
+        os.makedirs(args.log_dir, exist_ok=True)
+        log_writer = utils.TensorboardLogger(log_dir=args.log_dir)
+    wandb_logger = utils.create_wandb_logger(args) if global_rank == 0 and args.enable_wandb else None
+
+    model = build_model(args, args.model)
+    if args.finetune:
+        load_finetune(args, model)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn and device.type == 'cuda':
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
+                             resume='')
+        print(f'Using EMA with decay = {args.model_ema_decay:.8f}')
+
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'Model = {model_without_ddp}')
+    print(f'number of params: {n_parameters}')
+
+    total_batch_size = args.batch_size * args.update_freq * utils.get_world_size()
+    num_training_steps_per_epoch = len(data.dataset_train) // total_batch_size
+    if num_training_steps_per_epoch == 0 and not args.eval:
+        raise ValueError(f'effective batch {total_batch_size} (batch_size x update_freq x world_size) exceeds the '
+                         f'{len(data.dataset_train)} training images; lower --batch_size or --update_freq')
+    print(f'LR = {args.lr:.8f}')
+    print(f'Batch size = {total_batch_size}')
+    print(f'Update frequent = {args.update_freq}')
+    print(f'Number of training examples = {len(data.dataset_train)}')
+    print(f'Number of training training per epoch = {num_training_steps_per_epoch}')
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False)
+        model_without_ddp = model.module
+
+    optimizer, loss_scaler, lr_schedule_values, wd_schedule_values = build_training_objects(
+        args, model_without_ddp, max(num_training_steps_per_epoch, 1))
+    criterion = build_criterion(args, data.mixup_fn)
+    print(f'criterion = {criterion}')
+
+    args.max_accuracy, args.max_accuracy_ema = 0.0, 0.0
+    mask_state = utils.auto_load_model(args=args, model=model, model_without_ddp=model_without_ddp,
+                                       optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema)
+    resumed_rng = utils.get_rng_state() if args.resume else None
+
+    if args.eval:
+        for name, param in model_without_ddp.named_parameters():
+            print(f'{name} density is {(param != 0).float().mean().item()}')
+        test_stats = evaluate(data.data_loader_val, model, device, use_amp=args.use_amp, amp_dtype=amp_dtype,
+                              channels_last=args.channels_last)
+        print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
+        return test_stats
+
+    mask = None
+    if args.sparse:
+        decay = CosineDecay(args.prune_rate, T_max=int(num_training_steps_per_epoch * args.epochs),
+                            init_step=num_training_steps_per_epoch * args.start_epoch)
+        mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
+                       growth_mode=args.growth, redistribution_mode=args.redistribution, args=args,
+                       log_writer=log_writer)
+        mask.add_module(model, mask_state=mask_state)
+    if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
+        utils.set_rng_state(resumed_rng)
+    print(f'number of params: {n_parameters} dense, {count_nonzero_params(model_without_ddp)} non-zero')
+    dense_flops, sparse_flops = count_flops(model_without_ddp, args.input_size, device)
+    print(f'FLOPs at {args.input_size}x{args.input_size} (forward, one image): dense {dense_flops / 1e9:.4f} G, '
+          f'sparse {sparse_flops / 1e9:.4f} G')
+    if args.compile:
+        model.compile()
+
+    max_accuracy, max_accuracy_ema = args.max_accuracy, args.max_accuracy_ema
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    log_stats = None
+    for epoch in range(args.start_epoch, args.epochs):
+        data.sampler_train.set_epoch(epoch)  # also single-process: the original never reshuffled there
+        if log_writer is not None:
+            log_writer.set_step(epoch * num_training_steps_per_epoch * args.update_freq)
+        if wandb_logger is not None:
+            wandb_logger.set_steps()
+        train_stats = train_one_epoch(
+            model, criterion, data.data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad,
+            model_ema, data.mixup_fn, log_writer=log_writer, wandb_logger=wandb_logger,
+            start_steps=epoch * num_training_steps_per_epoch, lr_schedule_values=lr_schedule_values,
+            wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_training_steps_per_epoch,
+            update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
+            channels_last=args.channels_last)
+
+        def save(tag):
+            utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,
+                             optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema, mask=mask,
+                             max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}}
+        if data.data_loader_val is not None:
+            test_stats = evaluate(data.data_loader_val, model, device, use_amp=args.use_amp, amp_dtype=amp_dtype,
+                                  channels_last=args.channels_last)
+            print(f'Accuracy of the model on the {len(data.dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+            if max_accuracy < test_stats['acc1']:
+                max_accuracy = test_stats['acc1']
+                if args.output_dir and args.save_ckpt:
+                    save('best')
+            print(f'Max accuracy: {max_accuracy:.2f}%')
+            if log_writer is not None:
+                log_writer.update(test_acc1=test_stats['acc1'], head='perf', step=epoch)
+                log_writer.update(test_acc5=test_stats['acc5'], head='perf', step=epoch)
+                log_writer.update(test_loss=test_stats['loss'], head='perf', step=epoch)
+            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
+            if model_ema is not None and args.model_ema_eval:
+                test_stats_ema = evaluate(data.data_loader_val, model_ema.ema, device, use_amp=args.use_amp,
+                                          amp_dtype=amp_dtype, channels_last=args.channels_last)
+                print(f'Accuracy of the model EMA on {len(data.dataset_val)} test images: '
+                      f'{test_stats_ema["acc1"]:.1f}%')
+                if max_accuracy_ema < test_stats_ema['acc1']:
+                    max_accuracy_ema = test_stats_ema['acc1']
+                    if args.output_dir and args.save_ckpt:
+                        save('best-ema')
+                print(f'Max EMA accuracy: {max_accuracy_ema:.2f}%')
+                if log_writer is not None:
+                    log_writer.update(test_acc1_ema=test_stats_ema['acc1'], head='perf', step=epoch)
+                log_stats.update({f'test_{k}_ema': v for k, v in test_stats_ema.items()})
+        log_stats = {**{k: v for k, v in log_stats.items() if not k.endswith('_ema')}, 'epoch': epoch,
+                     'n_parameters': n_parameters, **{k: v for k, v in log_stats.items() if k.endswith('_ema')}}
+
+        # after evaluation, so the checkpoint carries the best accuracy and the RNG state the next epoch starts from
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            save(epoch)
+        utils.append_log(args.output_dir, log_stats)
+        if log_writer is not None:
+            log_writer.flush()
+        if wandb_logger is not None:
+            wandb_logger.log_epoch_metrics(log_stats)
+
+    if wandb_logger is not None and args.wandb_ckpt and args.save_ckpt and args.output_dir:
+        wandb_logger.log_checkpoints(args.output_dir)
+    total_time = time.time() - start_time
+    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    return log_stats
+
+
+def run(argv=None) -> int:
+    """Command-line entry: user errors become one ``error: ...`` line on stderr and exit code 2.
+
+    Set ``SLAK_TRACEBACK=1`` to see the full traceback instead.
+    """
+    parser = argparse.ArgumentParser('SLaK training and evaluation script', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, NonFiniteLossError, torch.OutOfMemoryError) as e:
+        if os.environ.get('SLAK_TRACEBACK'):
+            raise
+        if isinstance(e, torch.OutOfMemoryError):
+            message = (f'out of memory at --batch_size {args.batch_size}: lower --batch_size and raise --update_freq '
+                       f'to keep the effective batch (or try --use_amp true / --grad_checkpointing true)')
+        else:
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            message = lines[-1] if lines else type(e).__name__
+            message = message.split('ValueError: ', 1)[-1]  # errors re-raised by DataLoader workers
+        sys.stderr.write(f'error: {message}\n')  # not print(): it is silenced on non-master ranks
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())

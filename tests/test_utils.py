@@ -1,0 +1,240 @@
+"""utils.py: schedules, distributed init from launcher variables, AMP scaler, checkpoints, metrics."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import mnist_mini  # noqa: F401  (puts the repo root on sys.path)
+import utils
+
+
+# ---- cosine_scheduler --------------------------------------------------------------------------------------------
+def test_cosine_scheduler_matches_closed_form_and_warmup_quirk():
+    base, final, epochs, n, warm = 4e-3, 1e-6, 10, 7, 2
+    s = utils.cosine_scheduler(base, final, epochs, n, warmup_epochs=warm)
+    assert len(s) == epochs * n
+    w = warm * n
+    # warmup: linspace(0, base, w) -> both endpoints included, so step w-1 already equals base (original quirk)
+    assert s[:w] == pytest.approx([base * i / (w - 1) for i in range(w)], abs=1e-15)
+    m = epochs * n - w
+    assert s[w:] == pytest.approx([final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / m)) for i in range(m)],
+                                  rel=1e-12)
+    assert s[w - 1] == s[w] == pytest.approx(base)  # the quirk: base value appears twice in a row
+    assert s[-1] > final
+
+
+def test_cosine_scheduler_warmup_steps_without_warmup_epochs_builds_warmup():
+    s = utils.cosine_scheduler(1.0, 0.0, 2, 10, warmup_epochs=0, start_warmup_value=0.5, warmup_steps=5)
+    assert len(s) == 20  # the original asserted here (SPEC 11.15)
+    assert s[:5] == pytest.approx(np.linspace(0.5, 1.0, 5))
+    assert s[5] == pytest.approx(1.0)
+    constant = utils.cosine_scheduler(0.05, 0.05, 3, 4)
+    assert np.allclose(constant, 0.05) and len(constant) == 12
+    with pytest.raises(ValueError, match='warmup'):
+        utils.cosine_scheduler(1.0, 0.0, 1, 10, warmup_epochs=2)
+
+
+# ---- distributed initialisation ----------------------------------------------------------------------------------
+@pytest.fixture
+def fake_dist(monkeypatch):
+    calls = {}
+
+    def init_process_group(**kwargs):
+        calls.update(kwargs)
+    monkeypatch.setattr(torch.distributed, 'init_process_group', init_process_group)
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
+        monkeypatch.delenv(k, raising=False)
+    yield calls
+    utils.restore_print()
+
+
+def _args(**kw):
+    base = dict(dist_on_itp=False, world_size=1, local_rank=-1, dist_url='env://', device='cpu', dist_timeout=30)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_init_distributed_from_torchrun_env(fake_dist, monkeypatch):
+    monkeypatch.setenv('RANK', '3')
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    args = _args(dist_timeout=7)
+    utils.init_distributed_mode(args)
+    assert (args.distributed, args.rank, args.world_size, args.gpu) == (True, 3, 4, 1)
+    assert fake_dist['backend'] == 'gloo' and fake_dist['rank'] == 3 and fake_dist['world_size'] == 4
+    assert fake_dist['timeout'] == datetime.timedelta(minutes=7)
+
+
+def test_init_distributed_from_slurm_env(fake_dist, monkeypatch):
+    monkeypatch.setenv('SLURM_PROCID', '5')
+    monkeypatch.setenv('SLURM_NTASKS', '8')
+    args = _args()
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size) == (5, 8)
+    assert os.environ['RANK'] == '5' and os.environ['WORLD_SIZE'] == '8'
+    assert fake_dist['backend'] == 'gloo'
+
+
+def test_init_distributed_single_process(fake_dist):
+    args = _args()
+    utils.init_distributed_mode(args)
+    assert args.distributed is False and fake_dist == {}
+
+
+def test_init_distributed_cuda_without_gpu_is_a_clear_error(fake_dist, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='--device cpu'):
+        utils.init_distributed_mode(_args(device='cuda'))
+
+
+def test_distributed_eval_sampler_has_no_duplicates():
+    data = list(range(101))
+    parts = [list(utils.DistributedEvalSampler(data, num_replicas=4, rank=r)) for r in range(4)]
+    assert sorted(sum(parts, [])) == data
+    assert [len(utils.DistributedEvalSampler(data, num_replicas=4, rank=r)) for r in range(4)] == [26, 25, 25, 25]
+
+
+# ---- AMP scaler --------------------------------------------------------------------------------------------------
+def test_scaler_reports_skipped_step_on_inf_gradient():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=True)
+    norm = scaler((w * torch.tensor([1., 2., 2.])).sum(), opt, parameters=[w])
+    assert not scaler.last_step_skipped and norm.item() == pytest.approx(3.0)
+    assert w.detach().tolist() == pytest.approx([0.9, 0.8, 0.8])
+    opt.zero_grad()
+    scaler((w * torch.tensor([float('inf'), 1., 1.])).sum(), opt, parameters=[w])
+    assert scaler.last_step_skipped
+    assert w.detach().tolist() == pytest.approx([0.9, 0.8, 0.8])  # skipped
+
+
+def test_disabled_scaler_clips_and_accumulates():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=1.0)
+    scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+    assert scaler((w * torch.tensor([3., 0.])).sum(), opt, parameters=[w], update_grad=False) is None
+    norm = scaler((w * torch.tensor([0., 4.])).sum(), opt, clip_grad=1.0, parameters=[w])
+    assert norm.item() == pytest.approx(5.0)  # accumulated gradient (3, 4) before clipping
+    assert w.detach().tolist() == pytest.approx([-0.6, -0.8])
+    assert not scaler.last_step_skipped
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+class _Stateful:
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return {'value': self.value}
+
+    def load_state_dict(self, state):
+        self.value = state['value']
+
+
+def _ckpt_args(out, **kw):
+    base = dict(output_dir=str(out), save_ckpt_num=2, save_ckpt_freq=1, resume='', auto_resume=True, eval=False,
+                start_epoch=0, kernel_size=[7, 7, 5, 5, 3], device=torch.device('cpu'))
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_save_model_rotation_weights_only_and_extra(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+    args = _ckpt_args(tmp_path)
+    for epoch in range(4):
+        utils.save_model(args, epoch, model, model, opt, scaler, extra={'projector': _Stateful(epoch)})
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2.pth', 'checkpoint-3.pth']  # no temp files left
+    ckpt = torch.load(tmp_path / 'checkpoint-3.pth', weights_only=True)
+    assert ckpt['projector'] == {'value': 3} and ckpt['epoch'] == 3
+    assert ckpt['args']['kernel_size'] == [7, 7, 5, 5, 3] and ckpt['args']['device'] == 'cpu'
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'checkpoint-0.pth'
+    utils.atomic_save({'a': torch.ones(1)}, str(path))
+    with pytest.raises(Exception):
+        utils.atomic_save({'bad': lambda: 0}, str(path))  # lambdas cannot be pickled
+    assert os.listdir(tmp_path) == ['checkpoint-0.pth']
+    assert torch.load(path, weights_only=True)['a'].item() == 1
+
+
+def test_latest_checkpoint_ignores_best_and_picks_largest_number(tmp_path):
+    for n in ('checkpoint-2.pth', 'checkpoint-10.pth', 'checkpoint-best.pth', 'checkpoint-best-ema.pth',
+              'checkpoint-9.pth'):
+        (tmp_path / n).write_bytes(b'')
+    assert os.path.basename(utils.latest_checkpoint(str(tmp_path))) == 'checkpoint-10.pth'
+    assert utils.latest_checkpoint(str(tmp_path / 'none')) is None
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    utils.atomic_save({'rng': utils.get_rng_state()}, str(tmp_path / 'r.pth'))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    utils.set_rng_state(torch.load(tmp_path / 'r.pth', weights_only=True)['rng'])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_auto_load_model_restores_state_and_returns_mask(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+    args = _ckpt_args(tmp_path)
+
+    class Mask:
+        def state_dict(self):
+            return {'masks': {'weight': torch.ones(2, 3, dtype=torch.bool)}, 'steps': 5}
+    utils.save_model(args, 4, model, model, opt, scaler, mask=Mask(), extra={'p': _Stateful(7)},
+                     max_accuracy=55.5)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    holder = _Stateful(0)
+    new_args = _ckpt_args(tmp_path)
+    mask_state = utils.auto_load_model(new_args, fresh, fresh, fresh_opt, scaler, extra={'p': holder})
+    assert new_args.start_epoch == 5 and new_args.max_accuracy == 55.5 and holder.value == 7
+    assert mask_state['steps'] == 5
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()['state'][0]['momentum_buffer'],
+                       opt.state_dict()['state'][0]['momentum_buffer'])
+    wrong = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match='shape mismatches'):
+        utils.auto_load_model(_ckpt_args(tmp_path), wrong, wrong, torch.optim.SGD(wrong.parameters(), lr=1), scaler)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def test_smoothed_value_and_metric_logger():
+    v = utils.SmoothedValue(window_size=2)
+    for x, n in ((1.0, 1), (2.0, 3), (4.0, 1)):
+        v.update(x, n)
+    assert v.global_avg == pytest.approx((1 + 6 + 4) / 5) and v.median == 2.0 and v.avg == 3.0 and v.value == 4.0
+    logger = utils.MetricLogger()
+    logger.update(loss=torch.tensor(2.0), acc=None)
+    assert 'acc' not in logger.meters and logger.loss.value == 2.0
+    out = list(logger.log_every([(torch.zeros(4), 0)] * 3, 1, 'T:'))
+    assert len(out) == 3
+    assert utils.str2bool('True') and not utils.str2bool('0')
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.str2bool('maybe')
+
+
+def test_wandb_missing_warns_and_continues(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # makes `import wandb` raise ImportError
+    assert utils.create_wandb_logger(argparse.Namespace(project='SLaK')) is None
+    assert 'wandb is not installed' in capsys.readouterr().err

@@ -1,0 +1,609 @@
+"""Helpers shared by ``main.py``, ``main_KD.py`` and ``engine.py``: distributed setup, logging, AMP scaler,
+schedules and checkpoints.
+
+Differences from the original ``utils.py``, on purpose:
+
+* ``from torch import inf`` (``torch._six`` is gone) and ``torch.amp`` instead of ``torch.cuda.amp``.
+* ``init_distributed_mode`` picks ``nccl`` on CUDA and ``gloo`` on CPU and sets a process-group timeout
+  (``--dist_timeout`` minutes) so a dead rank makes the others fail with a message instead of hanging forever.
+* ``cosine_scheduler`` builds the warmup when only ``warmup_steps`` is given (the original asserted, SPEC 11.15).
+* Checkpoints hold only builtins and tensors (``args`` as a dict, RNG states as tensors), so they load with
+  ``torch.load(weights_only=True)``; they also hold the sparse masks and RNG states, are written atomically, and an
+  explicit ``--resume`` wins over ``--auto_resume`` (the original let the newest ``checkpoint-N.pth`` override it).
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import glob
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import inf
+
+_builtin_print = builtins.print
+
+
+def str2bool(v) -> bool:
+    """argparse type for the original's ``true/false`` flags (``--model_ema true``)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ('yes', 'true', 't', 'y', '1'):
+        return True
+    if v.lower() in ('no', 'false', 'f', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError('Boolean value expected.')
+
+
+# ---- distributed ---------------------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` on non-master ranks unless called with ``force=True`` (the DeiT/ConvNeXt convention)."""
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            _builtin_print(*args, **kwargs)
+    builtins.print = print
+
+
+def restore_print() -> None:
+    """Undo :func:`setup_for_distributed` (tests, or a process that leaves distributed mode)."""
+    builtins.print = _builtin_print
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Read the launcher's environment and join the process group; sets ``args.distributed/rank/world_size/gpu``.
+
+    Sources, in the original's priority order: ``--dist_on_itp`` (OpenMPI variables), ``RANK``+``WORLD_SIZE``
+    (torchrun and ``torch.distributed.launch``; the local rank comes from ``LOCAL_RANK``, or from ``--local_rank`` /
+    ``--local-rank`` for old launchers), ``SLURM_PROCID`` (world size from ``SLURM_NTASKS``, else ``--world_size``;
+    ``MASTER_ADDR``/``MASTER_PORT`` must be set for ``env://``), otherwise a single process.
+    The backend is ``nccl`` for CUDA devices and ``gloo`` otherwise (``--device cpu``).
+    """
+    local_rank_arg = getattr(args, 'local_rank', -1)
+    if getattr(args, 'dist_on_itp', False):
+        args.rank = int(os.environ['OMPI_COMM_WORLD_RANK'])
+        args.world_size = int(os.environ['OMPI_COMM_WORLD_SIZE'])
+        args.gpu = int(os.environ['OMPI_COMM_WORLD_LOCAL_RANK'])
+        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        os.environ['LOCAL_RANK'] = str(args.gpu)
+        os.environ['RANK'] = str(args.rank)
+        os.environ['WORLD_SIZE'] = str(args.world_size)
+    elif 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', local_rank_arg if local_rank_arg >= 0 else 0))
+    elif 'SLURM_PROCID' in os.environ:
+        args.rank = int(os.environ['SLURM_PROCID'])
+        args.world_size = int(os.environ.get('SLURM_NTASKS', args.world_size))
+        n_gpus = torch.cuda.device_count()
+        args.gpu = int(os.environ.get('SLURM_LOCALID', args.rank % n_gpus if n_gpus else 0))
+        os.environ['RANK'] = str(args.rank)
+        os.environ['LOCAL_RANK'] = str(args.gpu)
+        os.environ['WORLD_SIZE'] = str(args.world_size)
+    else:
+        print('Not using distributed mode')
+        args.distributed = False
+        args.rank, args.gpu = 0, 0
+        return
+
+    args.distributed = True
+    use_cuda = str(getattr(args, 'device', 'cuda')).startswith('cuda')
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError('--device cuda was requested in a distributed run but CUDA is not available; '
+                             'use --device cpu (gloo backend)')
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    args.dist_backend = 'nccl' if use_cuda else 'gloo'
+    timeout = datetime.timedelta(minutes=float(getattr(args, 'dist_timeout', 30)))
+    print(f'| distributed init (rank {args.rank}): {args.dist_url}, gpu {args.gpu}, backend {args.dist_backend}, '
+          f'timeout {timeout}', flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=timeout)
+    if dist.is_initialized():  # False only when a test replaces init_process_group
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def all_reduce_sum(values: List[float], device) -> List[float]:
+    """Sum a list of numbers over all ranks (float64, so counts stay exact)."""
+    if not is_dist_avail_and_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class DistributedEvalSampler(torch.utils.data.Sampler):
+    """Rank r gets indices r, r + W, r + 2W, ... of the dataset: no padding, so nothing is counted twice.
+
+    ``DistributedSampler`` pads the last round with repeated samples so every rank has the same length; the
+    original therefore counted some validation images twice in ``--dist_eval`` accuracy. Evaluation here only needs
+    the all-reduced sums of correct predictions and counts, so unequal rank lengths are fine.
+    """
+
+    def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        self.num_samples_total = len(dataset)
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.num_samples_total, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples_total, self.num_replicas))
+
+
+# ---- metrics and logging -------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """A series of values: windowed median/avg for progress lines, global average (``total / count``) for epochs."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or '{median:.4f} ({global_avg:.4f})'
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device='cpu') -> None:
+        """All-reduce ``count`` and ``total`` (not the window) so ``global_avg`` is the average over all ranks."""
+        self.count, self.total = all_reduce_sum([self.count, self.total], device)
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self) -> float:
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float('nan')
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named :class:`SmoothedValue` meters plus a progress printer (ETA, img/s, data time, max memory)."""
+
+    def __init__(self, delimiter: str = '\t'):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, n: int = 1, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if not isinstance(v, (float, int)):
+                raise TypeError(f'meter {k} got a {type(v).__name__}; expected a number')
+            self.meters[k].update(v, n=n)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get('meters', {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device='cpu') -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq: int, header: str = ''):
+        """Yield from ``iterable`` and print a progress line every ``print_freq`` items and at the last one."""
+        i = 0
+        start_time = end = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.4f}')
+        data_time = SmoothedValue(fmt='{avg:.4f}')
+        images = SmoothedValue(fmt='{avg:.1f}')
+        n_digits = len(str(len(iterable)))
+        parts = [header, f'[{{0:>{n_digits}}}/{len(iterable)}]', 'eta: {eta}', '{meters}', 'time: {time}',
+                 'data: {data}', 'img/s: {ips:.1f}']
+        if torch.cuda.is_available():
+            parts.append('max mem: {memory:.0f}')
+        line = self.delimiter.join(parts)
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            batch = obj[0] if isinstance(obj, (list, tuple)) else obj
+            images.update(len(batch) if hasattr(batch, '__len__') else 1)
+            if i % print_freq == 0 or i == len(iterable) - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (len(iterable) - i - 1)))
+                ips = sum(images.deque) / max(sum(iter_time.deque), 1e-9)
+                memory = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else 0
+                print(line.format(i, eta=str(eta), meters=str(self), time=str(iter_time), data=str(data_time),
+                                  ips=ips, memory=memory), flush=True)
+            i += 1
+            end = time.time()
+        total_time = time.time() - start_time
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+              f'({total_time / max(len(iterable), 1):.4f} s / it)', flush=True)
+
+
+class TensorboardLogger:
+    """tensorboardX writer with a global step; scalars are written as ``"{head}/{key}"`` (original tag names)."""
+
+    def __init__(self, log_dir: str):
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(logdir=log_dir)
+        self.step = 0
+
+    def set_step(self, step: Optional[int] = None) -> None:
+        self.step = step if step is not None else self.step + 1
+
+    def update(self, head: str = 'scalar', step: Optional[int] = None, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.writer.add_scalar(f'{head}/{k}', v, self.step if step is None else step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class WandbLogger:
+    """Weights & Biases logging with the original's metric names; build it with :func:`create_wandb_logger`."""
+
+    def __init__(self, args: argparse.Namespace, wandb_module):
+        self._wandb = wandb_module
+        if self._wandb.run is None:
+            self._run = self._wandb.init(project=args.project, config=args_to_dict(args))
+        else:
+            self._run = self._wandb.run
+
+    def log_epoch_metrics(self, metrics: Dict[str, Any], commit: bool = True) -> None:
+        self._run.summary['n_parameters'] = metrics.get('n_parameters', None)
+        metrics = dict(metrics)
+        metrics.pop('n_parameters', None)
+        self._wandb.log({'epoch': metrics.pop('epoch', None)}, commit=False)
+        for k, v in metrics.items():
+            if 'train' in k:
+                self._wandb.log({f'Global Train/{k}': v}, commit=False)
+            elif 'test' in k:
+                self._wandb.log({f'Global Test/{k}': v}, commit=False)
+        self._wandb.log({}, commit=commit)
+
+    def log_batch(self, metrics: Dict[str, Any]) -> None:
+        """Per-iteration metrics (``Rank-0 Batch Wise/*``), committed at once."""
+        self._wandb.log(metrics, commit=True)
+
+    def log_checkpoints(self, output_dir: str) -> None:
+        artifact = self._wandb.Artifact(self._wandb.run.id + '_model', type='model')
+        artifact.add_dir(output_dir)
+        self._wandb.log_artifact(artifact, aliases=['latest', 'best'])
+
+    def set_steps(self) -> None:
+        self._wandb.define_metric('Rank-0 Batch Wise/*', step_metric='Rank-0 Batch Wise/global_train_step')
+        self._wandb.define_metric('Global Train/*', step_metric='epoch')
+        self._wandb.define_metric('Global Test/*', step_metric='epoch')
+
+
+def create_wandb_logger(args: argparse.Namespace) -> Optional[WandbLogger]:
+    """A :class:`WandbLogger`, or None with a warning when wandb is not installed or fails to start.
+
+    Logging is a convenience: it must never stop a training run.
+    """
+    try:
+        import wandb
+    except ImportError:
+        print('warning: --enable_wandb true but wandb is not installed (pip install wandb); continuing without it',
+              file=sys.stderr)
+        return None
+    try:
+        return WandbLogger(args, wandb)
+    except Exception as e:  # network/auth problems of a third-party service
+        print(f'warning: wandb could not start ({e}); continuing without it', file=sys.stderr)
+        return None
+
+
+# ---- AMP and gradients ---------------------------------------------------------------------------------------------
+def get_grad_norm_(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Total norm of all existing gradients (the norm of the per-tensor norms), like ``clip_grad_norm_`` without
+    clipping."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.)
+    device = grads[0].device
+    if norm_type == inf:
+        return max(g.detach().abs().max().to(device) for g in grads)
+    return torch.norm(torch.stack([torch.norm(g.detach(), norm_type).to(device) for g in grads]), norm_type)
+
+
+class NativeScalerWithGradNormCount:
+    """Loss scaling + backward + (optional clipping) + optimizer step; returns the gradient norm.
+
+    ``enabled=False`` (fp32 or bfloat16 autocast) keeps the same interface with no scaling. ``last_step_skipped`` tells
+    whether the last update was skipped because of inf/NaN gradients (the scale then shrinks), which the sparse
+    mask needs to know (``mask.after_step(stepped=not scaler.last_step_skipped)``).
+    """
+    state_dict_key = 'amp_scaler'
+
+    def __init__(self, device: str = 'cuda', enabled: bool = True):
+        device_type = torch.device(device).type
+        self.enabled = bool(enabled)
+        self._scaler = torch.amp.GradScaler(device_type, enabled=self.enabled)
+        self.last_step_skipped = False
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
+                 parameters: Optional[Iterable[torch.Tensor]] = None, create_graph: bool = False,
+                 update_grad: bool = True) -> Optional[torch.Tensor]:
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        parameters = [p for p in parameters if p.grad is not None] if parameters is not None else []
+        self._scaler.unscale_(optimizer)
+        if clip_grad is not None and clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        else:
+            norm = get_grad_norm_(parameters)
+        scale_before = self._scaler.get_scale() if self.enabled else 1.0
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
+        return norm
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._scaler.load_state_dict(state_dict)
+
+
+# ---- schedules -----------------------------------------------------------------------------------------------------
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
+                     start_warmup_value: float = 0, warmup_steps: int = -1) -> np.ndarray:
+    """Per-optimizer-step values: linear warmup (both endpoints included) then a cosine from base to final.
+
+    Identical to the original, including its warmup shape (``linspace`` reaches ``base_value`` on the last warmup
+    step, so the first cosine step repeats it), except that ``warmup_steps > 0`` now builds the warmup even when
+    ``warmup_epochs == 0`` (the original built none and then failed its length assertion, SPEC 11.15).
+    """
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    total = epochs * niter_per_ep
+    if warmup_iters > total:
+        raise ValueError(f'warmup ({warmup_iters} steps) is longer than training ({total} steps); '
+                         f'lower --warmup_epochs/--warmup_steps')
+    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(total - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
+    """``args`` as a dict of builtins (what ``torch.load(weights_only=True)`` accepts); other values become str."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """torch / numpy / python / CUDA generator states as tensors and builtins (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        'python': list(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`get_rng_state`."""
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write never leaves a
+    truncated checkpoint under the final name (auto-resume would pick it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_on_master(obj: Any, path: str) -> None:
+    if is_main_process():
+        atomic_save(obj, path)
+
+
+def save_model(args: argparse.Namespace, epoch, model, model_without_ddp, optimizer, loss_scaler, model_ema=None,
+               mask=None, extra: Optional[Dict[str, Any]] = None, max_accuracy: Optional[float] = None,
+               max_accuracy_ema: Optional[float] = None) -> None:
+    """Write ``output_dir/checkpoint-{epoch}.pth`` (epoch: int, ``'best'`` or ``'best-ema'``) on the main process.
+
+    Keys: ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args`` (plain dict), ``model_ema`` (with EMA), ``mask``
+    (``mask.state_dict()``: masks, mask step and prune-rate schedule), ``rng``, the best accuracies so far, plus one
+    key per entry of ``extra`` (objects with ``state_dict()``, e.g. a distillation projector). After an int epoch
+    ``e``, ``checkpoint-{e - save_ckpt_num * save_ckpt_freq}.pth`` is deleted (keeps the last ``save_ckpt_num``).
+    """
+    if not is_main_process():
+        return
+    path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
+    to_save = {
+        'model': model_without_ddp.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'epoch': epoch,
+        'scaler': loss_scaler.state_dict(),
+        'args': args_to_dict(args),
+        'rng': get_rng_state(),
+    }
+    if max_accuracy is not None:
+        to_save['max_accuracy'] = float(max_accuracy)
+    if max_accuracy_ema is not None:
+        to_save['max_accuracy_ema'] = float(max_accuracy_ema)
+    if model_ema is not None:
+        to_save['model_ema'] = model_ema.ema.state_dict()
+    if mask is not None:
+        to_save['mask'] = mask.state_dict()
+    for key, obj in (extra or {}).items():
+        if key in to_save:
+            raise ValueError(f'save_model: extra key {key!r} collides with a built-in checkpoint key')
+        to_save[key] = obj.state_dict()
+    atomic_save(to_save, path)
+    if isinstance(epoch, int):
+        old = os.path.join(args.output_dir, f'checkpoint-{epoch - args.save_ckpt_num * args.save_ckpt_freq}.pth')
+        if os.path.exists(old):
+            os.remove(old)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The ``checkpoint-<N>.pth`` in ``output_dir`` with the largest integer N, or None."""
+    best_n, best_path = -1, None
+    for path in glob.glob(os.path.join(glob.escape(output_dir), 'checkpoint-*.pth')):
+        m = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
+        if m and int(m.group(1)) > best_n:
+            best_n, best_path = int(m.group(1)), path
+    return best_path
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """``torch.load`` of a local path or URL on CPU; tries ``weights_only=True`` first (our own files), then falls
+    back to full unpickling for the original's checkpoints (they pickle an ``argparse.Namespace``)."""
+    if path.startswith('https://') or path.startswith('http://'):
+        return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True)
+    if not os.path.isfile(path):
+        raise ValueError(f'checkpoint not found: {path} (check --resume / --finetune)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # noqa: BLE001 - pickle of an original SLaK checkpoint: load it fully (trusted local file)
+        return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimizer, loss_scaler, model_ema=None,
+                    extra: Optional[Dict[str, Any]] = None) -> Optional[dict]:
+    """Resume from ``--resume`` or, when it is empty and ``--auto_resume`` is on, the newest ``checkpoint-N.pth``
+    in ``--output_dir``. Returns the checkpoint's mask state (or None) so the caller builds the mask from it.
+
+    Sets ``args.start_epoch`` (epoch + 1) and ``args.max_accuracy``/``args.max_accuracy_ema`` and restores the RNG
+    states when the checkpoint holds a training state. The model is loaded strictly through
+    ``SLaK.load_checkpoint`` so an architecture mismatch names the offending keys.
+    """
+    import SLaK
+    if not args.resume and args.auto_resume and args.output_dir:
+        latest = latest_checkpoint(args.output_dir)
+        if latest is not None:
+            args.resume = latest
+            print(f'Auto resume checkpoint: {latest}')
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint_file(args.resume)
+    print(f'Resume checkpoint {args.resume}')
+    SLaK.load_checkpoint(model_without_ddp, checkpoint, strict=True, keys=('model',))
+    if 'optimizer' in checkpoint and 'epoch' in checkpoint:
+        if isinstance(checkpoint['epoch'], int):
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            args.start_epoch = checkpoint['epoch'] + 1
+            if 'scaler' in checkpoint:
+                loss_scaler.load_state_dict(checkpoint['scaler'])
+            args.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+            args.max_accuracy_ema = checkpoint.get('max_accuracy_ema', 0.0)
+            if 'rng' in checkpoint:
+                set_rng_state(checkpoint['rng'])
+            print('With optim & sched!')
+        elif not getattr(args, 'eval', False):
+            raise ValueError(f'{args.resume} is a best-accuracy checkpoint (epoch={checkpoint["epoch"]!r}); it can be '
+                             f'evaluated (--eval true) or used with --finetune, not resumed')
+    if model_ema is not None:
+        ema_state = checkpoint.get('model_ema', checkpoint['model'])
+        SLaK.load_checkpoint(model_ema.ema, ema_state, strict=True, keys=())
+    for key, obj in (extra or {}).items():
+        if key in checkpoint:
+            obj.load_state_dict(checkpoint[key])
+    return checkpoint.get('mask')
+
+
+def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+    """Non-strict load for ``--finetune`` that prints what was not initialised and what was not used."""
+    own = model.state_dict()
+    state_dict = {prefix + k: v for k, v in state_dict.items()}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shape_mismatch = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k not in shape_mismatch},
+                          strict=False)
+    if missing:
+        print(f'Weights of {type(model).__name__} not initialized from pretrained model: {missing}')
+    if unexpected:
+        print(f'Weights from pretrained model not used in {type(model).__name__}: {unexpected}')
+    if shape_mismatch:
+        print(f'Weights with a different shape, not loaded: {shape_mismatch}')
+
+
+def append_log(output_dir: str, stats: Dict[str, Any]) -> None:
+    """Append one JSON line to ``output_dir/log.txt`` (main process)."""
+    if output_dir and is_main_process():
+        with open(os.path.join(output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+            f.write(json.dumps(stats) + '\n')
