@@ -2,12 +2,14 @@
 
 Run on a CUDA machine from the repository root::
 
-    python benchmarks/bench_dwconv.py [--sweep] [--json results.json]
+    python benchmarks/bench_dwconv.py [--sweep] [--old FILE] [--json results.json]
 
 Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
 (2) for each layer at batch 64 in bf16: forward and forward+backward time of ours and of cuDNN (``F.conv2d`` with
 per-axis padding, ``cudnn.benchmark`` on, same run), TFLOP/s, speed-ups, and the floor
-max(bytes / 3 TB/s, FLOPs / CUDA-core rate). ``--sweep`` also times alternative tile configurations.
+max(bytes / 3 TB/s, FLOPs / CUDA-core rate). ``--sweep`` also times every kernel path and alternative tile
+configurations per layer (forward and weight-gradient kernels alone); ``--old FILE`` adds an earlier copy of
+``dwconv_triton.py`` to that table (its launchers only; its op registration is skipped) for before/after numbers.
 Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
 """
 import argparse
@@ -60,7 +62,7 @@ def check(c, h, w, kh, kw, dtype, channels_last=False, n=2):
     out = dw.depthwise_conv2d(xo, wo)
     out.backward(g.to(dtype))
     poisoned = torch.full((n, c, h, w), float("nan"), device=DEV, dtype=dtype)
-    kern._launch_fwd(x.to(dtype).contiguous(), wt.to(dtype).contiguous(), out=poisoned)
+    kern.launch_forward(x.to(dtype).contiguous(), wt.to(dtype).contiguous(), out=poisoned)
     if DEV == "cuda":
         torch.cuda.synchronize()
     return (rel(out, ref), rel(xo.grad, xr.grad), rel(wo.grad, wr.grad), bool(torch.isfinite(poisoned).all()),
@@ -70,7 +72,8 @@ def check(c, h, w, kh, kw, dtype, channels_last=False, n=2):
 def correctness():
     print("== GPU correctness (relative Frobenius error vs float64; poison = every output element written)")
     cases = [(124, 56, 56, 51, 5), (124, 56, 56, 5, 51), (499, 14, 14, 47, 5), (998, 7, 7, 5, 13), (37, 23, 17, 13, 9),
-             (5, 65, 70, 31, 31), (3, 130, 40, 61, 3), (7, 9, 11, 63, 63)]
+             (5, 65, 70, 31, 31), (3, 130, 40, 61, 3), (7, 9, 11, 63, 63), (124, 56, 56, 5, 5), (249, 28, 28, 5, 5),
+             (998, 7, 7, 13, 5), (998, 7, 7, 5, 5), (9, 8, 8, 51, 5), (6, 5, 3, 3, 3)]
     ok = True
     for c, h, w, kh, kw in cases:
         for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 3e-3), (torch.float32, 1e-3)):
@@ -127,22 +130,50 @@ def time_layer(c, hw, kh, kw, dtype=torch.bfloat16):
     return res
 
 
-def sweep(c, hw, kh, kw, dtype=torch.bfloat16):
+def load_old(path):
+    """Launchers of an earlier dwconv_triton.py, without its torch.library registrations (names would clash)."""
+    src = Path(path).read_text()
+    src = src[:src.index('@torch.library.custom_op("slak::dwconv2d"')]
+    ns = {"__name__": "old_dwconv_triton"}
+    exec(compile(src, str(path), "exec"), ns)  # noqa: S102 - our own earlier file, benchmark only
+    return ns
+
+
+def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
+    """Forward and weight-gradient kernel times (CUDA graphs) per path and tile config for one layer."""
     x = torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype)
     w = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
-    fwd = {}
-    for cfg in ((64, 128, 32, 4), (64, 128, 64, 8), (64, 64, 32, 4), (32, 128, 32, 4), (16, 128, 16, 4),
-                (16, 256, 16, 8), (32, 64, 16, 4)):
-        try:
-            fwd[str(cfg)] = bench(lambda: kern._launch_fwd(x, w, config=cfg))
-        except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
-            fwd[str(cfg)] = f"error {type(exc).__name__}"
-    wg = {}
-    for cfg in ((64, 64, 4), (64, 128, 8), (32, 64, 4), (32, 128, 4), (16, 128, 4), (16, 64, 4)):
-        try:
-            wg[str(cfg)] = bench(lambda: kern._launch_wgrad(x, x, tuple(w.shape), config=cfg))
-        except Exception as exc:  # noqa: BLE001
-            wg[str(cfg)] = f"error {type(exc).__name__}"
+    shape = tuple(w.shape)
+    fwd, wg = {}, {}
+    cand_f = {"default": lambda: kern.launch_forward(x, w)}
+    cand_w = {"default": lambda: kern._WGRAD_LAUNCH[kern.kernel_path(hw, hw, kh, kw)](x, x, shape)}
+    if hw * hw <= kern.PLANE_MAX_PIXELS:
+        cand_f["plane"] = lambda: kern._launch_plane_fwd(x, w)
+        cand_w["plane"] = lambda: kern._launch_plane_wgrad(x, x, shape)
+    if max(kh, kw) <= 7:
+        cand_f["direct"] = lambda: kern._launch_direct_fwd(x, w)
+        cand_w["direct"] = lambda: kern._launch_direct_wgrad(x, x, shape)
+        for cfg in ((1, 8, 64, 4), (4, 8, 32, 4), (2, 16, 32, 4), (8, 8, 8, 4), (4, 16, 16, 4), (2, 8, 64, 8)):
+            cand_f[f"direct{cfg}"] = lambda cfg=cfg: kern._launch_direct_fwd(x, w, config=cfg)
+        for cfg in ((1, 64, 4), (2, 32, 4), (4, 16, 4), (8, 8, 4), (2, 64, 8)):
+            cand_w[f"direct{cfg}"] = lambda cfg=cfg: kern._launch_direct_wgrad(x, x, shape, config=cfg)
+    cand_f["banded"] = lambda: kern._launch_fwd(x, w)
+    cand_w["banded"] = lambda: kern._launch_wgrad(x, x, shape)
+    for cfg in ((64, 64, 32, 4), (64, 128, 32, 4), (32, 64, 16, 4), (32, 128, 32, 4), (64, 64, 64, 4),
+                (128, 64, 32, 8)):
+        cand_f[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_fwd(x, w, config=cfg)
+    for cfg in ((64, 64, 4), (32, 64, 4), (16, 64, 4), (32, 128, 4), (16, 128, 4)):
+        cand_w[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_wgrad(x, x, shape, config=cfg)
+    if old is not None:
+        small = max(kh, kw) <= 7 or hw * hw <= 64
+        cand_f["old"] = lambda: (old["_launch_direct_fwd"] if small else old["_launch_fwd"])(x, w)
+        cand_w["old"] = lambda: (old["_launch_direct_wgrad"] if small else old["_launch_wgrad"])(x, x, shape)
+    for cands, res in ((cand_f, fwd), (cand_w, wg)):
+        for name, f in cands.items():
+            try:
+                res[name] = bench_graph(f)
+            except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
+                res[name] = f"error {type(exc).__name__}"
     return fwd, wg
 
 
@@ -151,6 +182,8 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--skip-table", action="store_true")
+    parser.add_argument("--old", default=None, help="earlier dwconv_triton.py to time in the --sweep table")
     args = parser.parse_args()
     import triton
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
@@ -164,7 +197,7 @@ def main():
     hdr = (f"{'model':5s} {'C':>5s} {'map':>4s} {'kernel':>6s} | {'ours fwd':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s}"
            f" | {'ours f+b':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s} | {'floor f+b':>9s}")
     print(hdr)
-    for model, c, hw, kh, kw in layers():
+    for model, c, hw, kh, kw in ([] if args.skip_table else layers()):
         r = time_layer(c, hw, kh, kw)
         flops = 2 * BATCH * c * hw * hw * kh * kw
         nbytes_fb = 12 * BATCH * c * hw * hw  # bf16: fwd x,y; dx: dy,dx; dw: dy,x
@@ -177,19 +210,23 @@ def main():
               f"{floor:9.3f} | {r['ours_fb_eager']:7.3f} {r['cudnn_fb_eager']:7.3f}")
         rows.append(r)
     tot = {k: sum(r[k] for r in rows) for k in ("ours_fwd", "cudnn_fwd", "ours_fb", "cudnn_fb")}
-    print(f"sum over layers: fwd {tot['ours_fwd']:.2f} vs {tot['cudnn_fwd']:.2f} ms "
+    rows and print(f"sum over layers: fwd {tot['ours_fwd']:.2f} vs {tot['cudnn_fwd']:.2f} ms "
           f"({tot['cudnn_fwd'] / tot['ours_fwd']:.1f}x); fwd+bwd {tot['ours_fb']:.2f} vs {tot['cudnn_fb']:.2f} ms "
           f"({tot['cudnn_fb'] / tot['ours_fb']:.1f}x); min f+b speed-up "
           f"{min(r['cudnn_fb'] / r['ours_fb'] for r in rows):.1f}x")
     if args.sweep:
+        old = load_old(args.old) if args.old else None
         out["sweep"] = {}
         for model, c, hw, kh, kw in layers():
             if model != "T/S":
                 continue
-            fwd, wg = sweep(c, hw, kh, kw)
+            fwd, wg = sweep(c, hw, kh, kw, old)
             out["sweep"][f"{c}@{hw} {kh}x{kw}"] = {"fwd": fwd, "wgrad": wg}
-            best = lambda d: min(((v, k) for k, v in d.items() if isinstance(v, float)), default=(0, "-"))  # noqa
-            print(f"sweep {c}@{hw} {kh}x{kw}: best fwd {best(fwd)} best wgrad {best(wg)}")
+            for tag, d in (("fwd", fwd), ("wgrad", wg)):
+                timed = sorted((v, k) for k, v in d.items() if isinstance(v, float))
+                keep = [k for k in ("default", "old", "plane", "direct", "banded") if isinstance(d.get(k), float)]
+                print(f"sweep {c}@{hw} {kh}x{kw} {tag}: " + " ".join(f"{k}={d[k]:.4f}" for k in keep)
+                      + " | best " + " ".join(f"{k}={v:.4f}" for v, k in timed[:2]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not ok:

@@ -5,8 +5,11 @@ Run on a CUDA machine from the repository root (needs timm)::
     python benchmarks/bench_throughput.py [--train-batch 64] [--infer-batch 128] [--steps 10]
 
 Training: AdamW, bf16 autocast, 224x224 random images, batch 64; inference: bf16 autocast, no_grad, batch 128.
-Prints img/s and peak memory per model, all in the same run on the same card. Compare with ``benchmarks/RESULTS.md``
-(section "dwconv (cutlass/)").
+Prints img/s and peak memory per model, all in the same run on the same card. Two ceilings bound what faster
+depthwise kernels can give: "dwconv=identity" replaces every depthwise conv by the identity (BatchNorms and branch
+sums still run), "large_kernel=identity" the whole large-kernel module (convs, BNs and sums). "folded decomposed" is
+``reparameterize(decomposed=True)``, which adds the 5x5 kernel into the tall K x 5 one (two depthwise convs instead
+of three). Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
 """
 import argparse
 import sys
@@ -28,9 +31,16 @@ CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
 def make(name):
     if name == "convnext_tiny (timm)":
         return timm.create_model("convnext_tiny")
-    impl = "cutlass" if "ours" in name else "torch"
+    impl = "cutlass" if "ours" in name or "identity" in name else "torch"
     kwargs = CONVNEXT_EMULATION if "emulation" in name else SLAK_T
-    return timm.create_model("SLaK_tiny", conv_impl=impl, **kwargs)
+    model = timm.create_model("SLaK_tiny", conv_impl=impl, **kwargs)
+    for block in (b for stage in model.stages for b in stage):
+        if "large_kernel=identity" in name:
+            block.large_kernel = torch.nn.Identity()
+        elif "dwconv=identity" in name:
+            for branch in ("LoRA1", "LoRA2", "small_conv"):
+                getattr(block.large_kernel, branch).conv = torch.nn.Identity()
+    return model
 
 
 def train_speed(model, batch, steps):
@@ -84,6 +94,7 @@ def main():
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
     names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
+             "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
     if args.models != "all":
         names = [n for n in names if n in args.models.split(",")]

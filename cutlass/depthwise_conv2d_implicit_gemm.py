@@ -14,8 +14,9 @@ for 5x51; the kernels get strides that swap the two axes, so no data is moved). 
 ``col`` runs over every (image, position) pair of the short axis. The kernels build ``T_j`` blocks from the weight in
 registers and run the products on tensor cores (``tl.dot``: bf16/fp16 operands, fp32 accumulation; fp32 inputs use
 tf32 when ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN would, else exact fp32). Flattening the batch into
-the GEMM's N dimension is what keeps small maps (14x14) efficient. Small kernels (both sides <= 7) and tiny maps
-(<= 64 pixels) use direct CUDA-core kernels instead, where a banded tile would be mostly zeros. Gradients:
+the GEMM's N dimension is what keeps small maps (14x14) efficient. Maps of <= 64 pixels (the 7x7 stage) run one
+dense GEMM per channel over the whole plane (the conv as a 49x49 matrix times the batch); small kernels (both sides
+<= 7) on maps over 256 pixels run direct CUDA-core kernels, where a banded tile would be mostly zeros. Gradients:
 
 * input gradient: the same forward kernel applied to ``grad_out`` with the kernel flipped on both axes (odd kernels
   keep the same padding under the flip);

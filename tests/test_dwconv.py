@@ -39,7 +39,7 @@ dw = load_module()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (N, C, H, W, kh, kw, dtype, layout); layout: "nchw", "cl" (channels_last) or "nc" (non-contiguous slice).
-# Kernels > 7 on maps > 64 px take the banded tensor-core path; the others the direct path.
+# Maps <= 64 px take the whole-plane GEMM path, kernels <= 7 on maps > 256 px the direct path, the rest the banded one.
 CASES = [
     (2, 3, 11, 9, 9, 3, "float32", "nchw"),
     (1, 2, 17, 10, 3, 13, "float32", "cl"),
@@ -49,6 +49,11 @@ CASES = [
     (3, 3, 5, 7, 5, 5, "float32", "nchw"),
     (2, 4, 6, 5, 3, 9, "bfloat16", "cl"),
     (1, 3, 9, 11, 5, 3, "float16", "nc"),
+    (2, 3, 10, 9, 7, 5, "float32", "cl"),
+    (3, 4, 7, 7, 13, 5, "bfloat16", "nchw"),
+    (66, 2, 3, 5, 3, 7, "float32", "nc"),
+    (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),
+    (1, 2, 9, 32, 3, 5, "float32", "cl"),
 ]
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # interpreter: fp32 dots are exact fp32
 
@@ -86,12 +91,11 @@ SUBPROCESS_SCRIPT = textwrap.dedent('''
             warnings.simplefilter("error")  # the Triton path must not fall back here
             out = dw.depthwise_conv2d(xo, wo)
         out.backward(g.to(dt))
-        direct = k.use_direct(h, w, kh, kw)
+        path = k.kernel_path(h, w, kh, kw)
         poisoned = torch.full((n, c, h, w), float("nan"), dtype=dt)
-        launch = k._launch_direct_fwd if direct else k._launch_fwd
-        launch(x.to(dt), wt.to(dt), out=poisoned)
+        k.launch_forward(x.to(dt), wt.to(dt), out=poisoned)
         results[str([n, c, h, w, kh, kw, dtype, layout])] = dict(
-            out=rel(out, ref), dx=rel(xo.grad, xr.grad), dw=rel(wo.grad, wr.grad), direct=direct,
+            out=rel(out, ref), dx=rel(xo.grad, xr.grad), dw=rel(wo.grad, wr.grad), path=path,
             dtype=str(out.dtype), cl=out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(),
             poison=rel(poisoned, ref.detach()) if torch.isfinite(poisoned).all() else float("nan"))
     # autocast on CPU: the op runs in the autocast dtype
@@ -127,9 +131,9 @@ def test_triton_kernels_match_float64_reference(interpreted, case):
     assert r["poison"] < tol, "some output element was not written"
 
 
-def test_both_kernel_paths_are_covered(interpreted):
-    paths = {interpreted[str(list(c))]["direct"] for c in CASES}
-    assert paths == {True, False}
+def test_every_kernel_path_is_covered(interpreted):
+    paths = {interpreted[str(list(c))]["path"] for c in CASES}
+    assert paths == {"plane", "direct", "banded"}
 
 
 def test_autocast_runs_in_autocast_dtype(interpreted):
