@@ -164,10 +164,11 @@ class ReparamLargeKernelConv(nn.Module):
     * :meth:`merge_kernel` -> one ``lkb_reparam`` K x K conv with bias: one pass over the input, K*K MACs per pixel
       (2,601 for K = 51). Best when the conv is memory-bound or its cost does not grow with kernel area (small maps
       such as 7x7 where the whole map fits one tile; K = 13 stage 4).
-    * :meth:`merge_kernel` with ``decomposed=True`` -> keeps the three kernels separate (``lkb_decomposed``: tall,
-      wide, small) with a single summed bias: 2*K*k + k*k MACs per pixel (535 for K = 51, k = 5), about 5x fewer,
-      but three passes over the input. Best for large maps with large K, where direct convolution is compute-bound
-      (stages 1-2 of SLaK at 224 px with cuDNN or the Triton kernel).
+    * :meth:`merge_kernel` with ``decomposed=True`` -> keeps the rectangular kernels separate (``lkb_decomposed``:
+      tall K x k with the k x k kernel added into its centre rows, and wide k x K) with one summed bias: 2*K*k MACs
+      per pixel (510 for K = 51, k = 5; 535 if the small kernel ran on its own), 5x fewer than K*K, in two passes over
+      the input. Best for large maps with large K, where direct convolution is compute-bound (SLaK at 224 px with
+      cuDNN or the Triton kernel: measured faster than the single K x K kernel on an H200, benchmarks/RESULTS.md).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
@@ -199,10 +200,7 @@ class ReparamLargeKernelConv(nn.Module):
         if hasattr(self, 'lkb_reparam'):
             return self.lkb_reparam(inputs)
         if hasattr(self, 'lkb_decomposed'):
-            d = self.lkb_decomposed
-            out = d['tall'](inputs) + d['wide'](inputs)
-            if 'small' in d:
-                out = out + d['small'](inputs)
+            out = self.lkb_decomposed['tall'](inputs) + self.lkb_decomposed['wide'](inputs)
             return out + self.lkb_bias.to(out.dtype).reshape(1, -1, 1, 1)
         if self.Decom:
             out = self.LoRA1(inputs) + self.LoRA2(inputs)
@@ -230,7 +228,8 @@ class ReparamLargeKernelConv(nn.Module):
         """Fold all branches (and their BNs) for inference; see the class docstring for which form is faster.
 
         ``decomposed=False`` gives ``lkb_reparam`` (one K x K conv with bias, the original's key names);
-        ``decomposed=True`` gives ``lkb_decomposed`` {tall, wide[, small]} plus ``lkb_bias`` (Decom layouts only).
+        ``decomposed=True`` gives ``lkb_decomposed`` {tall, wide} plus ``lkb_bias`` (Decom layouts; others fold to
+        ``lkb_reparam``).
         Idempotent: an already folded module is left alone.
         """
         if hasattr(self, 'lkb_reparam') or hasattr(self, 'lkb_decomposed'):
@@ -239,17 +238,21 @@ class ReparamLargeKernelConv(nn.Module):
         any_conv = next(iter(branches.values())).conv
         channels = any_conv.weight.shape[0]
         if decomposed and self.Decom:
+            tall, tall_bias = fuse_bn(branches['LoRA1'].conv, getattr(branches['LoRA1'], 'bn', None))
+            wide, bias = fuse_bn(branches['LoRA2'].conv, getattr(branches['LoRA2'], 'bn', None))
+            bias = bias + tall_bias
+            if 'small_conv' in branches:  # k x k fits inside the K x k kernel: add it to the centre rows (exact)
+                small, small_bias = fuse_bn(branches['small_conv'].conv, getattr(branches['small_conv'], 'bn', None))
+                rows = (tall.shape[-2] - small.shape[-2]) // 2
+                cols = (tall.shape[-1] - small.shape[-1]) // 2
+                tall = tall + F.pad(small, [cols, cols, rows, rows])
+                bias = bias + small_bias
             folded = nn.ModuleDict()
-            bias = 0
-            for name, key in (('LoRA1', 'tall'), ('LoRA2', 'wide'), ('small_conv', 'small')):
-                if name not in branches:
-                    continue
-                k, b = fuse_bn(branches[name].conv, getattr(branches[name], 'bn', None))
-                conv = get_conv2d(channels, channels, tuple(k.shape[-2:]), 1, 0, 1, channels, False,
-                                  impl=self.conv_impl).to(k.device, k.dtype)
-                conv.weight.copy_(k)
+            for key, kernel in (('tall', tall), ('wide', wide)):
+                conv = get_conv2d(channels, channels, tuple(kernel.shape[-2:]), 1, 0, 1, channels, False,
+                                  impl=self.conv_impl).to(kernel.device, kernel.dtype)
+                conv.weight.copy_(kernel)
                 folded[key] = conv
-                bias = bias + b
             self.lkb_decomposed = folded
             self.lkb_bias = nn.Parameter(bias.detach().clone())
         else:

@@ -367,35 +367,34 @@ def build_training_objects(args: argparse.Namespace, model_without_ddp: torch.nn
     return optimizer, loss_scaler, lr_schedule_values, wd_schedule_values
 
 
-# ---- main ----------------------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace) -> Optional[dict]:
-    """Run training (or ``--eval``); returns the last epoch's log dict (or the eval stats)."""
-    check_args(args)
+# ---- shared run steps (main_KD.py uses them too) -------------------------------------------------------------------
+def init_run(args: argparse.Namespace) -> Tuple[torch.device, torch.dtype]:
+    """Output folder, distributed init, per-rank seeds, cuDNN autotuning; returns (device, autocast dtype)."""
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
     print(args)
-    device = torch.device(args.device)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     cudnn.benchmark = True
+    return torch.device(args.device), torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
 
-    data = build_data(args)
 
-    global_rank = utils.get_rank()
-    log_writer = None
-    if global_rank == 0 and args.log_dir is not None:
+def build_loggers(args: argparse.Namespace):
+    """(TensorBoard logger, W&B logger) on the main process; None elsewhere or when not asked for."""
+    log_writer = wandb_logger = None
+    if utils.get_rank() == 0 and args.log_dir is not None:
         os.makedirs(args.log_dir, exist_ok=True)
         log_writer = utils.TensorboardLogger(log_dir=args.log_dir)
-    wandb_logger = utils.create_wandb_logger(args) if global_rank == 0 and args.enable_wandb else None
+    if utils.get_rank() == 0 and args.enable_wandb:
+        wandb_logger = utils.create_wandb_logger(args)
+    return log_writer, wandb_logger
 
-    model = build_model(args, args.model)
-    if args.finetune:
-        load_finetune(args, model)
+
+def prepare_model(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Gradient checkpointing, device, memory format and (distributed CUDA runs) SyncBatchNorm."""
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -403,36 +402,160 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn and device.type == 'cuda':
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
-                             resume='')
-        print(f'Using EMA with decay = {args.model_ema_decay:.8f}')
 
-    model_without_ddp = model
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'Model = {model_without_ddp}')
-    print(f'number of params: {n_parameters}')
+def build_ema(args: argparse.Namespace, model: torch.nn.Module) -> Optional[ModelEma]:
+    if not args.model_ema:
+        return None
+    print(f'Using EMA with decay = {args.model_ema_decay:.8f}')
+    return ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '', resume='')
 
+
+def steps_per_epoch(args: argparse.Namespace, data: Data) -> int:
+    """Optimizer steps per epoch (micro-batches of the last incomplete step are dropped, as in the original)."""
     total_batch_size = args.batch_size * args.update_freq * utils.get_world_size()
-    num_training_steps_per_epoch = len(data.dataset_train) // total_batch_size
-    if num_training_steps_per_epoch == 0 and not args.eval:
+    steps = len(data.dataset_train) // total_batch_size
+    if steps == 0 and not args.eval:
         raise ValueError(f'effective batch {total_batch_size} (batch_size x update_freq x world_size) exceeds the '
                          f'{len(data.dataset_train)} training images; lower --batch_size or --update_freq')
     print(f'LR = {args.lr:.8f}')
     print(f'Batch size = {total_batch_size}')
     print(f'Update frequent = {args.update_freq}')
     print(f'Number of training examples = {len(data.dataset_train)}')
-    print(f'Number of training training per epoch = {num_training_steps_per_epoch}')
+    print(f'Number of training training per epoch = {steps}')
+    return steps
 
+
+def wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if not args.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False)
+
+
+def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data: Data, num_steps: int, log_writer,
+               mask_state: Optional[dict], model_ema: Optional[ModelEma]) -> Optional[Masking]:
+    """``--sparse``: the prune-rate schedule and the masks (restored from ``mask_state`` when resuming)."""
+    if not args.sparse:
+        return None
+    decay = CosineDecay(args.prune_rate, T_max=int(num_steps * args.epochs), init_step=num_steps * args.start_epoch)
+    mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
+                   growth_mode=args.growth, redistribution_mode=args.redistribution, args=args, log_writer=log_writer)
+    mask.add_module(model, mask_state=mask_state)
+    if model_ema is not None:
+        model_ema.track_masks(mask)  # a resumed run knows which positions are "newly grown" at its first update
+    return mask
+
+
+def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+                       data: Data, criterion: torch.nn.Module, optimizer, loss_scaler, lr_schedule_values,
+                       wd_schedule_values, num_steps: int, device: torch.device, amp_dtype: torch.dtype,
+                       model_ema: Optional[ModelEma], mask: Optional[Masking], log_writer, wandb_logger,
+                       n_parameters: int, compute_loss=None, extra: Optional[dict] = None,
+                       name: str = 'model') -> Optional[dict]:
+    """The epoch loop of SPEC 4.11: train, evaluate (raw and EMA), keep best checkpoints, log; returns the last log.
+
+    Periodic checkpoints are written after the epoch's evaluation, so they carry the best accuracy so far and the
+    RNG state the next epoch starts from (``--auto_resume`` is then bit-identical to an uninterrupted run).
+    """
+    max_accuracy, max_accuracy_ema = args.max_accuracy, args.max_accuracy_ema
+    eval_kwargs = dict(use_amp=args.use_amp, amp_dtype=amp_dtype, channels_last=args.channels_last)
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    log_stats = None
+    for epoch in range(args.start_epoch, args.epochs):
+        data.sampler_train.set_epoch(epoch)  # also single-process: the original never reshuffled there
+        if log_writer is not None:
+            log_writer.set_step(epoch * num_steps * args.update_freq)
+        if wandb_logger is not None:
+            wandb_logger.set_steps()
+        train_stats = train_one_epoch(
+            model, criterion, data.data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad,
+            model_ema, data.mixup_fn, log_writer=log_writer, wandb_logger=wandb_logger,
+            start_steps=epoch * num_steps, lr_schedule_values=lr_schedule_values,
+            wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_steps,
+            update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
+            compute_loss=compute_loss, channels_last=args.channels_last)
+
+        def save(tag):
+            utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,
+                             optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema, mask=mask,
+                             extra=extra, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
+
+        log_stats = {f'train_{k}': v for k, v in train_stats.items()}
+        if data.data_loader_val is not None:
+            test_stats = evaluate(data.data_loader_val, model, device, **eval_kwargs)
+            print(f'Accuracy of the {name} on the {len(data.dataset_val)} test images: {test_stats["acc1"]:.1f}%')
+            if max_accuracy < test_stats['acc1']:
+                max_accuracy = test_stats['acc1']
+                if args.output_dir and args.save_ckpt:
+                    save('best')
+            print(f'Max accuracy: {max_accuracy:.2f}%')
+            if log_writer is not None:
+                log_writer.update(test_acc1=test_stats['acc1'], head='perf', step=epoch)
+                log_writer.update(test_acc5=test_stats['acc5'], head='perf', step=epoch)
+                log_writer.update(test_loss=test_stats['loss'], head='perf', step=epoch)
+            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
+            if model_ema is not None and args.model_ema_eval:
+                test_stats_ema = evaluate(data.data_loader_val, model_ema.ema, device, **eval_kwargs)
+                print(f'Accuracy of the {name} EMA on {len(data.dataset_val)} test images: '
+                      f'{test_stats_ema["acc1"]:.1f}%')
+                if max_accuracy_ema < test_stats_ema['acc1']:
+                    max_accuracy_ema = test_stats_ema['acc1']
+                    if args.output_dir and args.save_ckpt:
+                        save('best-ema')
+                print(f'Max EMA accuracy: {max_accuracy_ema:.2f}%')
+                if log_writer is not None:
+                    log_writer.update(test_acc1_ema=test_stats_ema['acc1'], head='perf', step=epoch)
+                log_stats.update({f'test_{k}_ema': v for k, v in test_stats_ema.items()})
+        log_stats = {**{k: v for k, v in log_stats.items() if not k.endswith('_ema')}, 'epoch': epoch,
+                     'n_parameters': n_parameters, **{k: v for k, v in log_stats.items() if k.endswith('_ema')}}
+
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            save(epoch)
+        utils.append_log(args.output_dir, log_stats)
+        if log_writer is not None:
+            log_writer.flush()
+        if wandb_logger is not None:
+            wandb_logger.log_epoch_metrics(log_stats)
+
+    if wandb_logger is not None and args.wandb_ckpt and args.save_ckpt and args.output_dir:
+        wandb_logger.log_checkpoints(args.output_dir)
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False)
-        model_without_ddp = model.module
+        print_state_checksums(model_without_ddp, mask)
+    return log_stats
+
+
+def print_state_checksums(model: torch.nn.Module, mask: Optional[Masking]) -> None:
+    """Every rank prints position-sensitive checksums of its weights and masks: equal lines = identical replicas."""
+    weights, masks = utils.state_checksums(model, mask.masks if mask is not None else {})
+    print(f'[rank {utils.get_rank()}] checksum weights {weights:.10e} masks {masks:.10e}', force=True)
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> Optional[dict]:
+    """Run training (or ``--eval``); returns the last epoch's log dict (or the eval stats)."""
+    check_args(args)
+    device, amp_dtype = init_run(args)
+    data = build_data(args)
+    log_writer, wandb_logger = build_loggers(args)
+
+    model = build_model(args, args.model)
+    if args.finetune:
+        load_finetune(args, model)
+    model = prepare_model(args, model, device)
+    model_ema = build_ema(args, model)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'Model = {model_without_ddp}')
+    print(f'number of params: {n_parameters}')
+    num_steps = steps_per_epoch(args, data)
+    model = wrap_ddp(args, model, device)
 
     optimizer, loss_scaler, lr_schedule_values, wd_schedule_values = build_training_objects(
-        args, model_without_ddp, max(num_training_steps_per_epoch, 1))
+        args, model_without_ddp, max(num_steps, 1))
     criterion = build_criterion(args, data.mixup_fn)
     print(f'criterion = {criterion}')
 
@@ -449,14 +572,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
         return test_stats
 
-    mask = None
-    if args.sparse:
-        decay = CosineDecay(args.prune_rate, T_max=int(num_training_steps_per_epoch * args.epochs),
-                            init_step=num_training_steps_per_epoch * args.start_epoch)
-        mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
-                       growth_mode=args.growth, redistribution_mode=args.redistribution, args=args,
-                       log_writer=log_writer)
-        mask.add_module(model, mask_state=mask_state)
+    mask = build_mask(args, model, optimizer, data, num_steps, log_writer, mask_state, model_ema)
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)
     print(f'number of params: {n_parameters} dense, {count_nonzero_params(model_without_ddp)} non-zero')
@@ -465,86 +581,20 @@ def main(args: argparse.Namespace) -> Optional[dict]:
           f'sparse {sparse_flops / 1e9:.4f} G')
     if args.compile:
         model.compile()
-
-    max_accuracy, max_accuracy_ema = args.max_accuracy, args.max_accuracy_ema
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    log_stats = None
-    for epoch in range(args.start_epoch, args.epochs):
-        data.sampler_train.set_epoch(epoch)  # also single-process: the original never reshuffled there
-        if log_writer is not None:
-            log_writer.set_step(epoch * num_training_steps_per_epoch * args.update_freq)
-        if wandb_logger is not None:
-            wandb_logger.set_steps()
-        train_stats = train_one_epoch(
-            model, criterion, data.data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad,
-            model_ema, data.mixup_fn, log_writer=log_writer, wandb_logger=wandb_logger,
-            start_steps=epoch * num_training_steps_per_epoch, lr_schedule_values=lr_schedule_values,
-            wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_training_steps_per_epoch,
-            update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
-            channels_last=args.channels_last)
-
-        def save(tag):
-            utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,
-                             optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema, mask=mask,
-                             max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
-
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}}
-        if data.data_loader_val is not None:
-            test_stats = evaluate(data.data_loader_val, model, device, use_amp=args.use_amp, amp_dtype=amp_dtype,
-                                  channels_last=args.channels_last)
-            print(f'Accuracy of the model on the {len(data.dataset_val)} test images: {test_stats["acc1"]:.1f}%')
-            if max_accuracy < test_stats['acc1']:
-                max_accuracy = test_stats['acc1']
-                if args.output_dir and args.save_ckpt:
-                    save('best')
-            print(f'Max accuracy: {max_accuracy:.2f}%')
-            if log_writer is not None:
-                log_writer.update(test_acc1=test_stats['acc1'], head='perf', step=epoch)
-                log_writer.update(test_acc5=test_stats['acc5'], head='perf', step=epoch)
-                log_writer.update(test_loss=test_stats['loss'], head='perf', step=epoch)
-            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
-            if model_ema is not None and args.model_ema_eval:
-                test_stats_ema = evaluate(data.data_loader_val, model_ema.ema, device, use_amp=args.use_amp,
-                                          amp_dtype=amp_dtype, channels_last=args.channels_last)
-                print(f'Accuracy of the model EMA on {len(data.dataset_val)} test images: '
-                      f'{test_stats_ema["acc1"]:.1f}%')
-                if max_accuracy_ema < test_stats_ema['acc1']:
-                    max_accuracy_ema = test_stats_ema['acc1']
-                    if args.output_dir and args.save_ckpt:
-                        save('best-ema')
-                print(f'Max EMA accuracy: {max_accuracy_ema:.2f}%')
-                if log_writer is not None:
-                    log_writer.update(test_acc1_ema=test_stats_ema['acc1'], head='perf', step=epoch)
-                log_stats.update({f'test_{k}_ema': v for k, v in test_stats_ema.items()})
-        log_stats = {**{k: v for k, v in log_stats.items() if not k.endswith('_ema')}, 'epoch': epoch,
-                     'n_parameters': n_parameters, **{k: v for k, v in log_stats.items() if k.endswith('_ema')}}
-
-        # after evaluation, so the checkpoint carries the best accuracy and the RNG state the next epoch starts from
-        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-            save(epoch)
-        utils.append_log(args.output_dir, log_stats)
-        if log_writer is not None:
-            log_writer.flush()
-        if wandb_logger is not None:
-            wandb_logger.log_epoch_metrics(log_stats)
-
-    if wandb_logger is not None and args.wandb_ckpt and args.save_ckpt and args.output_dir:
-        wandb_logger.log_checkpoints(args.output_dir)
-    total_time = time.time() - start_time
-    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
-    return log_stats
+    return train_and_evaluate(args, model, model_without_ddp, data, criterion, optimizer, loss_scaler,
+                              lr_schedule_values, wd_schedule_values, num_steps, device, amp_dtype, model_ema, mask,
+                              log_writer, wandb_logger, n_parameters)
 
 
-def run(argv=None) -> int:
+def run(argv=None, parser: Optional[argparse.ArgumentParser] = None, main_fn=None) -> int:
     """Command-line entry: user errors become one ``error: ...`` line on stderr and exit code 2.
 
-    Set ``SLAK_TRACEBACK=1`` to see the full traceback instead.
+    Shared by ``main_KD.py`` (its own ``parser`` and ``main_fn``). Set ``SLAK_TRACEBACK=1`` to see the traceback.
     """
-    parser = argparse.ArgumentParser('SLaK training and evaluation script', parents=[get_args_parser()])
+    parser = parser or argparse.ArgumentParser('SLaK training and evaluation script', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
-        main(args)
+        (main_fn or main)(args)
     except (ValueError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         if os.environ.get('SLAK_TRACEBACK'):
             raise

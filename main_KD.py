@@ -29,27 +29,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import os
-import random
 import re
 import sys
-import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
-import numpy as np
 import timm
 import torch
-import torch.backends.cudnn as cudnn
 import torch.nn as nn
 import torch.nn.functional as F
 
 import SLaK
 import main as main_train
 import utils
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import evaluate
 from optim_factory import SLAK_MODELS, get_parameter_groups
-from sparse_core import CosineDecay, Masking, ModelEma, count_nonzero_params
+from sparse_core import count_nonzero_params
 
 DISTILL_TOKENS = ('NKD', 'KD', 'FD', 'MGD')
 
@@ -470,43 +465,13 @@ def resume_student(args: argparse.Namespace, student, student_without_ddp, optim
 def main(args: argparse.Namespace) -> Optional[dict]:
     """Distil (or ``--eval``); returns the last epoch's log dict (or the student's eval stats)."""
     plan = check_kd_args(args)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    utils.init_distributed_mode(args)
-    print(args)
-    device = torch.device(args.device)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-
-    seed = args.seed + utils.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    cudnn.benchmark = True
-
+    device, amp_dtype = main_train.init_run(args)
     data = main_train.build_data(args)
-
-    global_rank = utils.get_rank()
-    log_writer = None
-    if global_rank == 0 and args.log_dir is not None:
-        os.makedirs(args.log_dir, exist_ok=True)
-        log_writer = utils.TensorboardLogger(log_dir=args.log_dir)
-    wandb_logger = utils.create_wandb_logger(args) if global_rank == 0 and args.enable_wandb else None
+    log_writer, wandb_logger = main_train.build_loggers(args)
 
     teacher = build_teacher(args, device) if plan.uses_teacher else None
-    student = build_student(args)
-    if args.grad_checkpointing:
-        student.set_grad_checkpointing(True)
-    student.to(device)
-    if args.channels_last:
-        student.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn and device.type == 'cuda':
-        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-
-    model_ema = None
-    if args.model_ema:  # of the student, created before the feature hooks so the copy carries none
-        model_ema = ModelEma(student, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
-                             resume='')
-        print(f'Using EMA with decay = {args.model_ema_decay:.8f}')
+    student = main_train.prepare_model(args, build_student(args), device)
+    model_ema = main_train.build_ema(args, student)  # of the student, before the feature hooks: the copy has none
 
     heads = student_stages = teacher_stages = None
     if plan.feature or plan.mgd:
@@ -523,29 +488,18 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         print(f'number of params (teacher, frozen): {sum(p.numel() for p in teacher.parameters())}')
     if heads is not None:
         print(f'number of params (FD/MGD heads): {sum(p.numel() for p in heads.parameters())}')
+    num_steps = main_train.steps_per_epoch(args, data)
 
-    total_batch_size = args.batch_size * args.update_freq * utils.get_world_size()
-    num_training_steps_per_epoch = len(data.dataset_train) // total_batch_size
-    if num_training_steps_per_epoch == 0 and not args.eval:
-        raise ValueError(f'effective batch {total_batch_size} (batch_size x update_freq x world_size) exceeds the '
-                         f'{len(data.dataset_train)} training images; lower --batch_size or --update_freq')
-    print(f'Batch size = {total_batch_size}, update frequency = {args.update_freq}, '
-          f'training steps per epoch = {num_training_steps_per_epoch}')
-
+    student = main_train.wrap_ddp(args, student, device)
+    student_without_ddp = getattr(student, 'module', student)
     heads_ddp = heads
-    if args.distributed:
-        device_ids = [args.gpu] if device.type == 'cuda' else None
-        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
-                                                            find_unused_parameters=False)
-        student_without_ddp = student.module
-        if heads is not None and any(p.requires_grad for p in heads.parameters()):
-            heads_ddp = torch.nn.parallel.DistributedDataParallel(heads, device_ids=device_ids,
-                                                                  find_unused_parameters=False)
+    if heads is not None and any(p.requires_grad for p in heads.parameters()):
+        heads_ddp = main_train.wrap_ddp(args, heads, device)
 
     student_args = copy.copy(args)
     student_args.model = args.model_s  # layer decay follows the student (the original checked the teacher)
     optimizer, loss_scaler, lr_schedule_values, wd_schedule_values = main_train.build_training_objects(
-        student_args, student_without_ddp, max(num_training_steps_per_epoch, 1))
+        student_args, student_without_ddp, max(num_steps, 1))
     if heads is not None:
         for group in get_parameter_groups(heads, args.weight_decay):
             optimizer.add_param_group(group)
@@ -569,14 +523,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     elif args.eval:
         raise ValueError('--eval true needs a validation set; drop --disable_eval')
 
-    mask = None
-    if args.sparse:
-        decay = CosineDecay(args.prune_rate, T_max=int(num_training_steps_per_epoch * args.epochs),
-                            init_step=num_training_steps_per_epoch * args.start_epoch)
-        mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
-                       growth_mode=args.growth, redistribution_mode=args.redistribution, args=args,
-                       log_writer=log_writer)
-        mask.add_module(student, mask_state=mask_state)
+    mask = main_train.build_mask(args, student, optimizer, data, num_steps, log_writer, mask_state, model_ema)
+    if mask is not None:
         print(f'student: {n_parameters} dense, {count_nonzero_params(student_without_ddp)} non-zero parameters')
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)
@@ -587,87 +535,16 @@ def main(args: argparse.Namespace) -> Optional[dict]:
 
     compute_loss = make_compute_loss(plan, args, student, teacher, criterion, heads_ddp, student_stages,
                                      teacher_stages)
-    extra = {'distill_heads': heads} if heads is not None else None
-    max_accuracy, max_accuracy_ema = args.max_accuracy, args.max_accuracy_ema
-    print(f'Start distillation for {args.epochs} epochs')
-    start_time = time.time()
-    log_stats = None
-    for epoch in range(args.start_epoch, args.epochs):
-        data.sampler_train.set_epoch(epoch)
-        if log_writer is not None:
-            log_writer.set_step(epoch * num_training_steps_per_epoch * args.update_freq)
-        if wandb_logger is not None:
-            wandb_logger.set_steps()
-        train_stats = train_one_epoch(
-            student, criterion, data.data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad,
-            model_ema, data.mixup_fn, log_writer=log_writer, wandb_logger=wandb_logger,
-            start_steps=epoch * num_training_steps_per_epoch, lr_schedule_values=lr_schedule_values,
-            wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_training_steps_per_epoch,
-            update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
-            compute_loss=compute_loss, channels_last=args.channels_last)
-
-        def save(tag):
-            utils.save_model(args=args, epoch=tag, model=student, model_without_ddp=student_without_ddp,
-                             optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema, mask=mask,
-                             extra=extra, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
-
-        log_stats = {f'train_{k}': v for k, v in train_stats.items()}
-        if data.data_loader_val is not None:
-            test_stats = evaluate(data.data_loader_val, student, device, **eval_kwargs)
-            print(f'Accuracy of the student on the {len(data.dataset_val)} test images: {test_stats["acc1"]:.1f}%')
-            if max_accuracy < test_stats['acc1']:
-                max_accuracy = test_stats['acc1']
-                if args.output_dir and args.save_ckpt:
-                    save('best')
-            print(f'Max accuracy: {max_accuracy:.2f}%')
-            if log_writer is not None:
-                log_writer.update(test_acc1=test_stats['acc1'], head='perf', step=epoch)
-                log_writer.update(test_acc5=test_stats['acc5'], head='perf', step=epoch)
-                log_writer.update(test_loss=test_stats['loss'], head='perf', step=epoch)
-            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
-            if model_ema is not None and args.model_ema_eval:
-                test_stats_ema = evaluate(data.data_loader_val, model_ema.ema, device, **eval_kwargs)
-                print(f'Accuracy of the student EMA on {len(data.dataset_val)} test images: '
-                      f'{test_stats_ema["acc1"]:.1f}%')
-                if max_accuracy_ema < test_stats_ema['acc1']:
-                    max_accuracy_ema = test_stats_ema['acc1']
-                    if args.output_dir and args.save_ckpt:
-                        save('best-ema')
-                print(f'Max EMA accuracy: {max_accuracy_ema:.2f}%')
-                if log_writer is not None:
-                    log_writer.update(test_acc1_ema=test_stats_ema['acc1'], head='perf', step=epoch)
-                log_stats.update({f'test_{k}_ema': v for k, v in test_stats_ema.items()})
-        log_stats = {**{k: v for k, v in log_stats.items() if not k.endswith('_ema')}, 'epoch': epoch,
-                     'n_parameters': n_parameters, **{k: v for k, v in log_stats.items() if k.endswith('_ema')}}
-
-        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-            save(epoch)
-        utils.append_log(args.output_dir, log_stats)
-        if log_writer is not None:
-            log_writer.flush()
-        if wandb_logger is not None:
-            wandb_logger.log_epoch_metrics(log_stats)
-
-    if wandb_logger is not None and args.wandb_ckpt and args.save_ckpt and args.output_dir:
-        wandb_logger.log_checkpoints(args.output_dir)
-    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-    return log_stats
+    return main_train.train_and_evaluate(
+        args, student, student_without_ddp, data, criterion, optimizer, loss_scaler, lr_schedule_values,
+        wd_schedule_values, num_steps, device, amp_dtype, model_ema, mask, log_writer, wandb_logger, n_parameters,
+        compute_loss=compute_loss, extra={'distill_heads': heads} if heads is not None else None, name='student')
 
 
 def run(argv=None) -> int:
-    """Command-line entry: user errors become one ``error: ...`` line on stderr and exit code 2
-    (``SLAK_TRACEBACK=1`` shows the traceback)."""
+    """Command-line entry (``main.run``'s error handling: one ``error: ...`` line and exit code 2)."""
     parser = argparse.ArgumentParser('SLaK large-to-small kernel distillation', parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, NonFiniteLossError, torch.OutOfMemoryError) as e:
-        if os.environ.get('SLAK_TRACEBACK'):
-            raise
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        sys.stderr.write(f'error: {lines[-1] if lines else type(e).__name__}\n')
-        return 2
-    return 0
+    return main_train.run(argv, parser=parser, main_fn=main)
 
 
 if __name__ == '__main__':

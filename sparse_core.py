@@ -622,6 +622,17 @@ class ModelEma:
             print(f'Loaded state_dict_ema from {resume}')
 
     @torch.no_grad()
+    def track_masks(self, mask: Masking) -> None:
+        """Take ``mask``'s current masks as already seen (call after creating or restoring the masks).
+
+        The grown-position rule compares each update's masks with the previous ones; a resumed run must start from
+        the restored masks, or a prune/grow on its first step would not restart the grown positions.
+        """
+        ema = {_strip_module(k): v for k, v in self.ema.state_dict().items()}
+        self._prev_masks = {n: m.to(ema[n].device).clone() for n, m in mask.masks.items()}
+        self._mask_version = mask.mask_version
+
+    @torch.no_grad()
     def update(self, model: nn.Module, mask: Optional[Masking] = None) -> None:
         """One EMA step towards ``model`` (DDP-wrapped or not); with ``mask``, the sparse rules above."""
         live = {_strip_module(k): v for k, v in model.state_dict().items()}

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -423,6 +423,22 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def state_checksums(model: torch.nn.Module, masks: Dict[str, torch.Tensor]) -> Tuple[float, float]:
+    """Position-sensitive float64 checksums of all parameters/buffers and of the masks (equal on identical replicas).
+
+    Each element is weighted by (index mod 1009) + 1, so swapped positions change the sum.
+    """
+    def checksum(tensors) -> float:
+        total = 0.0
+        for t in tensors:
+            flat = t.detach().reshape(-1).double()
+            weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(1009).add_(1)
+            total += float((flat * weights).sum())
+        return total
+    return checksum(model.state_dict().values()), checksum(masks[k] for k in sorted(masks))
+
+
 def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     """``args`` as a dict of builtins (what ``torch.load(weights_only=True)`` accepts); other values become str."""
     def plain(v):
