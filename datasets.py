@@ -20,13 +20,14 @@ import argparse
 import os
 from typing import Tuple
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                  IMAGENET_INCEPTION_STD)
 from torchvision import datasets, transforms
 
-DATA_SETS = ('CIFAR', 'IMNET', 'image_folder')
+DATA_SETS = ('CIFAR', 'IMNET', 'image_folder', 'synthetic')
 
 
 def rgb_loader(path: str) -> Image.Image:
@@ -48,8 +49,31 @@ def _image_folder(root: str, transform, flag: str) -> datasets.ImageFolder:
         raise ValueError(f'{flag}: {root} holds no images in class sub-folders ({e})') from None
 
 
+class SyntheticImages(torch.utils.data.Dataset):
+    """``--data_set synthetic``: already-normalised random images for throughput and multi-GPU runs (no disk, no
+    decoding). Item i is image ``i % bank`` of a fixed bank drawn from ``seed``, labelled ``i % nb_classes``; the
+    same on every rank and every run."""
+
+    def __init__(self, size: int, nb_classes: int, input_size: int, seed: int = 0, bank: int = 64):
+        if size < 1 or nb_classes < 1:
+            raise ValueError(f'--synthetic_size and --nb_classes must be >= 1; got {size}, {nb_classes}')
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(min(bank, size), 3, input_size, input_size, generator=generator)
+        self.size, self.nb_classes = size, nb_classes
+        self.classes = [str(c) for c in range(nb_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        return self.images[index % len(self.images)], index % self.nb_classes
+
+
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.VisionDataset, int]:
     """Build the train (``is_train``) or validation dataset named by ``args.data_set``; returns (dataset, classes)."""
+    if args.data_set == 'synthetic':
+        size = args.synthetic_size if is_train else max(args.synthetic_size // 10, 1)
+        return SyntheticImages(size, args.nb_classes, args.input_size, seed=1 + int(is_train)), args.nb_classes
     transform = build_transform(is_train, args)
     print('Transform = ')
     for t in (transform.transforms if hasattr(transform, 'transforms') else [transform]):

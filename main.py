@@ -140,7 +140,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--eval_data_path', default=None, type=str, help='dataset path for evaluation')
     parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
     parser.add_argument('--imagenet_default_mean_and_std', type=str2bool, default=True)
-    parser.add_argument('--data_set', default='IMNET', choices=list(DATA_SETS), type=str, help='ImageNet dataset path')
+    parser.add_argument('--data_set', default='IMNET', choices=list(DATA_SETS), type=str,
+                        help='IMNET (train/ and val/ under --data_path), image_folder, CIFAR, or synthetic (random '
+                             'images for throughput and multi-GPU checks)')
+    parser.add_argument('--synthetic_size', default=12800, type=int,
+                        help='--data_set synthetic: training images (validation: a tenth)')
     parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None, help='path where to tensorboard log')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')

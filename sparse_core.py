@@ -27,6 +27,7 @@ Differences from the original, all deliberate fixes (SPEC section 11.1):
 """
 import copy
 import math
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -199,6 +200,7 @@ class Masking:
         self.names: List[str] = []
         self.density: float = 1.0 - self.sparsity
         self.steps = 0
+        self.update_seconds: List[float] = []  # wall time of each prune/grow update (benchmarks, logs)
         self.mask_version = 0  # bumped whenever masks change; lets the EMA detect newly grown positions cheaply
         self.name2nonzeros: Dict[str, int] = {}
         self.name2zeros: Dict[str, int] = {}
@@ -348,9 +350,14 @@ class Masking:
         self.steps += 1
         if self.update_frequency is not None and self.steps % self.update_frequency == 0:
             print('*' * 30 + ' Dynamic Sparsity ' + '*' * 30)
+            start = time.perf_counter()
             self.truncate_weights()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # update steps may sync: the timing below is then the real cost
+            self.update_seconds.append(time.perf_counter() - start)
             self.print_nonzero_counts()
             self._log_densities()
+            print(f'prune/grow update took {1000 * self.update_seconds[-1]:.1f} ms')
 
     @torch.no_grad()
     def apply_mask(self) -> None:

@@ -425,9 +425,10 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def state_checksums(model: torch.nn.Module, masks: Dict[str, torch.Tensor]) -> Tuple[float, float]:
-    """Position-sensitive float64 checksums of all parameters/buffers and of the masks (equal on identical replicas).
+    """Position-sensitive float64 checksums of the parameters and of the masks (equal on identical replicas).
 
-    Each element is weighted by (index mod 1009) + 1, so swapped positions change the sum.
+    Each element is weighted by (index mod 1009) + 1, so swapped positions change the sum. Buffers are left out: BN
+    running statistics are per rank unless SyncBatchNorm is on.
     """
     def checksum(tensors) -> float:
         total = 0.0
@@ -436,7 +437,7 @@ def state_checksums(model: torch.nn.Module, masks: Dict[str, torch.Tensor]) -> T
             weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(1009).add_(1)
             total += float((flat * weights).sum())
         return total
-    return checksum(model.state_dict().values()), checksum(masks[k] for k in sorted(masks))
+    return checksum(p for _, p in model.named_parameters()), checksum(masks[k] for k in sorted(masks))
 
 
 def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:

@@ -143,7 +143,9 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, FeatureFn]:
         raise ValueError(f'unknown --model {name!r}: use SLaK_tiny/_small/_base/_large, SLaK, ConvNeXt, a torchvision '
                          f'ResNet (e.g. resnet101) or a timm model name')
     if args.weights is not None:
-        SLaK.load_checkpoint(model, args.weights, strict=True, keys=('model', 'state_dict', 'model_ema'))
+        # the classifier plays no part in the feature map: a checkpoint trained on other classes loads too
+        SLaK.load_checkpoint(model, args.weights, strict=True, keys=('model', 'state_dict', 'model_ema'),
+                             ignore=('head.', 'fc.'))
     model.eval()
     model.requires_grad_(False)  # only the input's gradient is needed
     return model, feature_fn

