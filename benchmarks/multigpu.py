@@ -135,6 +135,7 @@ def main():
     p.add_argument('--out', default='/tmp/multigpu')
     p.add_argument('--skip', default='', help='comma-separated step names to skip')
     p.add_argument('--deadline', type=float, default=1e9, help='seconds; later steps are skipped after it')
+    p.add_argument('--extra', default='', help='extra main.py flags for the scaling runs, e.g. "--sync_bn false"')
     a = p.parse_args()
     t_start = time.time()
 
@@ -152,7 +153,8 @@ def main():
     # 1. scaling, checksums, mask-update time
     rows = []
     for n in ns:
-        code, out = sh(torchrun(n) + common(a, f'{work}/scale{n}', a.steps, n), 240, name=f'scaling N={n}')
+        code, out = sh(torchrun(n) + common(a, f'{work}/scale{n}', a.steps, n) + a.extra.split(), 240,
+                       name=f'scaling N={n}')
         sums = checksums(out)
         upd = [float(x) for x in re.findall(r'prune/grow update took ([\d.]+) ms', out)]
         rate = last_rate(out) * n
