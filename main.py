@@ -405,7 +405,7 @@ def prepare_model(args: argparse.Namespace, model: torch.nn.Module, device: torc
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn and device.type == 'cuda':
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = utils.convert_sync_batchnorm(model)  # SyncBatchNorm without a host sync per BN (utils.py)
     return model
 
 

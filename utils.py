@@ -161,6 +161,95 @@ class DistributedEvalSampler(torch.utils.data.Sampler):
 
 
 # ---- metrics and logging -------------------------------------------------------------------------------------------
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Cross-rank batch norm built on PyTorch's fused CUDA batch-norm kernels, without a host synchronisation.
+
+    ``nn.SyncBatchNorm`` drops the statistics of ranks with empty batches by boolean indexing, which makes the CPU
+    wait for the GPU in every BN forward. SLaK has 3 BNs per block, so the CPU can never run ahead of the GPU and
+    training becomes launch-bound: measured 63 % scaling efficiency on 2 H200s vs ~100 % without SyncBN
+    (benchmarks/RESULTS.md). Our training loaders drop the last incomplete batch, so every rank always has a
+    non-empty batch and the masking is not needed. Same statistics, running-stat update and gradients otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        channels = x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=mean.device)
+        local = torch.cat([mean, invstd, count])
+        gathered = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        gathered = gathered.view(world_size, -1)
+        counts = gathered[:, 2 * channels]
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+            x, gathered[:, :channels], gathered[:, channels:2 * channels], running_mean, running_var, momentum, eps,
+            counts)
+        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
+        ctx.group = group
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not grad_output.is_contiguous(memory_format=torch.channels_last):
+            grad_output = grad_output.contiguous()
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+            grad_output, x, mean, invstd, weight, need_x, weight is not None and need_w, need_b)
+        grad_input = None
+        if need_x:
+            both = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(both, group=ctx.group)
+            sum_dy, sum_dy_xmu = both.split(sum_dy.shape[0])
+            grad_input = torch.batch_norm_backward_elemt(grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                                                         counts)
+        return (grad_input, grad_weight if need_w else None, grad_bias if need_b else None,
+                None, None, None, None, None, None)
+
+
+class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` (same parameters, buffers and state-dict keys) whose distributed CUDA training forward
+    never synchronises with the host; see :class:`_SyncBatchNormFunction`. Other cases use the parent's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.process_group or dist.group.WORLD
+        if not (self.training and x.is_cuda and is_dist_avail_and_initialized()
+                and dist.get_world_size(group) > 1 and x.shape[0] > 0):
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, momentum,
+                                            group, dist.get_world_size(group))
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Replace every ``BatchNorm*d`` by :class:`SyncBatchNormWithoutHostSync`, keeping parameters and buffers."""
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
+    if isinstance(module, batch_norm) and not isinstance(module, SyncBatchNormWithoutHostSync):
+        converted = SyncBatchNormWithoutHostSync(module.num_features, module.eps, module.momentum, module.affine,
+                                                 module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                converted.weight = module.weight
+                converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
+
+
 class SmoothedValue:
     """A series of values: windowed median/avg for progress lines, global average (``total / count``) for epochs."""
 

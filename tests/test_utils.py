@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import math
 import os
@@ -238,3 +239,26 @@ def test_wandb_missing_warns_and_continues(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'wandb', None)  # makes `import wandb` raise ImportError
     assert utils.create_wandb_logger(argparse.Namespace(project='SLaK')) is None
     assert 'wandb is not installed' in capsys.readouterr().err
+
+
+def test_convert_sync_batchnorm_keeps_state_and_single_process_maths():
+    """The host-sync-free SyncBatchNorm keeps keys/values; outside a process group it is plain BatchNorm."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.Sequential(
+        torch.nn.BatchNorm2d(6)))
+    with torch.no_grad():
+        plain[1].running_mean.uniform_()
+        plain[1].weight.uniform_(0.5, 2)
+    reference = copy.deepcopy(plain)
+    converted = utils.convert_sync_batchnorm(plain)
+    assert isinstance(converted[1], utils.SyncBatchNormWithoutHostSync)
+    assert isinstance(converted[2][0], utils.SyncBatchNormWithoutHostSync)
+    assert list(converted.state_dict()) == list(reference.state_dict())
+    for k, v in reference.state_dict().items():
+        assert torch.equal(converted.state_dict()[k], v)
+    x = torch.randn(4, 3, 9, 9)
+    for mode in (True, False):
+        converted.train(mode)
+        reference.train(mode)
+        torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted[1].running_var, reference[1].running_var)
