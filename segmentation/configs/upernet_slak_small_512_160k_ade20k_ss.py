@@ -1,24 +1,6 @@
 # UperNet + SLaK-S (depths 3/3/27/3, 51x51, decomposed, sparse checkpoint), ADE20K 512x512, 160k iterations,
 # 4 GPUs x 4 images. Fine-tune: --cfg-options model.backbone.init_cfg.checkpoint=/path/to/checkpoint-best.pth
-_base_ = [
-    '_base_/models/upernet_slak.py', '_base_/datasets/ade20k.py',
-    '_base_/default_runtime.py', '_base_/schedules/schedule_160k.py',
-]
-checkpoint_file = '/path/to/checkpoint-best.pth'
-crop_size = (512, 512)
-model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(
-        depths=[3, 3, 27, 3],
-        dims=[96, 192, 384, 768],
-        kernel_size=[51, 49, 47, 13, 5],
-        width_factor=1.3,
-        Decom=True,
-        sparse=True,
-        drop_path_rate=0.3,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
-    decode_head=dict(in_channels=[124, 249, 499, 998], num_classes=150),
-    auxiliary_head=dict(in_channels=499, num_classes=150),
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
-optim_wrapper = dict(paramwise_cfg=dict(num_layers=12, decay_rate=0.9, decay_type='stage_wise'))
-train_dataloader = dict(batch_size=4)
+# Everything else as the SLaK-T 160k config.
+_base_ = ['upernet_slak_tiny_512_160k_ade20k_ss.py']
+model = dict(backbone=dict(depths=[3, 3, 27, 3], dims=[96, 192, 384, 768], drop_path_rate=0.3))
+optim_wrapper = dict(paramwise_cfg=dict(num_layers=12))
