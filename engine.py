@@ -106,9 +106,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 grad_norm = loss_scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters(),
                                         create_graph=second_order, update_grad=is_update)
                 if is_update:
-                    optimizer.zero_grad()
-                    if mask is not None:
+                    if mask is not None:  # before zero_grad: --growth gradient reads the gradients
                         mask.after_step(stepped=not loss_scaler.last_step_skipped)
+                    optimizer.zero_grad()
             else:
                 loss.backward(create_graph=second_order)
                 if is_update:

@@ -334,3 +334,15 @@ def test_bf16_amp_keeps_sparsity_and_steps_the_mask(data_dir, tmp_path):
     for k, m in ckpt['mask']['masks'].items():
         assert ckpt['model'][k].masked_select(~m.bool()).abs().sum() == 0, k
     assert 'train_grad_norm' in read_log(str(tmp_path))[0]
+
+
+def test_amp_gradient_growth_sees_the_gradients(data_dir, tmp_path):
+    """Under AMP the mask update runs before zero_grad, so --growth gradient has gradients to rank."""
+    args = parse(TINY + SPARSE + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path),
+                                  '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--growth', 'gradient', '-u', '2',
+                                  '--disable_eval', 'true'])
+    main.main(args)
+    ckpt = torch.load(tmp_path / 'checkpoint-0.pth', weights_only=True)
+    assert ckpt['mask']['steps'] == 6
+    for k, m in ckpt['mask']['masks'].items():
+        assert ckpt['model'][k].masked_select(~m.bool()).abs().sum() == 0, k
