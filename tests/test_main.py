@@ -224,6 +224,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, capsys, tmp_pat
     assert len(read_log(str(tmp_path))) == 1
 
 
+def test_out_of_memory_suggests_smaller_batch(data_dir, capsys, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(main, 'train_one_epoch', oom)
+    code, err = run_cli(TINY + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path)], capsys)
+    assert code == 2 and err.count('\n') == 0
+    assert 'out of memory at --batch_size' in err and '--update_freq' in err
+
+
 def test_explicit_resume_wins_over_auto_resume(trained, data_dir, tmp_path):
     """checkpoint-1 sits in output_dir, but --resume checkpoint-0 must be the one loaded (start_epoch 1)."""
     for n in ('checkpoint-0.pth', 'checkpoint-1.pth'):
