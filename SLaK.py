@@ -214,12 +214,17 @@ class ReparamLargeKernelConv(nn.Module):
         names = ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv')
         return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
+    def _folded_size(self) -> int:
+        """Side of the square kernel that holds every branch: K, or k when a decomposed k exceeds K."""
+        return max(max(b.conv.weight.shape[-2:]) for b in self._branches().values())
+
     def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One K x K kernel and bias equal (in eval mode) to the sum of all branches."""
+        """One square kernel (normally K x K) and bias equal (in eval mode) to the sum of all branches."""
+        size = self._folded_size()
         kernel, bias = 0, 0
         for branch in self._branches().values():
             k, b = fuse_bn(branch.conv, getattr(branch, 'bn', None))
-            kernel = kernel + _pad_to(k, self.kernel_size)
+            kernel = kernel + _pad_to(k, size)
             bias = bias + b
         return kernel, bias
 
@@ -257,7 +262,8 @@ class ReparamLargeKernelConv(nn.Module):
             self.lkb_bias = nn.Parameter(bias.detach().clone())
         else:
             kernel, bias = self.get_equivalent_kernel_bias()
-            conv = get_conv2d(channels, channels, self.kernel_size, 1, self.kernel_size // 2, 1, channels, True,
+            size = kernel.shape[-1]
+            conv = get_conv2d(channels, channels, size, 1, size // 2, 1, channels, True,
                               impl=self.conv_impl).to(kernel.device, kernel.dtype)
             conv.weight.copy_(kernel)
             conv.bias.copy_(bias)

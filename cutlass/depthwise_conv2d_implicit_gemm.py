@@ -41,7 +41,9 @@ wrote out of bounds (SPEC 1.6).
 Name-clash rule: this folder is called ``cutlass/`` for fidelity with the original repository but has no
 ``__init__.py`` and must never get one: NVIDIA ships a real ``cutlass`` Python package, which must stay importable.
 Load this file by path (``importlib.util.spec_from_file_location``); it loads its sibling ``dwconv_triton.py`` the
-same way, registered in ``sys.modules`` as ``slak_dwconv_triton``.
+same way, registered in ``sys.modules`` as ``slak_dwconv_triton``. Without NVIDIA's package, ``import cutlass`` from
+the repository root still finds this folder as an (empty) namespace package, so ``importlib.util.find_spec('cutlass')``
+is not None there: code that probes for NVIDIA's package that way must also check for an attribute it needs.
 """
 import importlib.util
 import os
@@ -72,7 +74,11 @@ def _load_triton_kernels():
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("dwconv_triton.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]  # never leave a half-initialised module behind for the next import
+        raise
     return module
 
 
@@ -146,6 +152,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ok, reason = is_supported(x, weight)
     if not ok:
         _warn_once(reason)
+        bias = bias.to(x.dtype) if bias is not None else None  # e.g. a folded fp32 bias with bf16 input
         return F.conv2d(x, weight.to(x.dtype), bias, padding=(kh // 2, kw // 2), groups=weight.shape[0])
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = _kernels.dwconv2d(x.contiguous(), weight.to(x.dtype))

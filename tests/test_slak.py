@@ -252,6 +252,16 @@ def test_folding_equals_unfolded(layout, decomposed):
     torch.testing.assert_close(m(x), before, rtol=1e-11, atol=1e-11)
 
 
+def test_folding_when_decomposed_small_side_exceeds_stage_kernel():
+    """Decom with k > K (e.g. stage kernel 3, small kernel 5): branches are 3x5 and 5x3, folded into 5x5."""
+    m = trained_like(dict(kernel_size=[9, 7, 5, 3, 5], Decom=True, bn=True))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    before = m(x)
+    m.reparameterize()
+    assert m.stages[3][0].large_kernel.lkb_reparam.weight.shape[-2:] == (5, 5)
+    torch.testing.assert_close(m(x), before, rtol=1e-11, atol=1e-11)
+
+
 def test_merge_kernel_keys_are_original_lkb_reparam():
     m = trained_like(TINY_LAYOUTS[0])
     m.stages[0][0].large_kernel.merge_kernel()
