@@ -23,7 +23,8 @@ Differences from the original, all deliberate fixes (SPEC section 11.1):
   on every rank) plus one broadcast from rank 0 after init and after every prune/grow, instead of a broadcast after
   every optimizer step (item 17).
 * ``--fix`` no longer mutates ``args``; ``--only-L`` without ``large_kernel.LoRA`` parameters raises (item 4).
-* The EMA tracks newly grown positions explicitly instead of guessing from ``EMA == 0`` (item 16).
+* The EMA learns which positions were grown from :attr:`Masking.grown` instead of guessing from ``EMA == 0``
+  (item 16), and restarts them at their live value once the optimizer has moved them from 0.
 """
 import copy
 import math
@@ -158,9 +159,11 @@ class Masking:
         args: namespace with ``sparse_init``, ``sparsity``, ``update_frequency``, ``fix``, ``only_L``, ``seed`` (the
             fields ``prune``, ``growth``, ``redistribution``, ``prune_rate`` reach here through the arguments above;
             masks live on their parameter's device, so ``device`` is not needed). Never modified.
-        log_writer: optional; an object with ``add_scalar(tag, value, step)`` (TensorBoard SummaryWriter) or with
-            ``update(head=..., step=..., **scalars)`` (the project's TensorboardLogger). Receives
-            ``sparsity/overall``, ``sparsity/prune_rate`` and ``sparsity/<layer>`` densities at init and every update.
+        log_writer: optional; an object with ``add_scalar(tag, value, step)`` (TensorBoard SummaryWriter; x axis:
+            optimizer steps) or with ``update(head=..., **scalars)`` (the project's TensorboardLogger; x axis: its own
+            step, i.e. micro-batches like ``loss/*`` and ``opt/*``, so a prune/grow lines up with the loss curve).
+            Receives ``sparsity/overall``, ``sparsity/prune_rate`` and ``sparsity/<layer>`` densities at init and
+            every update.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, train_loader: Optional[Iterable] = None,
@@ -201,7 +204,11 @@ class Masking:
         self.density: float = 1.0 - self.sparsity
         self.steps = 0
         self.update_seconds: List[float] = []  # wall time of each prune/grow update (benchmarks, logs)
-        self.mask_version = 0  # bumped whenever masks change; lets the EMA detect newly grown positions cheaply
+        self.mask_version = 0  # bumped whenever masks change; lets the EMA refresh its copy of the masks cheaply
+        # Positions (re)grown by the prune/grow at step `grown_at_step`, weight restarted at 0; kept until the next
+        # optimizer step (and in a checkpoint taken in between) so that ModelEma restarts them one step later.
+        self.grown: Dict[str, torch.Tensor] = {}
+        self.grown_at_step = -1
         self.name2nonzeros: Dict[str, int] = {}
         self.name2zeros: Dict[str, int] = {}
         self.name2removed: Dict[str, int] = {}
@@ -283,14 +290,16 @@ class Masking:
                     layer_density = above.float().mean().item()
                     masks[name] = torch.rand(p.shape, generator=gen, device=p.device) < layer_density
         self._broadcast_from_rank0(list(masks.values()))
-        self.masks = {}
+        self.masks, self.grown = {}, {}
         for name, mask in masks.items():
             layer_density = mask.float().mean().item()
             print(f'Density of layer {name} with tensor {list(mask.shape)} is {layer_density}')
             if layer_density >= DENSE_LAYER_DENSITY:
                 print(f'pop out layer {name}: density {layer_density:.4f} >= {DENSE_LAYER_DENSITY}, it stays dense')
                 continue
-            self.masks[name] = mask
+            # contiguous even for channels_last weights (masks from `p != 0` or scores inherit their layout):
+            # prune/grow index masks through flat views
+            self.masks[name] = mask.contiguous()
         self._refresh_lists()
         kept = sum(int(m.sum()) for m in masks.values())
         print(f'Final sparsity level of {1 - density}: {1 - kept / max(sum(m.numel() for m in masks.values()), 1)}')
@@ -348,6 +357,7 @@ class Masking:
             self.prune_rate_decay.step()
             self.prune_rate = self.prune_rate_decay.get_dr()
         self.steps += 1
+        self.grown = {}  # the EMA took them at the update after their prune/grow; the optimizer has now moved them
         if self.update_frequency is not None and self.steps % self.update_frequency == 0:
             print('*' * 30 + ' Dynamic Sparsity ' + '*' * 30)
             start = time.perf_counter()
@@ -371,8 +381,9 @@ class Masking:
         """Prune ``ceil(prune_rate * nonzeros)`` weights per layer, regrow exactly as many (SPEC 2.6, made exact).
 
         Positions whose mask changed, and positions pruned then immediately regrown, restart with weight 0 and zero
-        optimizer state (Adam moments, SGD momentum), so a regrown weight does not inherit stale statistics. The new
-        masks (and which positions to reset) are broadcast from rank 0 once, so all ranks apply the same change.
+        optimizer state (Adam moments, SGD momentum), so a regrown weight does not inherit stale statistics; the
+        regrown ones are recorded in :attr:`grown` for the EMA. The new masks (and which positions to reset) are
+        broadcast from rank 0 once, so all ranks apply the same change.
         """
         codes = []
         for name, mask in self.masks.items():
@@ -389,9 +400,11 @@ class Masking:
             reset = (mask & ~pruned_mask) | grown
             codes.append((pruned_mask | grown).to(torch.uint8) + 2 * reset.to(torch.uint8))
         self._broadcast_from_rank0(codes)
+        self.grown, self.grown_at_step = {}, self.steps
         for (name, mask), code in zip(self.masks.items(), codes):
             mask.copy_(code & 1)
             reset = code >= 2
+            self.grown[name] = reset & mask
             self.params[name].masked_fill_(reset, 0)
             state = self.optimizer.state.get(self.params[name], {})
             for value in state.values():
@@ -440,7 +453,7 @@ class Masking:
             for key, value in scalars.items():
                 self.log_writer.add_scalar(f'sparsity/{key}', value, self.steps)
         else:
-            self.log_writer.update(head='sparsity', step=self.steps, **scalars)
+            self.log_writer.update(head='sparsity', **scalars)
 
     # ---- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -453,6 +466,10 @@ class Masking:
             'prune_rate_decay': None if self.prune_rate_decay is None else self.prune_rate_decay.state_dict(),
             'rng_state': self.generator.get_state(),
             'rng_device': self.generator.device.type,
+            # saved only while the EMA still needs them (checkpoint taken right after a prune/grow step)
+            'grown': ({name: g.detach().cpu().clone() for name, g in self.grown.items()}
+                      if self.grown and self.grown_at_step == self.steps else {}),
+            'grown_at_step': self.grown_at_step,
         }
 
     @torch.no_grad()
@@ -469,8 +486,13 @@ class Masking:
             param = self.params[name]
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(f'saved mask {name} has shape {list(mask.shape)}, parameter has {list(param.shape)}')
-            masks[name] = mask.to(device=param.device, dtype=torch.bool)
+            # a private contiguous copy: never alias (and later modify in place) the caller's checkpoint tensors
+            masks[name] = mask.to(device=param.device, dtype=torch.bool, memory_format=torch.contiguous_format,
+                                  copy=True)
         self.masks = masks
+        self.grown = {name: g.to(device=masks[name].device, dtype=torch.bool, memory_format=torch.contiguous_format)
+                      for name, g in state.get('grown', {}).items() if name in masks}
+        self.grown_at_step = int(state.get('grown_at_step', -1))
         self.steps = int(state['steps'])
         self.prune_rate = float(state['prune_rate'])
         self.density = float(state['density'])
@@ -599,10 +621,14 @@ _GROWTH_FUNCS: Dict[str, Callable] = {'random': random_growth, 'gradient': gradi
 class ModelEma:
     """EMA of the model weights that respects the sparse masks (SPEC 2.8).
 
-    With a mask: pruned positions are 0, positions grown since the previous update restart at the live value, other
-    active positions follow the usual EMA. Buffers (BN statistics) always follow the usual EMA; integer buffers are
-    copied. The original recognised "newly grown" as "active and EMA exactly 0"; here the previous mask is kept, so
-    an active weight whose EMA happens to be 0 is not mistaken for a new one.
+    With a mask: pruned positions are 0, other active positions follow the usual EMA, and positions (re)grown by a
+    prune/grow restart at the live value. Buffers (BN statistics) always follow the usual EMA; integer buffers are
+    copied. A grown weight is 0 at the update right after its prune/grow (``Masking`` restarts it at 0), so its EMA
+    restarts one update later, once the optimizer has moved it: the original reached the same point through its
+    "active and EMA exactly 0" test. Here ``Masking.grown`` says which positions were grown, so an active weight
+    whose EMA happens to be 0 is not mistaken for a new one, and pruned-then-regrown positions restart too.
+
+    Call :meth:`update` after every optimizer step and :meth:`track_masks` once the masks exist (main.py does both).
 
     Args:
         model: the (un-wrapped) model; it is deep-copied.
@@ -621,8 +647,10 @@ class ModelEma:
         self.ema_has_module = hasattr(self.ema, 'module')
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self._prev_masks: Dict[str, torch.Tensor] = {}
+        self._masks: Dict[str, torch.Tensor] = {}    # the masks on the EMA's device, refreshed when they change
         self._mask_version = -1
+        self._restart: Dict[str, torch.Tensor] = {}  # grown positions to restart at the next update after a step
+        self._restart_after_step = -1
         if resume:
             checkpoint = torch.load(resume, map_location='cpu', weights_only=True)
             self.ema.load_state_dict(checkpoint['state_dict_ema'])
@@ -630,14 +658,17 @@ class ModelEma:
 
     @torch.no_grad()
     def track_masks(self, mask: Masking) -> None:
-        """Take ``mask``'s current masks as already seen (call after creating or restoring the masks).
+        """Take ``mask``'s current masks (and any positions its latest prune/grow just regrew) as seen.
 
-        The grown-position rule compares each update's masks with the previous ones; a resumed run must start from
-        the restored masks, or a prune/grow on its first step would not restart the grown positions.
+        Call after creating or restoring the masks: a run resumed from a checkpoint written right after a prune/grow
+        then still restarts those grown positions at its first update, exactly as an uninterrupted run does.
         """
         ema = {_strip_module(k): v for k, v in self.ema.state_dict().items()}
-        self._prev_masks = {n: m.to(ema[n].device).clone() for n, m in mask.masks.items()}
+        self._masks = {n: m.to(ema[n].device) for n, m in mask.masks.items()}
         self._mask_version = mask.mask_version
+        if mask.grown and mask.grown_at_step == mask.steps:
+            self._restart = {n: g.to(ema[n].device) for n, g in mask.grown.items()}
+            self._restart_after_step = mask.steps
 
     @torch.no_grad()
     def update(self, model: nn.Module, mask: Optional[Masking] = None) -> None:
@@ -655,13 +686,10 @@ class ModelEma:
         torch._foreach_lerp_(ema_float, live_float, 1.0 - self.decay)  # e = d * e + (1 - d) * w
         if mask is None or not mask.masks:
             return
-        names = list(mask.masks)
-        masks = [mask.masks[n].to(ema[n].device) for n in names]
-        if mask.mask_version != self._mask_version:  # masks changed since the last update: restart grown positions
-            for name, m in zip(names, masks):
-                if name in self._prev_masks:
-                    grown = m & ~self._prev_masks[name]
-                    ema[name].copy_(torch.where(grown, live[name].to(ema[name]), ema[name]))
-                self._prev_masks[name] = m.clone()
-            self._mask_version = mask.mask_version
-        torch._foreach_mul_([ema[n] for n in names], masks)  # pruned positions -> 0
+        if self._restart and mask.steps > self._restart_after_step:  # grown weights have had an optimizer step
+            for name, grown in self._restart.items():
+                ema[name].copy_(torch.where(grown, live[name].to(ema[name]), ema[name]))
+            self._restart = {}
+        if mask.mask_version != self._mask_version:
+            self.track_masks(mask)
+        torch._foreach_mul_([ema[n] for n in self._masks], list(self._masks.values()))  # pruned positions -> 0

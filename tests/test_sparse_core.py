@@ -267,6 +267,7 @@ def test_save_load_continue_is_bit_identical():
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     assert all(not k.startswith('module.') for k in checkpoint['mask']['masks'])
+    assert checkpoint['mask']['grown'] == {}  # step 3 is one step past the prune/grow: the EMA needs nothing
     resumed = tiny_model(seed=123)
     resumed.load_state_dict(checkpoint['model'])
     args_resumed = make_args(update_frequency=2, growth='random', sparse_init='snip')  # SNIP would need a loader
@@ -293,6 +294,23 @@ def test_resume_mode_uses_zero_pattern_of_weights():
     _, _, mask = build(make_args(sparse_init='resume'), model=model)
     assert mask.masks.keys() == expected.keys()
     assert all(torch.equal(mask.masks[n], expected[n]) for n in expected)
+
+
+def test_channels_last_weights_prune_and_grow():
+    """--channels_last: masks built from `weight != 0` inherit the layout; prune/grow must still index them."""
+    model = tiny_model().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() in (2, 4):
+                p.mul_(torch.rand_like(p) < 0.5)
+    _, opt, mask = build(make_args(sparse_init='resume', update_frequency=1), model=model)
+    name = 'downsample_layers.0.0.weight'  # the stem conv: 3 input channels, really strided in channels_last
+    assert name in mask.masks and not mask.params[name].is_contiguous()
+    counts = {n: int(m.sum()) for n, m in mask.masks.items()}
+    x, y = batches(1)[0]
+    fp32_step(model, opt, mask, x.contiguous(memory_format=torch.channels_last), y)
+    assert mask.mask_version == 2 and {n: int(m.sum()) for n, m in mask.masks.items()} == counts
+    assert_masked_zero(mask)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
@@ -375,11 +393,14 @@ class ScalarWriter:
 
 
 class UpdateWriter:
+    """Mimics utils.TensorboardLogger: scalars land on its own (micro-batch) step unless one is passed."""
+
     def __init__(self):
         self.calls = []
+        self.step = 0
 
     def update(self, head, step=None, **kwargs):
-        self.calls.append((head, step, kwargs))
+        self.calls.append((head, self.step if step is None else step, kwargs))
 
 
 def test_log_writer_and_nonzero_count(capsys):
@@ -403,9 +424,12 @@ def test_log_writer_and_nonzero_count(capsys):
     assert 'Dynamic Sparsity' in capsys.readouterr().out
 
     other = UpdateWriter()
-    build(make_args(), log_writer=other)
+    model, opt, mask = build(make_args(update_frequency=1), log_writer=other)
     head, step, scalars = other.calls[0]
     assert head == 'sparsity' and step == 0 and 'overall' in scalars and 'head.weight' in scalars
+    other.step = 40  # e.g. micro-batch 40 with --update_freq 8: optimizer step 1 (mask.steps) is not the x axis
+    fp32_step(model, opt, mask, *batches(1)[0])
+    assert mask.steps == 1 and other.calls[-1][:2] == ('sparsity', 40)
 
 
 # ---- EMA ------------------------------------------------------------------------------------------------------------
@@ -420,21 +444,25 @@ class Wrapper(nn.Module):
         return self.module(x)
 
 
+def ema_step(model, opt, mask, ema, x, y):
+    """engine.py's order: backward, mask.step() (optimizer step, re-mask, maybe prune/grow), zero_grad, EMA."""
+    fp32_step(model, opt, mask, x, y)
+    ema.update(model, mask)
+
+
 def test_sparse_ema_semantics_with_ddp_style_prefix():
     decay = 0.9
     model = tiny_model()
     ema = ModelEma(model, decay=decay)
     assert not ema.ema.training and all(not p.requires_grad for p in ema.ema.parameters())
     wrapped = Wrapper(model)
-    _, opt, mask = build(make_args(), model=wrapped)
+    _, opt, mask = build(make_args(update_frequency=2), model=wrapped)
+    ema.track_masks(mask)
     assert all(not n.startswith('module.') for n in mask.masks)
-    x, y = batches(1)[0]
-    F.cross_entropy(wrapped(x), y).backward()
-    mask.step()
-    opt.zero_grad()
+    data = batches(3)
 
     ema_before = {k: v.double().clone() for k, v in ema.ema.state_dict().items()}
-    ema.update(wrapped, mask)
+    ema_step(wrapped, opt, mask, ema, *data[0])
     live = model.state_dict()
     for key, value in ema.ema.state_dict().items():
         if key.endswith('num_batches_tracked'):
@@ -445,23 +473,59 @@ def test_sparse_ema_semantics_with_ddp_style_prefix():
             want = want * mask.masks[key]
         torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
 
-    old = {n: m.clone() for n, m in mask.masks.items()}
-    mask.truncate_weights()
     name = 'stages.3.0.pwconv1.weight'
-    grown, pruned, kept = (mask.masks[name] & ~old[name], old[name] & ~mask.masks[name],
-                           old[name] & mask.masks[name])
-    assert grown.any() and pruned.any()
+    old = mask.masks[name].clone()
+    ema_step(wrapped, opt, mask, ema, *data[1])  # step 2: prune/grow, grown weights restart at 0
+    new = mask.masks[name]
+    grown, pruned, kept = new & ~old, old & ~new, old & new
+    regrown_in_place = kept & (mask.params[name].detach() == 0)  # pruned and regrown at once: reset to 0 too
+    kept &= ~regrown_in_place
+    assert grown.any() and pruned.any() and regrown_in_place.any()
     with torch.no_grad():
-        mask.params[name][grown] = 0.5  # live value of newly grown weights (after a later step)
         ema_value = ema.ema.state_dict()[name]
-        zero_pos = kept.nonzero()[0].tolist()
-        ema_value[tuple(zero_pos)] = 0.0  # an active weight whose EMA is exactly 0 is NOT new (quirk 11.16 fixed)
+        assert torch.all(ema_value[grown] == 0)
+        zero_pos = tuple(kept.nonzero()[0].tolist())
+        ema_value[zero_pos] = 0.0  # an active weight whose EMA is exactly 0 is NOT new (quirk 11.16 fixed)
     ema_prev = ema_value.double().clone()
-    ema.update(wrapped, mask)
+    ema_step(wrapped, opt, mask, ema, *data[2])  # step 3: the optimizer moved the grown weights; EMA restarts there
     ema_value = ema.ema.state_dict()[name]
-    w = mask.params[name].detach().double()
-    assert torch.all(ema_value[grown] == 0.5)
+    w = mask.params[name].detach()
+    assert torch.all(w[grown] != 0)
+    assert torch.equal(ema_value[grown], w[grown]) and torch.equal(ema_value[regrown_in_place], w[regrown_in_place])
     assert torch.all(ema_value[pruned] == 0)
-    torch.testing.assert_close(ema_value[kept].double(), decay * ema_prev[kept] + (1 - decay) * w[kept],
+    torch.testing.assert_close(ema_value[kept].double(), decay * ema_prev[kept] + (1 - decay) * w[kept].double(),
                                rtol=1e-6, atol=1e-7)
-    assert ema_value[tuple(zero_pos)].item() == pytest.approx((1 - decay) * w[tuple(zero_pos)].item(), rel=1e-5)
+    assert ema_value[zero_pos].item() == pytest.approx((1 - decay) * w[zero_pos].item(), rel=1e-5)
+
+
+def test_ema_resume_right_after_prune_grow_is_bit_identical():
+    """A checkpoint written right after a prune/grow carries the grown positions, so the EMA restarts them."""
+    args = make_args(update_frequency=2)
+    data = batches(4)
+    model = tiny_model()
+    ema = ModelEma(model, decay=0.9)
+    model, opt, mask = build(args, model=model)
+    ema.track_masks(mask)
+    for x, y in data[:2]:
+        ema_step(model, opt, mask, ema, x, y)
+    buffer = io.BytesIO()
+    torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'mask': mask.state_dict(),
+                'model_ema': ema.ema.state_dict()}, buffer)
+    for x, y in data[2:]:
+        ema_step(model, opt, mask, ema, x, y)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert checkpoint['mask']['grown'] and checkpoint['mask']['grown_at_step'] == 2
+    resumed = tiny_model(seed=7)
+    resumed.load_state_dict(checkpoint['model'])
+    ema2 = ModelEma(resumed, decay=0.9)
+    ema2.ema.load_state_dict(checkpoint['model_ema'])
+    model2, opt2, mask2 = build(args, model=resumed, mask_state=checkpoint['mask'])
+    opt2.load_state_dict(checkpoint['optimizer'])
+    ema2.track_masks(mask2)
+    for x, y in data[2:]:
+        ema_step(model2, opt2, mask2, ema2, x, y)
+    for (k1, v1), (k2, v2) in zip(ema.ema.state_dict().items(), ema2.ema.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert mask2.state_dict()['grown_at_step'] == 4 and mask2.state_dict()['grown']  # step 4 pruned and grew

@@ -58,6 +58,9 @@ def worker(rank: int, init_file: str, result_dir: str) -> None:
     gen = torch.Generator().manual_seed(rank)  # each rank sees different data
     data = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(7)]
     args = Namespace(sparse_init='snip', sparsity=0.6, update_frequency=2, fix=False, only_L=False, seed=0)
+    broadcasts = []
+    broadcast = dist.broadcast
+    dist.broadcast = lambda tensor, *a, **k: (broadcasts.append(tensor.numel()), broadcast(tensor, *a, **k))[1]
     mask = Masking(opt, data[:1], CosineDecay(0.5, T_max=10), growth_mode='random', redistribution_mode='none',
                    args=args)
     mask.add_module(ddp)
@@ -71,6 +74,9 @@ def worker(rank: int, init_file: str, result_dir: str) -> None:
         history.append(checksums(mask))
     if mask.mask_version != 4:  # init + prune/grow at steps 2, 4, 6
         raise AssertionError(f'expected 3 prune/grow updates, mask_version={mask.mask_version}')
+    masked = sum(m.numel() for m in mask.masks.values())
+    if len(broadcasts) != 4 or broadcasts[1:] != [masked] * 3:  # one at init, one per prune/grow, none per step
+        raise AssertionError(f'expected 4 mask broadcasts in 6 steps, got sizes {broadcasts}')
     for step, sums in enumerate(history):
         ranks = gathered(sums)
         if not torch.equal(ranks[0], ranks[1]):
