@@ -16,7 +16,7 @@ What differs from the original, on purpose (SPEC 11.2):
   checkpoint (``--resume``) is never loaded into the student (11.20).
 * NKD takes ``--nkd_temp`` / ``--nkd_alpha`` (defaults: the original's fixed 1.0 / 1.0); ``--T`` and ``--alpha`` stay
   KD-only as in the original, where the README's ``--T 3.0`` had no effect on NKD (11.21).
-* FD and MGD work, in fp32 and AMP, for SLaK and timm teachers/students: stage features come from one ordinary
+* FD and MGD work, in fp32 and AMP, for SLaK and timm CNN/Swin teachers/students: stage features come from one
   forward pass, a learned 1x1 projector maps student to teacher channels, and the projector / MGD generator are
   optimised and checkpointed (11.22). ``--target_Lnorm`` layer-normalises the teacher's FD targets (the original
   built these norms and never used them).
@@ -257,6 +257,8 @@ class StageOutputs:
     """
 
     def __init__(self, model: nn.Module, n: int, flag: str):
+        self.flag = f'{flag} {type(model).__name__}'
+        self.channels_last_output = getattr(model, 'output_fmt', 'NCHW') == 'NHWC'  # timm Swin-style stages
         info = list(getattr(model, 'feature_info', None) or [])
         if not info:
             raise ValueError(f'{flag} {type(model).__name__} exposes no feature_info, so its stage features cannot be '
@@ -291,11 +293,24 @@ class StageOutputs:
         self.active = False
 
     def take(self) -> List[torch.Tensor]:
-        """The recorded maps (and forget them, so no activation outlives its step)."""
+        """The recorded maps as (N, C, H, W) (and forget them, so no activation outlives its step).
+
+        NHWC stage outputs (timm Swin) are permuted; anything else that is not a C-channel map (e.g. ViT tokens)
+        is refused, because the projector and the distances below would otherwise broadcast it into garbage.
+        """
         outputs, self.outputs = self.outputs, [None] * len(self.outputs)
         if any(o is None for o in outputs):
             raise RuntimeError('a stage hook did not fire during the forward pass')
-        return outputs
+        maps = []
+        for out, channels in zip(outputs, self.channels):
+            if self.channels_last_output and out.ndim == 4:
+                out = out.permute(0, 3, 1, 2)
+            if out.ndim != 4 or out.shape[1] != channels:
+                raise ValueError(f'{self.flag}: stage output of shape {tuple(out.shape)} is not a {channels}-channel '
+                                 f'(N, C, H, W) map, so FD/MGD cannot use it; use a CNN or Swin model, or a '
+                                 f'--distill_type without FD/MGD')
+            maps.append(out)
+        return maps
 
 
 # ---- arguments -------------------------------------------------------------------------------------------------------
@@ -345,6 +360,9 @@ def check_kd_args(args: argparse.Namespace) -> DistillPlan:
     if plan.uses_teacher and not args.resume:
         raise ValueError(f'--resume must give the teacher checkpoint for --distill_type {args.distill_type} '
                          f'(only --distill_type None trains without a teacher)')
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise ValueError(f'--finetune must be a local checkpoint file for the student (distillation never downloads '
+                         f'weights); not found: {args.finetune}')
     if args.T <= 0 or (args.nkd_temp is not None and args.nkd_temp <= 0):
         raise ValueError('--T and --nkd_temp must be > 0')
     if not 0 <= args.lambda_mgd <= 1:
@@ -450,9 +468,13 @@ def resume_student(args: argparse.Namespace, student, student_without_ddp, optim
         return None
     student_args = copy.copy(args)
     student_args.resume, student_args.auto_resume = '', True
-    mask_state = utils.auto_load_model(args=student_args, model=student, model_without_ddp=student_without_ddp,
-                                       optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
-                                       extra={'distill_heads': heads} if heads is not None else None)
+    try:
+        mask_state = utils.auto_load_model(args=student_args, model=student, model_without_ddp=student_without_ddp,
+                                           optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
+                                           extra={'distill_heads': heads} if heads is not None else None)
+    except ValueError as e:  # e.g. FD/MGD heads added or dropped: the optimizer's parameter groups no longer match
+        raise ValueError(f'--distill_resume {student_args.resume}: {e} (resume with the --model_s, --width_factor_s, '
+                         f'--distill_type and --feature_n that wrote it)') from e
     if not student_args.resume:
         print(f'--distill_resume: no checkpoint-N.pth in {args.output_dir!r} yet; the student starts from scratch')
     args.student_resume = student_args.resume
@@ -518,10 +540,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
                 log_writer.update(teacher_acc1=teacher_stats['acc1'], head='perf', step=args.start_epoch)
         student_stats = evaluate(data.data_loader_val, student, device, **eval_kwargs)
         print(f'Student accuracy on {len(data.dataset_val)} test images: {student_stats["acc1"]:.2f}%')
-        if args.eval:
+        if args.eval:  # main.check_args refused --eval with --disable_eval, so a validation set exists here
             return student_stats
-    elif args.eval:
-        raise ValueError('--eval true needs a validation set; drop --disable_eval')
 
     mask = main_train.build_mask(args, student, optimizer, data, num_steps, log_writer, mask_state, model_ema)
     if mask is not None:

@@ -210,6 +210,40 @@ def test_parse_distill_type_refuses(text):
         main_KD.parse_distill_type(text)
 
 
+class _CountingLinear(torch.nn.Linear):
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize('flags', [
+    ['--distill_type', 'NKD', '--T', '3.0', '--alpha', '0.3'],  # README: --T does not reach NKD (tau = alpha = 1)
+    ['--distill_type', 'NKD', '--nkd_temp', '2.0', '--nkd_alpha', '0.5'],
+    ['--distill_type', 'KD', '--T', '3.0', '--alpha', '0.3'],
+    ['--distill_type', 'KD', '--T', '2.0', '--hard'],
+    ['--distill_type', 'None']])
+def test_compute_loss_dispatches_with_the_flags_hyperparameters(flags):
+    args = _parse(['--resume', 'teacher.pth', *flags])
+    plan = main_KD.parse_distill_type(args.distill_type)
+    torch.manual_seed(0)
+    student, teacher = _CountingLinear(5, 7), _CountingLinear(5, 7)
+    compute_loss = main_KD.make_compute_loss(plan, args, student, teacher, torch.nn.CrossEntropyLoss(), None, None,
+                                             None)
+    x, y = torch.randn(6, 5), torch.tensor([0, 3, 6, 2, 2, 5])
+    loss, output, _ = compute_loss(x, y)
+    s, t, labels = student(x).detach().double().numpy(), teacher(x).detach().double().numpy(), y.numpy()
+    if plan.logit == 'NKD':
+        want = _nkd_reference(s, t, labels, args.nkd_temp or 1.0, args.nkd_alpha or 1.0)
+    elif plan.logit == 'KD':
+        want = _kd_reference(s, labels, t, args.T, args.hard, args.alpha)
+    else:
+        want = _ce(s, labels)
+        assert teacher.calls == 1  # only the reference call above: the teacher is not run for 'None'
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
 # ---- the training script -------------------------------------------------------------------------------------------
 TEACHER_FLAGS = ['--model', 'SLaK_tiny', '--kernel_size', '7', '7', '5', '5', '3', '--width_factor', '0.125',
                  '--Decom', 'true']
@@ -273,6 +307,7 @@ def test_teacher_is_frozen_and_gradients_reach_student_and_heads(digits, teacher
     compute_loss = main_KD.make_compute_loss(plan, args, student, teacher, torch.nn.CrossEntropyLoss(), heads,
                                              s_stages, t_stages)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     loss, output, terms = compute_loss(x, y)
     assert set(terms) == {'ce', 'kd', 'feature', 'mgd'}
     assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-5)
@@ -280,6 +315,8 @@ def test_teacher_is_frozen_and_gradients_reach_student_and_heads(digits, teacher
     assert output.shape == (2, 10) and output.requires_grad
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training  # eval mode kept: BN running statistics must not move
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
     assert student.stages[3][0].pwconv1.weight.grad.abs().sum() > 0
     assert heads.mgd.generation[0].weight.grad.abs().sum() > 0
     assert heads.mgd.align.weight.grad.abs().sum() > 0
@@ -314,6 +351,26 @@ def test_distillation_run_writes_student_checkpoints_and_resumes_the_student(dig
     assert line['train_loss'] == pytest.approx(sum(line[f'train_{k}'] for k in ('ce', 'kd', 'feature', 'mgd')),
                                                rel=1e-4)
 
+    # --distill_resume restores the student, the MGD generator and the optimizer (which holds the generator too)
+    args = _parse(_argv(digits, teacher_ckpt, str(out), '--distill_type', 'KD+FD+MGD', '--distill_resume'))
+    args.nb_classes = 10
+    plan = main_KD.check_kd_args(args)
+    student = main_KD.build_student(args)
+    heads = main_KD.DistillHeads(plan, [96], [96], args)
+    optimizer, scaler, _, _ = main_KD.main_train.build_training_objects(args, student, 1)
+    n_groups = len(optimizer.param_groups)
+    for group in main_KD.get_parameter_groups(heads, args.weight_decay):
+        optimizer.add_param_group(group)
+    main_KD.resume_student(args, student, student, optimizer, scaler, None, heads)
+    assert args.start_epoch == 1
+    assert all(torch.equal(v, ckpt['model'][k]) for k, v in student.state_dict().items())
+    assert all(torch.equal(v, ckpt['distill_heads'][k]) for k, v in heads.state_dict().items())
+    n_params = sum(1 for _ in student.parameters()) + sum(1 for _ in heads.parameters())
+    assert len(optimizer.state_dict()['state']) == n_params
+    del optimizer.param_groups[n_groups:]  # a run without the generator cannot take over this optimizer state
+    with pytest.raises(ValueError, match='--distill_resume .*checkpoint-0.pth.*--distill_type'):
+        main_KD.resume_student(args, student, student, optimizer, scaler, None, None)
+
     # second run, NKD this time: continues the student from checkpoint-0 (epoch 1 only)
     assert main_KD.run(_argv(digits, teacher_ckpt, str(out), '--distill_type', 'NKD+FD+MGD', '--epochs', '2',
                              '--distill_resume', '--model_ema', 'true', '--disable_eval', 'true')) == 0
@@ -337,6 +394,9 @@ def test_errors_are_one_clear_line(digits, teacher_ckpt, tmp_path, capsys):
     assert main_KD.run(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --resume: teacher checkpoint not found') and 'missing.pth' in err
+
+    assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--finetune', 'https://example.com/s.pth')) == 2
+    assert 'error: --finetune must be a local checkpoint file' in capsys.readouterr().err
 
     no_teacher = [a for a in argv if a not in ('--resume', str(tmp_path / 'missing.pth'))]
     assert main_KD.run(no_teacher) == 2
@@ -368,18 +428,47 @@ def test_stage_hooks_record_the_same_maps_as_forward_intermediates(grad_checkpoi
     assert stages.outputs == [None, None]
 
 
-def test_readme_distillation_commands_parse_unchanged():
-    readme = ('--resume /path/to/SLaK-Small/checkpoint --Decom True --T 3.0 --width_factor 1.3 -u 2000 '
-              '--distill_resume --lr_fd 3e-5 --epochs 300 --model SLaK_small --distill_type NKD --model_s SLaK_small '
-              '--drop_path 0.1 '
-              '--batch_size 64 --lr 4e-3 --update_freq 16 --model_ema true --model_ema_eval false '
-              '--data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 '
-              '--output_dir /path/to/save_results --local-rank 0')
-    args = _parse(readme.split())
-    assert (args.model, args.model_s, args.distill_type, args.T, args.lr_fd) == ('SLaK_small', 'SLaK_small', 'NKD',
-                                                                                  3.0, 3e-5)
-    assert args.distill_resume and args.Decom and args.update_frequency == 2000
-    assert args.kernel_size == [51, 49, 47, 13, 5]
+def test_stage_outputs_of_nhwc_and_token_models():
+    import timm
+    swin = timm.create_model('swin_tiny_patch4_window7_224', num_classes=10, img_size=32, window_size=2, embed_dim=8,
+                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)).eval()
+    stages = main_KD.StageOutputs(swin, 2, '--model')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), stages.recording():
+        swin(x)
+    got = stages.take()  # Swin stages are NHWC; FD/MGD need NCHW like forward_intermediates gives
+    want = swin.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [tuple(g.shape) for g in got] == [(2, 32, 2, 2), (2, 64, 1, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    vit = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, depth=1).eval()
+    stages = main_KD.StageOutputs(vit, 1, '--model')
+    with torch.no_grad(), stages.recording():
+        vit(x)
+    with pytest.raises(ValueError, match=r'--model VisionTransformer: stage output of shape \(2, 5, 192\)'):
+        stages.take()
+
+
+README_KD_COMMANDS = [  # the seed README's two distillation commands (launcher and line breaks removed)
+    '--resume /path/to/SLaK-Small/checkpoint --Decom True --T 3.0 --width_factor 1.3 -u 2000 --distill_resume '
+    '--lr_fd 3e-5 --epochs 300 --model SLaK_small --distill_type NKD --model_s SLaK_small --drop_path 0.1 '
+    '--batch_size 64 --lr 4e-3 --update_freq 16 --model_ema true --model_ema_eval false '
+    '--data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 --output_dir /path/to/save_results',
+    '--resume /path/to/SLaK-tiny/checkpoint --Decom True --T 3.0 --width_factor 1.3 -u 2000 --lr_fd 3e-5 '
+    '--epochs 300 --model SLaK_tiny --distill_resume --distill_type NKD --model_s SLaK_tiny --drop_path 0.1 '
+    '--batch_size 64 --lr 4e-3 --update_freq 8 --model_ema true --model_ema_eval false '
+    '--data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 --output_dir /path/to/save_results']
+
+
+@pytest.mark.parametrize('command,name,update_freq', [(README_KD_COMMANDS[0], 'SLaK_small', 16),
+                                                      (README_KD_COMMANDS[1], 'SLaK_tiny', 8)])
+def test_readme_distillation_commands_parse_unchanged(command, name, update_freq):
+    args = _parse(command.split() + ['--local-rank=0'])  # what torch.distributed.launch / torchrun append
+    assert (args.model, args.model_s, args.distill_type, args.T, args.lr_fd) == (name, name, 'NKD', 3.0, 3e-5)
+    assert args.distill_resume and args.Decom and args.update_frequency == 2000 and args.update_freq == update_freq
+    assert args.kernel_size == [51, 49, 47, 13, 5] and args.width_factor == 1.3 and args.local_rank == 0
+    args.device = 'cpu'  # the rest of the validation must accept the command as written
+    assert main_KD.check_kd_args(args) == main_KD.DistillPlan('NKD', False, False)
     defaults = _parse([])
     assert (defaults.model_s, defaults.T, defaults.distill_type, defaults.FDLoss_type, defaults.lr_fd,
             defaults.alpha_mgd, defaults.alpha, defaults.lambda_mgd, defaults.feature_n, defaults.hard,
