@@ -108,6 +108,7 @@ class SLaK(slak_model.SLaK, BaseModule):
         self.frozen_stages = frozen_stages
         self.sparse = bool(sparse)
         self._masks: Dict[str, torch.Tensor] = {}
+        self._mask_hooks: List[torch.utils.hooks.RemovableHandle] = []
         if self.sparse and self.init_cfg is None:
             warnings.warn('SLaK backbone: sparse=True but no checkpoint in init_cfg; there is no sparsity pattern to '
                           'keep, so the backbone trains dense')
@@ -131,11 +132,16 @@ class SLaK(slak_model.SLaK, BaseModule):
         if checkpoint_key not in ('model', 'model_ema'):
             raise ValueError(f'backbone init_cfg checkpoint_key must be "model" or "model_ema"; got {checkpoint_key!r}')
         source = checkpoint if isinstance(checkpoint, str) else 'checkpoint'
-        if isinstance(checkpoint, str):
-            if '://' not in checkpoint and not os.path.isfile(checkpoint):
+        if isinstance(checkpoint, str) and '://' in checkpoint:
+            checkpoint = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+        elif isinstance(checkpoint, str):
+            if not os.path.isfile(checkpoint):
                 raise ValueError(f'backbone init_cfg checkpoint file not found: {checkpoint!r}; set it with '
                                  f'--cfg-options model.backbone.init_cfg.checkpoint=/path/to/checkpoint.pth')
-            checkpoint = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+            # The published SLaK checkpoints pickle an argparse.Namespace under 'args', which torch >= 2.6's default
+            # weights_only=True load (mmengine's local loader) rejects; a local file is trusted, as by
+            # SLaK.load_checkpoint.
+            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
         if isinstance(checkpoint, dict) and checkpoint_key == 'model_ema' and 'model_ema' not in checkpoint:
             raise ValueError(f'{source} has no "model_ema" entry (keys: {sorted(checkpoint)}); '
                              f'use checkpoint_key="model"')
@@ -170,9 +176,12 @@ class SLaK(slak_model.SLaK, BaseModule):
         optimizers the configs use, with no per-forward cost: the gradient there is 0, so Adam/AdamW moments stay 0
         and the Adam step is 0; AdamW's decoupled weight decay multiplies the weight (0) by (1 - lr * wd); SGD's
         momentum and coupled L2 term (wd * 0) are 0 too. Gradient clipping and loss scaling preserve zeros, and DDP
-        all-reduces zeros to zeros. Fully dense tensors get no hook.
+        all-reduces zeros to zeros. Fully dense tensors and frozen ones (``frozen_stages``: no gradient, never
+        updated) get no hook. Calling it again (another checkpoint) replaces the previous hooks.
         """
-        self._masks = {}
+        for handle in self._mask_hooks:
+            handle.remove()
+        self._mask_hooks, self._masks = [], {}
         total, nonzero = 0, 0
         for name, param in self.named_parameters():
             if param.dim() not in (2, 4):
@@ -180,10 +189,10 @@ class SLaK(slak_model.SLaK, BaseModule):
             mask = param.detach() != 0
             total += mask.numel()
             nonzero += int(mask.sum())
-            if bool(mask.all()):
+            if bool(mask.all()) or not param.requires_grad:
                 continue
             self._masks[name] = mask
-            param.register_hook(self._make_grad_mask_hook(name))
+            self._mask_hooks.append(param.register_hook(self._make_grad_mask_hook(name)))
         print_log(f'SLaK backbone: sparse=True, keeping the zeros of {len(self._masks)} weight tensors fixed; '
                   f'density of 2-D/4-D weights {nonzero / max(total, 1):.4f}', logger='current')
 

@@ -229,6 +229,10 @@ def test_visualize_main_writes_matrix_and_cli_reports_errors(tmp_path):
 
     slak = SLaK.SLaK(width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], num_classes=10)
     torch.save({'model': slak.state_dict()}, tmp_path / 'slak.pth')
+    # a 10-class checkpoint loads into the 1000-class ERF model: the classifier is skipped, everything else is loaded
+    loaded, _ = build_model(get_args_parser().parse_args([*tiny, '--weights', str(tmp_path / 'slak.pth')]))
+    own = loaded.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in slak.state_dict().items() if not k.startswith('head.'))
     wrong = run_script('visualize_erf.py', '--model', 'resnet18', '--weights', str(tmp_path / 'slak.pth'),
                        '--data_path', str(tmp_path / 'imgs'), '--input_size', '64', '--device', 'cpu')
     assert wrong.returncode == 2

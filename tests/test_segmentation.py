@@ -1,6 +1,7 @@
 """segmentation/: the SLaK backbone, the layer-decay optimizer constructor, the mmcv-lite stand-in, UperNet configs."""
 from __future__ import annotations
 
+import argparse
 import copy
 import glob
 import itertools
@@ -18,7 +19,7 @@ import timm  # noqa: E402
 from mmengine import Config, ConfigDict  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.registry import PARAM_SCHEDULERS, init_default_scope  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 
 import segmentation.slak  # noqa: E402,F401  registers SLaK into mmseg
@@ -108,7 +109,8 @@ def test_loads_main_py_checkpoint(tmp_path):
     sd = _classification_state_dict()
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
     path = tmp_path / 'checkpoint-best.pth'
-    torch.save({'model': sd, 'model_ema': ema, 'epoch': 3}, path)
+    # 'args' as the original's save_model wrote it (an argparse.Namespace, refused by a weights_only load)
+    torch.save({'model': sd, 'model_ema': ema, 'epoch': 3, 'args': argparse.Namespace(lr=4e-3)}, path)
     model = _backbone(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     missing, unexpected = model.load_classification_checkpoint(str(path))
     assert sorted(missing) == sorted(f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
@@ -174,6 +176,31 @@ def test_sparse_checkpoint_keeps_its_zeros_under_adamw(sparse):
     else:  # control: without sparse=True the optimizer revives pruned weights
         assert torch.all(weight[was_zero] != 0)
     assert torch.all(weight[~was_zero] != sd['stages.1.0.large_kernel.LoRA1.conv.weight'][~was_zero])
+
+
+def test_sparse_with_frozen_stages_and_a_second_checkpoint():
+    """Frozen weights get no gradient hook (registering one on a frozen tensor crashed); loading another checkpoint
+    replaces the previous hooks (a stale hook looked up a mask that no longer exists)."""
+    sd = _sparse_state_dict()
+    model = _backbone(sparse=True, drop_path_rate=0., frozen_stages=0)
+    model.load_classification_checkpoint({'model': sd})
+    key = 'stages.1.0.large_kernel.LoRA1.conv.weight'
+    was_zero = sd[key] == 0
+
+    def train_step():
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        loss = sum(f.square().mean() for f in model(torch.randn(2, 3, 32, 32)))
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    state = model.state_dict()
+    assert torch.equal(state['stages.0.0.pwconv1.weight'], sd['stages.0.0.pwconv1.weight'])  # frozen
+    assert torch.all(state[key][was_zero] == 0) and not torch.equal(state[key], sd[key])
+    model.load_classification_checkpoint({'model': _classification_state_dict()})  # dense: no masks any more
+    model.zero_grad()
+    train_step()
+    assert torch.all(model.state_dict()[key] != 0)
 
 
 def test_sparse_without_checkpoint_warns_and_trains_dense():
@@ -298,6 +325,37 @@ def test_shipped_configs_are_the_papers():
             assert cfg.param_scheduler[0].end == 1500
 
 
+def _original_lr(base_lr: float, t: int, max_iters: int, warmup: int, warmup_ratio: float = 1e-6) -> float:
+    """mmcv 1.x poly lr (power 1, min_lr 0) with linear warmup at iteration t: what the original configs ran."""
+    lr = base_lr * (1 - t / max_iters)
+    if t < warmup:
+        lr *= 1 - (1 - t / warmup) * (1 - warmup_ratio)
+    return lr
+
+
+def test_lr_schedules_are_the_originals_warmup_on_poly():
+    """Each config's schedulers, shrunk 100x in time, give the original's lr after warmup to within one iteration's
+    decrement (mmengine's schedulers reach their end value one iteration before mmcv's); a poly that started only
+    after warmup ran ~1 % of base lr higher for the whole schedule."""
+    for path in SEG_CONFIGS:
+        cfg = Config.fromfile(path)
+        base_lr, max_iters = cfg.optim_wrapper.optimizer.lr, cfg.train_cfg.max_iters // 100
+        warmup = cfg.param_scheduler[0].end // 100
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=base_lr)
+        schedulers = [PARAM_SCHEDULERS.build(dict(s, begin=s.begin // 100, end=s.end // 100, optimizer=optimizer))
+                      for s in cfg.param_scheduler]
+        lrs = []
+        for _ in range(max_iters):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            for scheduler in schedulers:
+                scheduler.step()
+        assert lrs[0] == pytest.approx(base_lr * 1e-6)
+        expected = [_original_lr(base_lr, t, max_iters, warmup) for t in range(warmup, max_iters)]
+        assert lrs[warmup:] == pytest.approx(expected, rel=0, abs=1.001 * base_lr / max_iters), path
+
+
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=os.path.basename)
 def test_config_builds_trains_and_predicts(path):
     torch.manual_seed(0)
@@ -306,6 +364,10 @@ def test_config_builds_trains_and_predicts(path):
     model = revert_sync_batchnorm(MODELS.build(ConfigDict(cfg.model)))  # what the runner does without DDP
     model.init_weights()
     optim_wrapper = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+    if '80k' in path:  # norm_decay_mult=0 reaches BatchNorm only: SLaK's LayerNorm is no nn.LayerNorm (as original)
+        decay = {id(p): g['weight_decay'] for g in optim_wrapper.optimizer.param_groups for p in g['params']}
+        block = model.backbone.stages[0][0]
+        assert decay[id(block.large_kernel.LoRA1.bn.weight)] == 0 and decay[id(block.norm.weight)] == 0.05
     before = model.backbone.stages[0][0].pwconv1.weight.detach().clone()
     model.train()
     losses = model.train_step(_seg_batch(), optim_wrapper)

@@ -1,6 +1,7 @@
-# AdamW lr 2e-4 (for 16 images per step; auto_scale_lr rescales it for other batch sizes when --auto-scale-lr is
-# given) with layer-wise lr decay 0.7 over 6 layers (SLaK-T); 500 linear warmup iterations from 0.001 x lr; the
-# epoch count and lr steps are set by each config (1x: 12 epochs, steps 8/11; 3x: 36 epochs, steps 27/33).
+# AdamW lr 2e-4 for 16 images per step (8 GPUs x 2) with layer-wise lr decay 0.7 over 6 layers (SLaK-T); 500 linear
+# warmup iterations from 0.001 x lr; the epoch count and lr steps are set by each config (1x: 12 epochs, steps 8/11;
+# 3x: 36 epochs, steps 27/33). As in the original, auto_scale_lr is enabled, so the runner always scales lr by
+# (GPUs x batch_size) / 16, with or without --auto-scale-lr (set auto_scale_lr.enable=False to keep 2e-4).
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),

@@ -1,5 +1,6 @@
-# 160k iterations: AdamW lr 1e-4 with stage-wise lr decay 0.9 (num_layers set per model), 1500 warmup iterations,
-# then linear ("poly", power 1) decay to 0; checkpoint every 8k, mIoU every 4k (the original's).
+# 160k iterations: AdamW lr 1e-4 with stage-wise lr decay 0.9 (num_layers set per model), 1500 warmup iterations;
+# checkpoint every 8k, mIoU every 4k (the original's). lr: poly (power 1) from iteration 0 to 0 at the end, times the
+# linear warmup factor while that lasts (mmcv's warmup-on-poly, as in the original).
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
@@ -7,7 +8,7 @@ optim_wrapper = dict(
     paramwise_cfg=dict(num_layers=6, decay_rate=0.9, decay_type='stage_wise'))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=160000),
+    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=160000),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=4000)
 val_cfg = dict(type='ValLoop')

@@ -1,12 +1,15 @@
-# 80k iterations: AdamW lr 2e-4 (no layer decay, no weight decay on norm layers), 800 warmup iterations, then
-# linear ("poly", power 1) decay to 0; checkpoint every 8k, mIoU every 2k, log every 10 iterations (the original's).
+# 80k iterations: AdamW lr 2e-4 (no layer decay), 800 warmup iterations; checkpoint every 8k, mIoU every 2k, log every
+# 10 iterations (the original's). norm_decay_mult=0 exempts BatchNorm/SyncBN from weight decay; SLaK's own LayerNorm
+# class is not an nn.LayerNorm, so it keeps weight decay, as with the original's mmcv constructor.
+# lr: poly (power 1) from iteration 0 to 0 at the last iteration, times the linear warmup factor while that lasts:
+# mmcv's warmup-on-poly of the original (a poly starting after warmup would run ~1 % higher all along).
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(norm_decay_mult=0.))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=800),
-    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=800, end=80000),
+    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=80000),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=80000, val_interval=2000)
 val_cfg = dict(type='ValLoop')
