@@ -216,6 +216,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--update_freq must be >= 1; got {args.update_freq}')
     if args.batch_size < 1:
         raise ValueError(f'--batch_size must be >= 1; got {args.batch_size}')
+    if args.save_ckpt_freq < 1 or args.save_ckpt_num < 1:  # 0 would divide by zero / delete the file just written
+        raise ValueError(f'--save_ckpt_freq and --save_ckpt_num must be >= 1 (got {args.save_ckpt_freq}, '
+                         f'{args.save_ckpt_num}); use --save_ckpt false to save nothing')
     if not 0 <= args.sparsity < 1:
         raise ValueError(f'--sparsity must be in [0, 1); got {args.sparsity}')
     if args.eval and args.disable_eval:
@@ -272,6 +275,9 @@ def build_data(args: argparse.Namespace) -> Data:
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        if args.batch_size % 2:  # timm's Mixup pairs each image with its mirror in the batch (it would assert)
+            raise ValueError(f'--batch_size {args.batch_size} is odd; Mixup/CutMix needs an even batch (or pass '
+                             f'--mixup 0 --cutmix 0)')
         print('Mixup is activated!')
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -296,7 +302,10 @@ def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
 
 
 def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """``--finetune``: non-strict load of the first ``--model_key`` entry; a head of another class count is dropped."""
+    """``--finetune``: non-strict load of the first ``--model_key`` entry; a head of another class count is dropped.
+
+    ``--model_prefix P`` reads the model's weights from the checkpoint keys ``P<name>`` (as the original).
+    """
     checkpoint = utils.load_checkpoint_file(args.finetune)
     print(f'Load ckpt from {args.finetune}')
     checkpoint_model = None
@@ -307,12 +316,15 @@ def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
             break
     if checkpoint_model is None:
         checkpoint_model = checkpoint
-    checkpoint_model = SLaK.extract_state_dict(checkpoint_model, keys=())
+    if not args.model_prefix:  # an explicit --model_prefix names the prefix; otherwise strip module./backbone.
+        checkpoint_model = SLaK.extract_state_dict(checkpoint_model, keys=())
+    checkpoint_model = dict(checkpoint_model)
     state_dict = model.state_dict()
     for k in ('head.weight', 'head.bias'):
-        if k in checkpoint_model and k in state_dict and checkpoint_model[k].shape != state_dict[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint')
-            del checkpoint_model[k]
+        key = args.model_prefix + k
+        if key in checkpoint_model and k in state_dict and checkpoint_model[key].shape != state_dict[k].shape:
+            print(f'Removing key {key} from pretrained checkpoint')
+            del checkpoint_model[key]
     utils.load_state_dict(model, checkpoint_model, prefix=args.model_prefix)
 
 

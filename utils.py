@@ -82,7 +82,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     Sources, in the original's priority order: ``--dist_on_itp`` (OpenMPI variables), ``RANK``+``WORLD_SIZE``
     (torchrun and ``torch.distributed.launch``; the local rank comes from ``LOCAL_RANK``, or from ``--local_rank`` /
     ``--local-rank`` for old launchers), ``SLURM_PROCID`` (world size from ``SLURM_NTASKS``, else ``--world_size``;
-    ``MASTER_ADDR``/``MASTER_PORT`` must be set for ``env://``), otherwise a single process.
+    ``MASTER_ADDR``/``MASTER_PORT`` must be set for ``env://``; a one-task job runs as a single process), otherwise a
+    single process.
     The backend is ``nccl`` for CUDA devices and ``gloo`` otherwise (``--device cpu``).
     """
     local_rank_arg = getattr(args, 'local_rank', -1)
@@ -98,7 +99,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', local_rank_arg if local_rank_arg >= 0 else 0))
-    elif 'SLURM_PROCID' in os.environ:
+    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', args.world_size)) > 1:
         args.rank = int(os.environ['SLURM_PROCID'])
         args.world_size = int(os.environ.get('SLURM_NTASKS', args.world_size))
         n_gpus = torch.cuda.device_count()
@@ -106,7 +107,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         os.environ['RANK'] = str(args.rank)
         os.environ['LOCAL_RANK'] = str(args.gpu)
         os.environ['WORLD_SIZE'] = str(args.world_size)
-    else:
+    else:  # also a plain `python main.py` inside a one-task Slurm job (the original then needed MASTER_ADDR)
         print('Not using distributed mode')
         args.distributed = False
         args.rank, args.gpu = 0, 0
@@ -567,6 +568,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every process's :func:`get_rng_state`, in rank order; a collective, so every rank must call it.
+
+    Ranks are seeded ``--seed + rank`` and must keep distinct streams after a resume: restoring rank 0's state on
+    every rank would give all ranks the same augmentations, drop-path and mixup draws.
+    """
+    state = get_rng_state()
+    if get_world_size() == 1:
+        return [state]
+    states: List[Optional[Dict[str, Any]]] = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states) -> None:
+    """Set this process's RNG from :func:`gather_rng_states` output (or one :func:`get_rng_state` dict).
+
+    With a different number of processes than the run that saved them, the streams are left as seeded.
+    """
+    if isinstance(states, dict):
+        states = [states]
+    if len(states) == get_world_size():
+        set_rng_state(states[get_rank()])
+    else:
+        print(f'note: the checkpoint holds the random states of {len(states)} processes, this run has '
+              f'{get_world_size()}; random streams continue from --seed + rank instead')
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write never leaves a
     truncated checkpoint under the final name (auto-resume would pick it)."""
@@ -590,11 +619,14 @@ def save_model(args: argparse.Namespace, epoch, model, model_without_ddp, optimi
                max_accuracy_ema: Optional[float] = None) -> None:
     """Write ``output_dir/checkpoint-{epoch}.pth`` (epoch: int, ``'best'`` or ``'best-ema'``) on the main process.
 
+    Every rank must call it (the RNG states of all ranks are gathered); only the main process writes.
     Keys: ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args`` (plain dict), ``model_ema`` (with EMA), ``mask``
-    (``mask.state_dict()``: masks, mask step and prune-rate schedule), ``rng``, the best accuracies so far, plus one
-    key per entry of ``extra`` (objects with ``state_dict()``, e.g. a distillation projector). After an int epoch
-    ``e``, ``checkpoint-{e - save_ckpt_num * save_ckpt_freq}.pth`` is deleted (keeps the last ``save_ckpt_num``).
+    (``mask.state_dict()``: masks, mask step and prune-rate schedule), ``rng`` (one state per rank), the best
+    accuracies so far, plus one key per entry of ``extra`` (objects with ``state_dict()``, e.g. a distillation
+    projector). After an int epoch ``e``, ``checkpoint-{e - save_ckpt_num * save_ckpt_freq}.pth`` is deleted (keeps
+    the last ``save_ckpt_num``).
     """
+    rng = gather_rng_states()  # a collective: every rank calls save_model
     if not is_main_process():
         return
     path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
@@ -604,7 +636,7 @@ def save_model(args: argparse.Namespace, epoch, model, model_without_ddp, optimi
         'epoch': epoch,
         'scaler': loss_scaler.state_dict(),
         'args': args_to_dict(args),
-        'rng': get_rng_state(),
+        'rng': rng,
     }
     if max_accuracy is not None:
         to_save['max_accuracy'] = float(max_accuracy)
@@ -653,9 +685,9 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
     """Resume from ``--resume`` or, when it is empty and ``--auto_resume`` is on, the newest ``checkpoint-N.pth``
     in ``--output_dir``. Returns the checkpoint's mask state (or None) so the caller builds the mask from it.
 
-    Sets ``args.start_epoch`` (epoch + 1) and ``args.max_accuracy``/``args.max_accuracy_ema`` and restores the RNG
-    states when the checkpoint holds a training state. The model is loaded strictly through
-    ``SLaK.load_checkpoint`` so an architecture mismatch names the offending keys.
+    Sets ``args.start_epoch`` (epoch + 1) and ``args.max_accuracy``/``args.max_accuracy_ema`` and restores the
+    optimizer, loss scaler and RNG states when the checkpoint holds a training state (not with ``--eval true``). The
+    model is loaded strictly through ``SLaK.load_checkpoint`` so an architecture mismatch names the offending keys.
     """
     import SLaK
     if not args.resume and args.auto_resume and args.output_dir:
@@ -668,20 +700,20 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
     checkpoint = load_checkpoint_file(args.resume)
     print(f'Resume checkpoint {args.resume}')
     SLaK.load_checkpoint(model_without_ddp, checkpoint, strict=True, keys=('model',))
-    if 'optimizer' in checkpoint and 'epoch' in checkpoint:
-        if isinstance(checkpoint['epoch'], int):
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            args.start_epoch = checkpoint['epoch'] + 1
-            if 'scaler' in checkpoint:
-                loss_scaler.load_state_dict(checkpoint['scaler'])
-            args.max_accuracy = checkpoint.get('max_accuracy', 0.0)
-            args.max_accuracy_ema = checkpoint.get('max_accuracy_ema', 0.0)
-            if 'rng' in checkpoint:
-                set_rng_state(checkpoint['rng'])
-            print('With optim & sched!')
-        elif not getattr(args, 'eval', False):
+    # --eval needs only the weights: skipping the optimizer lets it read checkpoints of other --opt/--layer_decay runs
+    if 'optimizer' in checkpoint and 'epoch' in checkpoint and not getattr(args, 'eval', False):
+        if not isinstance(checkpoint['epoch'], int):
             raise ValueError(f'{args.resume} is a best-accuracy checkpoint (epoch={checkpoint["epoch"]!r}); it can be '
                              f'evaluated (--eval true) or used with --finetune, not resumed')
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        if 'scaler' in checkpoint:
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        args.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        args.max_accuracy_ema = checkpoint.get('max_accuracy_ema', 0.0)
+        if 'rng' in checkpoint:
+            restore_rng_states(checkpoint['rng'])
+        print('With optim & sched!')
     if model_ema is not None:
         ema_state = checkpoint.get('model_ema', checkpoint['model'])
         SLaK.load_checkpoint(model_ema.ema, ema_state, strict=True, keys=())
@@ -692,11 +724,19 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
 
 
 def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
-    """Non-strict load for ``--finetune`` that prints what was not initialised and what was not used."""
+    """Non-strict load for ``--finetune`` that prints what was not initialised and what was not used.
+
+    As in the original, ``prefix`` (``--model_prefix``) is the prefix of the *checkpoint's* keys: the model's
+    ``stages.0.0.gamma`` is read from ``<prefix>stages.0.0.gamma``; keys without the prefix are not used.
+    """
     own = model.state_dict()
-    state_dict = {prefix + k: v for k, v in state_dict.items()}
+    outside = [k for k in state_dict if not k.startswith(prefix)]
+    state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if prefix and not state_dict:
+        raise ValueError(f'--model_prefix {prefix!r} matches no key of the checkpoint (its keys look like '
+                         f'{outside[:3]})')
     missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+    unexpected = [prefix + k for k in state_dict if k not in own] + outside
     shape_mismatch = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k not in shape_mismatch},
                           strict=False)

@@ -92,10 +92,21 @@ README_COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize('command', README_COMMANDS)
-def test_readme_commands_parse_unchanged(command):
-    args = parse(command.split())
-    assert args.kernel_size[-1] in (5, 100) and args.model.startswith('SLaK_')
+README_MEANING = [
+    dict(Decom=True, sparse=True, width_factor=1.3, update_frequency=2000, sparsity=0.4, sparse_init='snip',
+         prune_rate=0.5, growth='random', epochs=300, model='SLaK_tiny', drop_path=0.1, batch_size=128, lr=4e-3,
+         update_freq=8, model_ema=True, model_ema_eval=True, num_workers=40, kernel_size=[51, 49, 47, 13, 5],
+         output_dir='/path/to/save_results', eval=False),
+    dict(local_rank=0, model='SLaK_tiny', eval=True, Decom=True, kernel_size=[51, 49, 47, 13, 5], width_factor=1.3,
+         resume='path/to/checkpoint', input_size=224, drop_path=0.2, sparse=False, dist_eval=True),
+    dict(kernel_size=[7, 7, 7, 7, 100], model='SLaK_small', drop_path=0.4, Decom=False, sparse=False),
+]
+
+
+@pytest.mark.parametrize('command, meaning', list(zip(README_COMMANDS, README_MEANING)))
+def test_readme_commands_parse_unchanged(command, meaning):
+    args = vars(parse(command.split()))
+    assert {k: args[k] for k in meaning} == meaning
 
 
 def test_training_writes_logs_checkpoints_and_tensorboard(trained):
@@ -187,6 +198,8 @@ def run_cli(argv, capsys):
     (['--resume', '/nonexistent/ckpt.pth'], 'checkpoint not found: /nonexistent/ckpt.pth'),
     (['--kernel_size', '8', '7', '5', '5', '3'], 'kernel_size[0] = 8 is even'),
     (['--sparse_init', 'bogus'], "--sparse_init must be one of"),
+    (['--batch_size', '31', '--mixup', '0.8'], '--batch_size 31 is odd; Mixup/CutMix needs an even batch'),
+    (['--save_ckpt_num', '0'], '--save_ckpt_freq and --save_ckpt_num must be >= 1'),
 ])
 def test_user_errors_are_one_line(extra, needle, data_dir, capsys, tmp_path):
     argv = TINY + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path)] + extra
@@ -355,3 +368,60 @@ def test_amp_gradient_growth_sees_the_gradients(data_dir, tmp_path):
     assert ckpt['mask']['steps'] == 6
     for k, m in ckpt['mask']['masks'].items():
         assert ckpt['model'][k].masked_select(~m.bool()).abs().sum() == 0, k
+
+
+def test_finetune_model_prefix_reads_prefixed_checkpoint_keys(tmp_path, capsys):
+    """--model_prefix P (original semantics): the model's `x` is read from the checkpoint's `P x`."""
+    import timm
+    kwargs = dict(width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], Decom=True)
+    torch.manual_seed(1)
+    source = timm.create_model('SLaK_tiny', num_classes=7, **kwargs)
+    state = {f'encoder.{k}': v for k, v in source.state_dict().items()}
+    state['decoder.weight'] = torch.zeros(2)
+    torch.save({'model': state}, tmp_path / 'pre.pth')
+    torch.manual_seed(2)
+    model = timm.create_model('SLaK_tiny', num_classes=10, **kwargs)
+    head = model.head.weight.clone()
+    args = parse(['--finetune', str(tmp_path / 'pre.pth'), '--model_prefix', 'encoder.'])
+    main.load_finetune(args, model)
+    for k, v in model.state_dict().items():
+        if not k.startswith('head.'):
+            assert torch.equal(v, source.state_dict()[k]), k
+    assert torch.equal(model.head.weight, head)  # 7-class head dropped, 10-class head kept
+    out = capsys.readouterr().out
+    assert 'Removing key encoder.head.weight' in out and "'decoder.weight'" in out
+    with pytest.raises(ValueError, match="--model_prefix 'backbone.' matches no key"):
+        main.load_finetune(parse(['--finetune', str(tmp_path / 'pre.pth'), '--model_prefix', 'backbone.']), model)
+
+
+def test_count_flops_dense_and_sparse_against_layer_hooks():
+    """FLOPs = 2 x multiply-adds of every conv and linear layer; the sparse count scales each by its weight density."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3],
+                              Decom=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() in (2, 4) and 'LoRA' in name:
+                p.mul_((torch.rand_like(p) < 0.3).float())
+    per_layer = []
+
+    def hook(module, inputs, output):
+        w = module.weight
+        if isinstance(module, torch.nn.Conv2d):
+            macs = output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+        else:
+            macs = output.numel() * w.shape[1]
+        per_layer.append((2 * macs, (w != 0).float().mean().item()))
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    model.train()
+    dense, sparse = main.count_flops(model, 32, torch.device('cpu'))
+    assert dense == sum(f for f, _ in per_layer)
+    assert sparse == pytest.approx(sum(f * d for f, d in per_layer), rel=1e-6)
+    assert sparse < 0.95 * dense and model.training

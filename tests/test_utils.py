@@ -262,3 +262,82 @@ def test_convert_sync_batchnorm_keeps_state_and_single_process_maths():
         reference.train(mode)
         torch.testing.assert_close(converted(x), reference(x))
     torch.testing.assert_close(converted[1].running_var, reference[1].running_var)
+
+
+# ---- distributed checkpoints: every rank keeps its own random streams across a resume ----------------------------
+def _draws():
+    return [torch.rand(3).tolist(), np.random.rand(2).tolist(), [random.random()]]
+
+
+def _rng_resume_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+        torch.manual_seed(100 + rank)  # main.init_run seeds --seed + rank
+        np.random.seed(100 + rank)
+        random.seed(100 + rank)
+        utils.save_model(_ckpt_args(out), 0, model, model, opt, scaler)  # every rank calls it; rank 0 writes
+        expected = _draws()
+        torch.manual_seed(7)  # a fresh process would be seeded again before resuming
+        np.random.seed(7)
+        random.seed(7)
+        args = _ckpt_args(out, resume=os.path.join(out, 'checkpoint-0.pth'))
+        dist.barrier()  # rank 0 has written the file
+        utils.auto_load_model(args, model, model, opt, scaler)
+        torch.save({'expected': expected, 'got': _draws()}, os.path.join(out, f'draws-{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_resume_restores_each_ranks_own_random_streams(tmp_path):
+    """Restoring rank 0's RNG on every rank would make all ranks draw the same augmentations after a resume."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rng_resume_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    draws = [torch.load(tmp_path / f'draws-{r}.pth') for r in range(2)]
+    for d in draws:
+        assert d['got'] == d['expected']
+    assert draws[0]['got'] != draws[1]['got']
+    ckpt = torch.load(tmp_path / 'checkpoint-0.pth', weights_only=True)
+    assert isinstance(ckpt['rng'], list) and len(ckpt['rng']) == 2
+
+
+def test_restore_rng_states_single_state_and_world_size_change(capsys):
+    torch.manual_seed(3)
+    state = utils.get_rng_state()
+    expected = torch.rand(2)
+    utils.restore_rng_states(state)  # a single dict (one process)
+    assert torch.equal(torch.rand(2), expected)
+    torch.manual_seed(5)
+    kept = torch.rand(2)
+    torch.manual_seed(5)
+    utils.restore_rng_states([state, state])  # saved by 2 processes, restored in 1: left as seeded
+    assert torch.equal(torch.rand(2), kept)
+    assert 'random states of 2 processes' in capsys.readouterr().out
+
+
+def test_init_distributed_one_task_slurm_job_is_single_process(fake_dist, monkeypatch):
+    """`python main.py` inside an sbatch script (SLURM_PROCID=0, one task) must not wait for a rendezvous."""
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('SLURM_NTASKS', '1')
+    args = _args()
+    utils.init_distributed_mode(args)
+    assert args.distributed is False and fake_dist == {}
+
+
+def test_eval_resume_loads_weights_of_a_run_with_other_optimizer_groups(tmp_path):
+    """A --layer_decay run's checkpoint (more param groups) must still load for --eval true (weights only)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    groups = [{'params': [p]} for p in model.parameters()]  # 4 groups, as layer decay makes many
+    scaler = utils.NativeScalerWithGradNormCount('cpu', enabled=False)
+    utils.save_model(_ckpt_args(tmp_path), 9, model, model, torch.optim.AdamW(groups), scaler)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    two_groups = torch.optim.AdamW([{'params': list(fresh[0].parameters())}, {'params': list(fresh[1].parameters())}])
+    args = _ckpt_args(tmp_path, eval=True)
+    utils.auto_load_model(args, fresh, fresh, two_groups, scaler)
+    assert torch.equal(fresh[1].weight, model[1].weight) and args.start_epoch == 0
+    with pytest.raises(ValueError):  # training resume needs the same optimizer layout (torch's own check)
+        utils.auto_load_model(_ckpt_args(tmp_path), fresh, fresh, two_groups, scaler)
