@@ -190,11 +190,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--kernel_size', type=int, nargs='*', default=[51, 49, 47, 13, 5],
                         help='kernel size of conv layers (4 stages + the small kernel)')
     parser.add_argument('--growth', type=str, default='random',
-                        help='Growth mode. Choose from: momentum, random, and momentum_neuron.')
+                        help='Growth mode: random, gradient, momentum, momentum_neuron.')
     parser.add_argument('--prune', type=str, default='magnitude',
-                        help='Death mode / pruning mode. Choose from: magnitude, SET, threshold.')
+                        help='Pruning mode: magnitude or SET.')
     parser.add_argument('--redistribution', type=str, default='none',
-                        help='Redistribution mode. Choose from: momentum, magnitude, nonzeros, or none.')
+                        help='Redistribution mode: none, momentum, magnitude, nonzero (accepted, not applied, '
+                             'as in the original).')
     parser.add_argument('--prune_rate', type=float, default=0.3, help='The pruning rate / death rate.')
     parser.add_argument('--sparsity', type=float, default=0.4, help='The sparsity of the overall sparse network.')
     parser.add_argument('--verbose', action='store_true', help='Prints verbose status of pruning/growth algorithms.')
@@ -422,8 +423,18 @@ def prepare_model(args: argparse.Namespace, model: torch.nn.Module, device: torc
 
 
 def build_ema(args: argparse.Namespace, model: torch.nn.Module) -> Optional[ModelEma]:
+    """Sparse-aware EMA of ``model`` (before DDP wrapping, as the original).
+
+    Every rank was seeded with ``--seed + rank``, so the replicas differ until DDP broadcasts rank 0's weights; the
+    model is synchronised from rank 0 first, so that every rank's EMA starts from the same weights (the original's EMA
+    copies started different on each rank).
+    """
     if not args.model_ema:
         return None
+    if getattr(args, 'distributed', False):
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
     print(f'Using EMA with decay = {args.model_ema_decay:.8f}')
     return ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '', resume='')
 
@@ -588,6 +599,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
         return test_stats
 
+    if mask_state is not None and not args.sparse:
+        print('warning: the checkpoint holds sparse masks but --sparse is not set; training continues dense')
     mask = build_mask(args, model, optimizer, data, num_steps, log_writer, mask_state, model_ema)
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)

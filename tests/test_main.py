@@ -1,6 +1,7 @@
 """End-to-end tests of main.py on a tiny tree of real MNIST digits (CPU, width 0.125, 32 px)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -425,3 +426,24 @@ def test_count_flops_dense_and_sparse_against_layer_hooks():
     assert dense == sum(f for f, _ in per_layer)
     assert sparse == pytest.approx(sum(f * d for f, d in per_layer), rel=1e-6)
     assert sparse < 0.95 * dense and model.training
+
+
+def _ema_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # main.init_run seeds --seed + rank: the replicas start different
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        args = argparse.Namespace(model_ema=True, model_ema_decay=0.99, model_ema_force_cpu=False, distributed=True)
+        ema = main.build_ema(args, model)
+        torch.save(ema.ema.state_dict(), os.path.join(out, f'ema-{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ema_starts_identical_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ema_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'ema-{r}.pth') for r in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
