@@ -73,8 +73,8 @@ def last_rate(out):
 
 def model_args(a):
     if a.tiny:
-        return ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5',
-                '3', '--input_size', '32', '--batch_size', '8', '--nb_classes', '10']
+        return ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5',
+                '5', '3', '--input_size', '32', '--batch_size', '8', '--nb_classes', '10']
     return ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '1.3', '--kernel_size', '51', '49', '47', '13',
             '5', '--input_size', '224', '--batch_size', str(a.batch_size), '--nb_classes', '1000']
 
