@@ -600,9 +600,15 @@ def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write never leaves a
     truncated checkpoint under the final name (auto-resume would pick it)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    name = os.path.basename(path)
+    for stale in glob.glob(os.path.join(glob.escape(folder), f'.{glob.escape(name)}.tmp*')):
+        os.remove(stale)  # left by a process killed mid-write (SIGKILL skips the cleanup below)
+    tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
     try:
-        torch.save(obj, tmp)
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

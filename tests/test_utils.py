@@ -170,6 +170,15 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     assert torch.load(path, weights_only=True)['a'].item() == 1
 
 
+def test_atomic_save_removes_temp_files_of_killed_writers(tmp_path):
+    stale = tmp_path / '.checkpoint-3.pth.tmp4242'  # what a SIGKILL during torch.save leaves behind
+    stale.write_bytes(b'partial')
+    other = tmp_path / '.checkpoint-4.pth.tmp4242'  # another file's temporary: not ours to remove
+    other.write_bytes(b'partial')
+    utils.atomic_save({'a': torch.ones(1)}, str(tmp_path / 'checkpoint-3.pth'))
+    assert sorted(os.listdir(tmp_path)) == ['.checkpoint-4.pth.tmp4242', 'checkpoint-3.pth']
+
+
 def test_latest_checkpoint_ignores_best_and_picks_largest_number(tmp_path):
     for n in ('checkpoint-2.pth', 'checkpoint-10.pth', 'checkpoint-best.pth', 'checkpoint-best-ema.pth',
               'checkpoint-9.pth'):
