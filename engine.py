@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 from timm.data import Mixup
@@ -51,12 +51,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     wd_schedule_values=None, num_training_steps_per_epoch: Optional[int] = None,
                     update_freq: Optional[int] = None, use_amp: bool = False, mask=None,
                     amp_dtype: torch.dtype = torch.float16,
-                    compute_loss: Optional[Callable] = None, channels_last: bool = False) -> Dict[str, float]:
+                    compute_loss: Optional[Callable] = None, channels_last: bool = False,
+                    clip_parameters: Optional[Iterable[torch.Tensor]] = None,
+                    sync_modules: Sequence[torch.nn.Module] = ()) -> Dict[str, float]:
     """Train for one epoch; returns the epoch averages of every meter (``loss``, ``class_acc``, ``lr``, ...).
 
     The optimizer steps every ``update_freq`` micro-batches (gradients summed, each loss divided by ``update_freq``).
     With ``use_amp`` the ``loss_scaler`` (``utils.NativeScalerWithGradNormCount``; disabled scaling for bfloat16)
     does backward and step; otherwise ``mask.step()`` (which steps the optimizer) or ``optimizer.step()``.
+    ``clip_parameters`` (default: the model's) are the tensors whose gradient norm is clipped and logged, and
+    ``sync_modules`` further DDP modules trained alongside (distillation heads) that skip their all-reduce on
+    accumulation micro-batches like the model.
     """
     model.train(True)
     update_freq = update_freq or 1
@@ -66,7 +71,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     header = f'Epoch: [{epoch}]'
     print_freq = 200
     clip = max_norm if max_norm and max_norm > 0 else None
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    ddp_modules = [m for m in (model, *sync_modules) if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
+    clip_parameters = list(model.parameters() if clip_parameters is None else clip_parameters)
     second_order = getattr(optimizer, 'is_second_order', False)
 
     optimizer.zero_grad()
@@ -88,9 +94,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        sync_ctx = model.no_sync() if (is_ddp and not is_update) else contextlib.nullcontext()
         grad_norm = None
-        with sync_ctx:
+        with contextlib.ExitStack() as sync_ctx:
+            if not is_update:
+                for module in ddp_modules:
+                    sync_ctx.enter_context(module.no_sync())
             with _autocast(device, use_amp, amp_dtype):
                 if compute_loss is not None:
                     loss, output, terms = compute_loss(samples, targets)
@@ -103,7 +111,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 raise NonFiniteLossError(epoch, it, loss_value)
             loss = loss / update_freq
             if use_amp:
-                grad_norm = loss_scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters(),
+                grad_norm = loss_scaler(loss, optimizer, clip_grad=clip, parameters=clip_parameters,
                                         create_graph=second_order, update_grad=is_update)
                 if is_update:
                     if mask is not None:  # before zero_grad: --growth gradient reads the gradients
@@ -113,7 +121,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 loss.backward(create_graph=second_order)
                 if is_update:
                     if clip is not None:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
                     if mask is not None:
                         mask.step()
                     else:

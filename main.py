@@ -480,7 +480,7 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
                        wd_schedule_values, num_steps: int, device: torch.device, amp_dtype: torch.dtype,
                        model_ema: Optional[ModelEma], mask: Optional[Masking], log_writer, wandb_logger,
                        n_parameters: int, compute_loss=None, extra: Optional[dict] = None,
-                       name: str = 'model') -> Optional[dict]:
+                       name: str = 'model', clip_parameters=None, sync_modules=()) -> Optional[dict]:
     """The epoch loop of SPEC 4.11: train, evaluate (raw and EMA), keep best checkpoints, log; returns the last log.
 
     Periodic checkpoints are written after the epoch's evaluation, so they carry the best accuracy so far and the
@@ -503,7 +503,8 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
             start_steps=epoch * num_steps, lr_schedule_values=lr_schedule_values,
             wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_steps,
             update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
-            compute_loss=compute_loss, channels_last=args.channels_last)
+            compute_loss=compute_loss, channels_last=args.channels_last, clip_parameters=clip_parameters,
+            sync_modules=sync_modules)
 
         def save(tag):
             utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,

@@ -558,7 +558,9 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     return main_train.train_and_evaluate(
         args, student, student_without_ddp, data, criterion, optimizer, loss_scaler, lr_schedule_values,
         wd_schedule_values, num_steps, device, amp_dtype, model_ema, mask, log_writer, wandb_logger, n_parameters,
-        compute_loss=compute_loss, extra={'distill_heads': heads} if heads is not None else None, name='student')
+        compute_loss=compute_loss, extra={'distill_heads': heads} if heads is not None else None, name='student',
+        clip_parameters=list(student.parameters()) + (list(heads.parameters()) if heads is not None else []),
+        sync_modules=(heads_ddp,) if heads_ddp is not None else ())
 
 
 def run(argv=None) -> int:

@@ -322,6 +322,30 @@ def test_update_freq_2_at_batch_b_matches_batch_2b():
         assert torch.allclose(results[0][k], results[1][k], rtol=1e-4, atol=1e-6), k
 
 
+def test_clip_grad_covers_clip_parameters_beyond_the_model():
+    """Distillation heads trained beside the model are clipped together with it (one global norm)."""
+    import engine
+    x, y = _digits_batch(4)
+    model, head = _no_bn_model(), torch.nn.Linear(10, 10)
+    params = list(model.parameters()) + list(head.parameters())
+    seen = {}
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            seen['norm'] = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+            seen['head'] = head.weight.grad.norm().item()
+            return super().step(closure)
+
+    def compute_loss(samples, targets):
+        output = model(samples)
+        return torch.nn.functional.cross_entropy(output, targets) + 1e4 * head(output).square().mean(), output, {}
+    stats = engine.train_one_epoch(model, None, [(x, y)], RecordingSGD(params, lr=0.0), torch.device('cpu'), 0,
+                                   utils.NativeScalerWithGradNormCount('cpu', enabled=False), max_norm=1.0,
+                                   compute_loss=compute_loss, clip_parameters=params)
+    assert stats['grad_norm'] > 10  # the head's gradient dominated before clipping
+    assert seen['norm'] == pytest.approx(1.0, rel=1e-4) and seen['head'] > 0
+
+
 def test_compute_loss_hook_logs_named_terms():
     import engine
     x, y = _digits_batch(4)
