@@ -137,10 +137,16 @@ def main(args: argparse.Namespace) -> None:
     print(f'heatmap saved to {args.heatmap_save}')
 
 
-if __name__ == '__main__':
-    parsed = get_args_parser().parse_args()
+def run_cli(main_fn, parser: argparse.ArgumentParser) -> int:
+    """Parse the command line and run ``main_fn``; a ``ValueError`` (bad input) becomes one ``error:`` line and exit
+    code 2 instead of a traceback. Shared by the three ERF scripts."""
     try:
-        main(parsed)
+        main_fn(parser.parse_args())
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main, get_args_parser()))

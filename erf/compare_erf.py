@@ -23,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from erf.analyze_erf import THRESHOLDS, area_ratios, draw_heatmap, load_matrix, normalise  # noqa: E402
+from erf.analyze_erf import THRESHOLDS, area_ratios, draw_heatmap, load_matrix, normalise, run_cli  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402  (after analyze_erf, which selects the Agg backend)
 
@@ -78,9 +78,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, get_args_parser()))

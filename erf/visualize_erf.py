@@ -278,9 +278,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    from erf.analyze_erf import run_cli
+    sys.exit(run_cli(main, get_args_parser()))
