@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    python benchmarks/bench_dwconv.py [--sweep] [--old FILE] [--json results.json]
+    python benchmarks/bench_dwconv.py [--sweep [--sweep-maps 56,28,14,7]] [--old FILE] [--json results.json]
 
 Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
 (2) for each layer at batch 64 in bf16: forward and forward+backward time of ours and of cuDNN (``F.conv2d`` with
@@ -164,10 +164,12 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
         cand_f[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_fwd(x, w, config=cfg)
     for cfg in ((64, 64, 4), (32, 64, 4), (16, 64, 4), (32, 128, 4), (16, 128, 4)):
         cand_w[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_wgrad(x, x, shape, config=cfg)
-    if old is not None:
-        small = max(kh, kw) <= 7 or hw * hw <= 64
-        cand_f["old"] = lambda: (old["_launch_direct_fwd"] if small else old["_launch_fwd"])(x, w)
-        cand_w["old"] = lambda: (old["_launch_direct_wgrad"] if small else old["_launch_wgrad"])(x, x, shape)
+    if old is not None:  # the earlier file's launchers for the path its own kernel_path picks
+        path = old["kernel_path"](hw, hw, kh, kw) if "kernel_path" in old else (
+            "direct" if max(kh, kw) <= 7 or hw * hw <= 64 else "banded")
+        suffix = "" if path == "banded" else f"_{path}"
+        cand_f["old"] = lambda: old[f"_launch{suffix}_fwd"](x, w)
+        cand_w["old"] = lambda: old[f"_launch{suffix}_wgrad"](x, x, shape)
     for cands, res in ((cand_f, fwd), (cand_w, wg)):
         for name, f in cands.items():
             try:
@@ -184,6 +186,7 @@ def main():
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--old", default=None, help="earlier dwconv_triton.py to time in the --sweep table")
+    parser.add_argument("--sweep-maps", default="56,28,14,7", help="map sizes the --sweep visits")
     args = parser.parse_args()
     import triton
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
@@ -218,7 +221,7 @@ def main():
         old = load_old(args.old) if args.old else None
         out["sweep"] = {}
         for model, c, hw, kh, kw in layers():
-            if model != "T/S":
+            if model != "T/S" or str(hw) not in args.sweep_maps.split(","):
                 continue
             fwd, wg = sweep(c, hw, kh, kw, old)
             out["sweep"][f"{c}@{hw} {kh}x{kw}"] = {"fwd": fwd, "wgrad": wg}

@@ -54,6 +54,7 @@ CASES = [
     (66, 2, 3, 5, 3, 7, "float32", "nc"),
     (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),
     (1, 2, 9, 32, 3, 5, "float32", "cl"),
+    (2, 2, 6, 7, 31, 15, "float32", "cl"),  # plane: kernel larger than the map, 143 reachable taps > BLOCK_T
 ]
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # interpreter: fp32 dots are exact fp32
 
@@ -98,6 +99,43 @@ SUBPROCESS_SCRIPT = textwrap.dedent('''
             out=rel(out, ref), dx=rel(xo.grad, xr.grad), dw=rel(wo.grad, wr.grad), path=path,
             dtype=str(out.dtype), cl=out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(),
             poison=rel(poisoned, ref.detach()) if torch.isfinite(poisoned).all() else float("nan"))
+    # The eager autograd.Function and the registered op run the same kernels: bit-identical results.
+    # Under FlopCounterMode (a dispatch mode) the module call must take the registered op, or nothing is counted.
+    from torch.utils.flop_counter import FlopCounterMode
+    for n, c, h, w, kh, kw in ((2, 3, 7, 7, 13, 5), (1, 2, 17, 16, 5, 5), (2, 3, 11, 9, 9, 3)):
+        outs = []
+        for registered in (False, True):
+            dw.ALWAYS_REGISTERED_OP = registered
+            torch.manual_seed(1)
+            x = torch.randn(n, c, h, w, requires_grad=True)
+            wt = torch.randn(c, 1, kh, kw, requires_grad=True)
+            y = dw.depthwise_conv2d(x, wt)
+            y.backward(torch.randn_like(y))
+            outs.append((y.detach(), x.grad, wt.grad))
+        dw.ALWAYS_REGISTERED_OP = False
+        diff = max((a - b).abs().max().item() for a, b in zip(*outs))
+        with FlopCounterMode(display=False) as counter:
+            y = dw.depthwise_conv2d(x, wt)
+            y.sum().backward()
+        results[f"routes {h}x{w} {kh}x{kw}"] = dict(
+            diff=diff, flops=counter.get_total_flops(), expected=3 * 2 * n * c * h * w * kh * kw)
+    # Under bf16 autocast with fp32 weights the eager route returns the fp32 accumulator itself; the registered op
+    # returns it rounded to bf16 (then cast back by autograd): the two weight gradients differ exactly by that rounding.
+    grads = []
+    for registered in (False, True):
+        dw.ALWAYS_REGISTERED_OP = registered
+        torch.manual_seed(2)
+        x = torch.randn(2, 3, 11, 9, requires_grad=True)
+        wt = torch.randn(3, 1, 9, 3, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dw.depthwise_conv2d(x, wt)
+        y.backward(torch.randn_like(y))
+        grads.append((y.detach(), x.grad, wt.grad))
+    dw.ALWAYS_REGISTERED_OP = False
+    (ye, xe, we), (yo, xo_, wo_) = grads
+    results["routes autocast"] = dict(
+        y_equal=bool(torch.equal(ye, yo)), dx_equal=bool(torch.equal(xe, xo_)), w_dtype=str(we.dtype),
+        dw_is_rounded=bool(torch.equal(we.to(torch.bfloat16).float(), wo_)), dw_finer=bool(not torch.equal(we, wo_)))
     # autocast on CPU: the op runs in the autocast dtype
     x = torch.randn(2, 3, 12, 10)
     conv = dw.DepthWiseConv2dImplicitGEMM(3, (9, 3), bias=True)
@@ -134,6 +172,19 @@ def test_triton_kernels_match_float64_reference(interpreted, case):
 def test_every_kernel_path_is_covered(interpreted):
     paths = {interpreted[str(list(c))]["path"] for c in CASES}
     assert paths == {"plane", "direct", "banded"}
+
+
+@pytest.mark.parametrize("key", ["routes 7x7 13x5", "routes 17x16 5x5", "routes 11x9 9x3"])  # plane, direct, banded
+def test_eager_route_equals_registered_op_and_flops_are_counted(interpreted, key):
+    r = interpreted[key]
+    assert r["diff"] == 0.0, "eager autograd.Function and torch.ops.slak.dwconv2d differ"
+    assert r["flops"] == r["expected"], "FlopCounterMode must see the registered op (forward + 2x backward)"
+
+
+def test_eager_route_keeps_fp32_weight_gradient_under_autocast(interpreted):
+    r = interpreted["routes autocast"]
+    assert r["y_equal"] and r["dx_equal"], r
+    assert r["w_dtype"] == "torch.float32" and r["dw_is_rounded"] and r["dw_finer"], r
 
 
 def test_autocast_runs_in_autocast_dtype(interpreted):
