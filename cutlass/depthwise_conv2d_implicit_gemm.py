@@ -26,6 +26,8 @@ dense GEMM per channel over the whole plane (the conv as a 49x49 matrix times th
 The op is registered as ``torch.ops.slak.dwconv2d`` (with ``slak::dwconv2d_weight_grad`` for the backward) through
 ``torch.library.custom_op`` with fake (meta) implementations, so it traces under ``torch.compile``, and with FLOP
 formulas (``2 * N * C * H * W * kh * kw`` per op, so FlopCounterMode counts the backward as twice the forward).
+Plain eager calls skip the dispatcher through an ``autograd.Function`` twin that runs the same kernels
+(``_needs_registered_op`` decides), because the registered op's per-call CPU cost made small-map layers CPU-bound.
 Under ``torch.autocast`` the wrapper casts input and weight to the autocast dtype itself (custom ops are not
 autocast-aware). Channels-last inputs are made NCHW-contiguous for the kernels and the output is returned
 channels-last again.
@@ -123,6 +125,20 @@ def is_supported(x: torch.Tensor, weight: torch.Tensor) -> Tuple[bool, str]:
     return True, ""
 
 
+# Set to True to route every call through the registered op (benchmarks compare the two routes).
+ALWAYS_REGISTERED_OP = False
+
+
+def _needs_registered_op() -> bool:
+    """Whether this call must go through ``torch.ops.slak.dwconv2d``: under ``torch.compile`` tracing and under any
+    TorchDispatchMode (FlopCounterMode, FakeTensorMode, ...), which only see registered ops. Plain eager calls take
+    the autograd-Function twin, which runs the same kernels without the dispatcher's per-call CPU cost."""
+    if ALWAYS_REGISTERED_OP or torch.compiler.is_compiling():
+        return True
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return stack_len is None or stack_len() > 0
+
+
 def _warn_once(reason: str) -> None:
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
@@ -147,7 +163,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_odd(kh, kw)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     ok, reason = is_supported(x, weight)
     if not ok:
@@ -155,7 +171,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         bias = bias.to(x.dtype) if bias is not None else None  # e.g. a folded fp32 bias with bf16 input
         return F.conv2d(x, weight.to(x.dtype), bias, padding=(kh // 2, kw // 2), groups=weight.shape[0])
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = _kernels.dwconv2d(x.contiguous(), weight.to(x.dtype))
+    if _needs_registered_op():
+        out = _kernels.dwconv2d(x.contiguous(), weight.to(x.dtype))
+    else:  # casts the weight itself; its gradient comes back in the weight's dtype straight from fp32
+        out = _kernels.dwconv2d_eager(x, weight)
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, 1, 1)
     if channels_last:
