@@ -106,9 +106,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     output = model(samples)
                     loss = criterion(output, targets)
                     terms = {}
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(epoch, it, loss_value)
+            loss_value = loss.detach()  # read after backward is queued: .item() here would idle the GPU meanwhile
             loss = loss / update_freq
             if use_amp:
                 grad_norm = loss_scaler(loss, optimizer, clip_grad=clip, parameters=clip_parameters,
@@ -127,10 +125,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     else:
                         optimizer.step()
                     optimizer.zero_grad()
+        # One host sync per micro-batch, after the whole step is queued (NaN weights are never checkpointed: we stop).
+        loss_value = loss_value.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(epoch, it, loss_value)
         if is_update and model_ema is not None:
             model_ema.update(model, mask)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
 
         class_acc = (output.argmax(dim=-1) == targets).float().mean() if mixup_fn is None else None
         min_lr = min(group['lr'] for group in optimizer.param_groups)
