@@ -88,6 +88,9 @@ def main():
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--infer-batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all models (interleaved, so clock drift hits every model alike); "
+                             "medians are reported")
     parser.add_argument("--models", default="all", help="comma-separated subset of the names printed")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -98,26 +101,38 @@ def main():
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
     if args.models != "all":
         names = [n for n in names if n in args.models.split(",")]
-    rows = []
-    for name in names:
-        torch.manual_seed(0)
-        model = make(name).cuda()
-        if "folded" in name:
-            train, train_mem = float("nan"), float("nan")
-            model.eval()
-            model.reparameterize(decomposed="decomposed" in name)
-        else:
-            train, train_mem = train_speed(model, args.train_batch, args.steps)
-        infer, infer_mem = infer_speed(model, args.infer_batch, args.steps)
-        rows.append((name, train, train_mem, infer, infer_mem))
-        print(f"{name:36s} train {train:8.1f} img/s ({train_mem:5.1f} GiB)  infer {infer:8.1f} img/s "
-              f"({infer_mem:5.1f} GiB)", flush=True)
-        del model
-        torch.cuda.empty_cache()
-    base = {r[0]: r for r in rows}.get("convnext_tiny (timm)")
+    samples = {name: [] for name in names}
+    for rep in range(args.repeats):
+        for name in names:
+            torch.manual_seed(0)
+            model = make(name).cuda()
+            if "folded" in name:
+                train, train_mem = float("nan"), float("nan")
+                model.eval()
+                model.reparameterize(decomposed="decomposed" in name)
+            else:
+                train, train_mem = train_speed(model, args.train_batch, args.steps)
+            infer, infer_mem = infer_speed(model, args.infer_batch, args.steps)
+            samples[name].append((train, train_mem, infer, infer_mem))
+            print(f"[{rep}] {name:36s} train {train:8.1f} img/s ({train_mem:5.1f} GiB)  infer {infer:8.1f} img/s "
+                  f"({infer_mem:5.1f} GiB)", flush=True)
+            del model
+            torch.cuda.empty_cache()
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    rows = {name: tuple(median([r[i] for r in runs]) for i in range(4)) for name, runs in samples.items()}
+    print(f"medians of {args.repeats} round(s):")
+    for name, (train, train_mem, infer, infer_mem) in rows.items():
+        spread = [r[0] for r in samples[name]]
+        print(f"{name:36s} train {train:8.1f} img/s (min {min(spread):.1f}, max {max(spread):.1f}; "
+              f"{train_mem:.1f} GiB)  infer {infer:8.1f} img/s ({infer_mem:.1f} GiB)")
+    base = rows.get("convnext_tiny (timm)")
     if base:
-        for name, train, _, infer, _ in rows:
-            print(f"{name:36s} vs ConvNeXt-T: train {train / base[1]:.3f}x  infer {infer / base[3]:.3f}x")
+        for name, (train, _, infer, _) in rows.items():
+            print(f"{name:36s} vs ConvNeXt-T: train {train / base[0]:.3f}x  infer {infer / base[2]:.3f}x")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,28 @@ def test_gpu_torch_compile():
     y.sum().backward()
     ref = F.conv2d(x, conv.weight, padding=(6, 2), groups=8)
     assert torch.allclose(y, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", [(51, 5), (5, 5), (13, 5)])
+def test_gpu_autocast_fp32_weight_gradient(kernel):
+    """bf16 autocast with fp32 master weights (the training setting): eager route returns fp32 grads of the
+    fp32 weight, close to float64; map 7x7 for 13x5 exercises the plane path."""
+    kh, kw = kernel
+    hw = 7 if kernel == (13, 5) else 24
+    x = torch.randn(8, 16, hw, hw, device="cuda", dtype=torch.float64)
+    wt = torch.randn(16, 1, kh, kw, device="cuda", dtype=torch.float64)
+    conv = dw.DepthWiseConv2dImplicitGEMM(16, kernel).cuda()
+    conv.weight.data.copy_(wt)
+    xo = x.float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = conv(xo)
+    assert y.dtype == torch.bfloat16
+    xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, padding=(kh // 2, kw // 2), groups=16)
+    g = torch.randn_like(ref)
+    y.backward(g.to(torch.bfloat16))
+    ref.backward(g)
+    assert conv.weight.grad.dtype == torch.float32
+    for a, b in ((y, ref), (xo.grad, xr.grad), (conv.weight.grad, wr.grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
