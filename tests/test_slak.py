@@ -401,3 +401,57 @@ def test_load_checkpoint_reports_missing_and_unexpected(tmp_path):
         SLaK.load_checkpoint(wider, path)
     with pytest.raises(ValueError, match='not found'):
         SLaK.load_checkpoint(dst, str(tmp_path / 'nope.pth'))
+
+
+@pytest.mark.parametrize("dim", [13, 124])  # 13: dim and 4*dim misaligned; 124: only dim (4*124 = 496 is aligned)
+def test_padded_pointwise_mlp_equals_plain(dim, monkeypatch):
+    """The CUDA-only padded MLP (GEMM dims rounded up to multiples of 8) is the same maths: float64 outputs and
+    every parameter gradient agree with the plain nn.Linear path; parameters and keys are unchanged."""
+    torch.manual_seed(0)
+    block = SLaK.Block(dim, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').double()
+    x = torch.randn(2, dim, 6, 5, dtype=torch.float64)
+    results = {}
+    for mode in (False, True):
+        monkeypatch.setattr(SLaK.Block, 'PAD_POINTWISE', mode)
+        block.zero_grad()
+        y = block(x)
+        y.square().sum().backward()
+        results[mode] = (y.detach(), {k: p.grad.clone() for k, p in block.named_parameters()})
+    assert block._pad_pointwise(x) is True
+    (y0, g0), (y1, g1) = results[False], results[True]
+    assert torch.allclose(y0, y1, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], rtol=1e-10, atol=1e-12) for k in g0)
+    assert block.pwconv1.weight.shape == (4 * dim, dim)
+    fblock = SLaK.Block(dim, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch')
+    fblock.load_state_dict({k: v.float() for k, v in block.state_dict().items()})
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the half-precision path pads the cast copy
+        yb = fblock(x.float())
+    assert yb.shape == x.shape and ((yb.double() - y0).norm() / y0.norm()).item() < 2e-2
+
+
+def test_padded_pointwise_auto_is_cuda_only_and_skips_aligned_widths():
+    block = SLaK.Block(16, kernel_size=(7, 3), conv_impl='torch')
+    assert SLaK.Block.PAD_POINTWISE == 'auto'
+    assert block._pad_pointwise(torch.zeros(1, 2, 2, 16)) is False  # aligned width: never padded
+    odd = SLaK.Block(13, kernel_size=(7, 3), conv_impl='torch')
+    assert odd._pad_pointwise(torch.zeros(1, 2, 2, 13)) is False  # CPU tensor under 'auto'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_padded_pointwise_matches_plain():
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=10, depths=[1, 1, 1, 1], width_factor=1.3,
+                          kernel_size=[13, 13, 13, 13, 5], Decom=True, layer_scale_init_value=0.5).cuda()
+    x = torch.randn(4, 3, 64, 64, device='cuda')
+    out = {}
+    for mode in (False, 'auto'):
+        SLaK.Block.PAD_POINTWISE = mode
+        m.zero_grad()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        out[mode] = (y.float(), m.stages[1][0].pwconv1.weight.grad.clone())
+    SLaK.Block.PAD_POINTWISE = 'auto'
+    assert m.stages[1][0]._pad_pointwise(torch.zeros(1, device='cuda'))  # 249 channels: padded on CUDA
+    for a, b in zip(out[False], out['auto']):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
