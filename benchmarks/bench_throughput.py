@@ -29,6 +29,8 @@ CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
 
 
 def make(name):
+    # "unpadded": the pointwise GEMMs on the raw odd widths (249, 499), as before SLaK.Block padded them on CUDA.
+    SLaK.Block.PAD_POINTWISE = False if "unpadded" in name else "auto"
     if name == "convnext_tiny (timm)":
         return timm.create_model("convnext_tiny")
     impl = "cutlass" if "ours" in name or "identity" in name else "torch"
@@ -95,7 +97,7 @@ def main():
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
-    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
+    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]

@@ -1,0 +1,110 @@
+"""Where one training step's GPU time goes: torch.profiler over a few AdamW + bf16-autocast steps, kernels grouped.
+
+Run on a CUDA machine from the repository root (needs timm)::
+
+    python benchmarks/profile_step.py [--models "SLaK-T ours,convnext_tiny (timm)"] [--batch 64] [--out DIR]
+
+Prints, per model: wall ms per step, summed GPU kernel ms per step (the two differ by host stalls and gaps), and the
+kernel time split into groups (our depthwise kernels, cuDNN depthwise, BatchNorm, LayerNorm, GEMM, elementwise and
+reductions, optimizer, other), plus the 25 most expensive kernels. ``--out`` also writes a Chrome trace per model.
+Model names are those of ``bench_throughput.py``.
+"""
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_throughput as bt  # noqa: E402
+
+GROUPS = [  # first match wins; patterns are matched against the kernel name, lower-cased
+    ("ours: dwconv", r"dwconv_"),
+    ("cudnn depthwise conv", r"depthwise|conv2d_grouped|dgrad|wgrad|implicit_convolve|conv"),
+    ("batch norm", r"batch_norm|batchnorm|bn_fw|bn_bw|welford"),
+    ("layer norm", r"layer_norm|layernorm"),
+    ("gemm (pointwise/linear)", r"gemm|sm90_xmma|cutlass|nvjet|matmul|s16816|wgmma"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("elementwise/reduce", r"elementwise|vectorized|reduce|unrolled|copy|fill|cat|index"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, pattern in GROUPS:
+        if re.search(pattern, low):
+            return group
+    return "other"
+
+
+def profile_model(name, batch, steps, out_dir):
+    torch.manual_seed(0)
+    model = bt.make(name).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = defaultdict(float)
+    counts = defaultdict(int)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[evt.name] += evt.device_time_total / 1e3 / steps  # ms per step
+            counts[evt.name] += 1
+    total = sum(kernels.values())
+    groups = defaultdict(float)
+    for k, v in kernels.items():
+        groups[group_of(k)] += v
+    print(f"== {name}, batch {batch}: wall {wall:.2f} ms/step, GPU kernels {total:.2f} ms/step "
+          f"({sum(counts.values()) / steps:.0f} kernels/step)")
+    for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"   {g:28s} {v:8.3f} ms  {100 * v / total:5.1f} %")
+    print("   top kernels (ms/step, launches/step):")
+    for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"     {v:7.3f}  {counts[k] / steps:5.0f}  {k[:110]}")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(out_dir) / (re.sub(r"\W+", "_", name) + ".json")))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="SLaK-T ours,SLaK-T dwconv=identity,convnext_tiny (timm)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=None, help="folder for Chrome traces")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
+    for name in args.models.split(","):
+        profile_model(name, args.batch, args.steps, args.out)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
