@@ -45,44 +45,52 @@ def make(name):
     return model
 
 
-def train_speed(model, batch, steps):
+def make_train_step(model, batch, size=224, device="cuda"):
+    """One AdamW step on a fixed random batch under bf16 autocast (``size`` px, 1000 classes)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
     model.train()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+
+def seconds_per_call(fn, calls, warmup=3):
+    """Wall seconds per call after ``warmup`` calls; peak-memory statistics restart after the warmup."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2 ** 30
+    for _ in range(calls):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls
+
+
+def train_speed(model, batch, steps):
+    seconds = seconds_per_call(make_train_step(model, batch), steps)
+    return batch / seconds, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 @torch.no_grad()
 def infer_speed(model, batch, steps):
     model.eval()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(3):
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(steps):
-            model(x)
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t), torch.cuda.max_memory_allocated() / 2 ** 30
+    return batch / seconds_per_call(forward, steps), torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def main():

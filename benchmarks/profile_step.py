@@ -12,7 +12,6 @@ Model names are those of ``bench_throughput.py``.
 import argparse
 import re
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,26 +45,8 @@ def group_of(name: str) -> str:
 
 def profile_model(name, batch, steps, out_dir):
     torch.manual_seed(0)
-    model = bt.make(name).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps * 1e3
+    step = bt.make_train_step(bt.make(name).cuda(), batch)
+    wall = bt.seconds_per_call(step, steps, warmup=5) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
