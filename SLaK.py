@@ -358,7 +358,12 @@ class Block(nn.Module):
         if dim % 8 == 0 and self.pwconv1.out_features % 8 == 0:
             return False
         mode = self.PAD_POINTWISE
-        return x.is_cuda if mode == 'auto' else bool(mode)
+        if not (x.is_cuda if mode == 'auto' else bool(mode)):
+            return False
+        # Under a TorchDispatchMode (FlopCounterMode in main.count_flops) keep nn.Linear: FLOPs are counted without
+        # the padding and per module (the sparse count scales each Linear by its density).
+        stack_len = getattr(torch._C, '_len_torch_dispatch_stack', None)
+        return stack_len is not None and stack_len() == 0
 
     def _padded_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``pwconv2(act(pwconv1(x)))`` with every GEMM dimension zero-padded to a multiple of 8."""

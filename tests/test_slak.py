@@ -429,6 +429,19 @@ def test_padded_pointwise_mlp_equals_plain(dim, monkeypatch):
     assert yb.shape == x.shape and ((yb.double() - y0).norm() / y0.norm()).item() < 2e-2
 
 
+def test_padded_pointwise_is_off_under_flop_counter(monkeypatch):
+    """main.count_flops must see the unpadded nn.Linear calls: exact FLOPs, attributed to pwconv1/pwconv2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setattr(SLaK.Block, 'PAD_POINTWISE', True)
+    dim, hw = 13, 6 * 5
+    block = SLaK.Block(dim, kernel_size=(7, 3), Decom=True, conv_impl='torch')
+    with FlopCounterMode(display=False) as counter:
+        block(torch.randn(1, dim, 6, 5))
+    counts = counter.get_flop_counts()
+    assert sum(counts['Block.pwconv1'].values()) == 2 * hw * dim * 4 * dim
+    assert sum(counts['Block.pwconv2'].values()) == 2 * hw * 4 * dim * dim
+
+
 def test_padded_pointwise_auto_is_cuda_only_and_skips_aligned_widths():
     block = SLaK.Block(16, kernel_size=(7, 3), conv_impl='torch')
     assert SLaK.Block.PAD_POINTWISE == 'auto'
