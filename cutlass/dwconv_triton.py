@@ -527,6 +527,7 @@ class DWConv2dEager(torch.autograd.Function):
         return launch_forward(x, w)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the launchers are not differentiable: say so on double backward
     def backward(ctx, grad_out: torch.Tensor):
         x, w = ctx.saved_tensors
         grad_out = grad_out.contiguous()

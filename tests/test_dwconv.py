@@ -136,6 +136,14 @@ SUBPROCESS_SCRIPT = textwrap.dedent('''
     results["routes autocast"] = dict(
         y_equal=bool(torch.equal(ye, yo)), dx_equal=bool(torch.equal(xe, xo_)), w_dtype=str(we.dtype),
         dw_is_rounded=bool(torch.equal(we.to(torch.bfloat16).float(), wo_)), dw_finer=bool(not torch.equal(we, wo_)))
+    # Double backward through the eager route must raise, not return silently wrong second derivatives.
+    x = torch.randn(1, 2, 9, 9, requires_grad=True)
+    (gx,) = torch.autograd.grad(dw.depthwise_conv2d(x, torch.randn(2, 1, 5, 5)).square().sum(), x, create_graph=True)
+    try:
+        gx.sum().backward()
+        results["double_backward"] = "no error"
+    except RuntimeError as exc:
+        results["double_backward"] = str(exc)
     # autocast on CPU: the op runs in the autocast dtype
     x = torch.randn(2, 3, 12, 10)
     conv = dw.DepthWiseConv2dImplicitGEMM(3, (9, 3), bias=True)
@@ -185,6 +193,10 @@ def test_eager_route_keeps_fp32_weight_gradient_under_autocast(interpreted):
     r = interpreted["routes autocast"]
     assert r["y_equal"] and r["dx_equal"], r
     assert r["w_dtype"] == "torch.float32" and r["dw_is_rounded"] and r["dw_finer"], r
+
+
+def test_double_backward_raises(interpreted):
+    assert "once_differentiable" in interpreted["double_backward"]
 
 
 def test_autocast_runs_in_autocast_dtype(interpreted):
