@@ -71,12 +71,17 @@ def last_rate(out):
     return float(rates[-1]) if rates else float('nan')
 
 
-def rate_without_updates(out, batch, steps, u, update_freq=2, window=20):
+def update_ms(out):
+    """Milliseconds of each prune/grow update, in order, from main.py's log."""
+    return [float(x) for x in re.findall(r'prune/grow update took ([\d.]+) ms', out)]
+
+
+def rate_without_updates(out, upd, batch, steps, u, update_freq=2, window=20):
     """Rank 0's img/s over the logged window (the last ``window`` micro-batches, utils.SmoothedValue's default) with
-    the prune/grow updates that fall inside it taken out: they cost 110-160 ms each, vary run to run, and made the
-    raw window's rate swing by about +-10 %. Updates run after optimizer steps k with k % u == 0."""
+    the prune/grow updates that fall inside it taken out (``upd``: their ms, from :func:`update_ms`): they cost
+    110-160 ms each, vary run to run, and made the raw window's rate swing by about +-10 %. Updates run after
+    optimizer steps k with k % u == 0."""
     times = re.findall(r'Epoch: \[\d+\].*?time: ([\d.]+)\s+data:', out)
-    upd = [float(x) for x in re.findall(r'prune/grow update took ([\d.]+) ms', out)]
     if not times:
         return float('nan')
     window = min(window, steps * update_freq)
@@ -171,9 +176,9 @@ def main():
         code, out = sh(torchrun(n) + common(a, f'{work}/scale{n}', a.steps, n) + a.extra.split(), 240,
                        name=f'scaling N={n}')
         sums = checksums(out)
-        upd = [float(x) for x in re.findall(r'prune/grow update took ([\d.]+) ms', out)]
+        upd = update_ms(out)
         rate = last_rate(out) * n
-        clean = rate_without_updates(out, 8 if a.tiny else a.batch_size, a.steps, a.u) * n
+        clean = rate_without_updates(out, upd, 8 if a.tiny else a.batch_size, a.steps, a.u) * n
         rows.append(dict(n=n, exit=code, img_s=rate, img_s_no_updates=clean,
                          ranks=len(sums), identical=len(set(sums.values())) == 1, updates=len(upd),
                          update_ms=sum(upd) / max(len(upd), 1), checksum=next(iter(sums.values()), None)))
