@@ -202,12 +202,19 @@ class ReparamLargeKernelConv(nn.Module):
         if hasattr(self, 'lkb_decomposed'):
             out = self.lkb_decomposed['tall'](inputs) + self.lkb_decomposed['wide'](inputs)
             return out + self.lkb_bias.to(out.dtype).reshape(1, -1, 1, 1)
-        if self.Decom:
-            out = self.LoRA1(inputs) + self.LoRA2(inputs)
-        else:
-            out = self.lkb_origin(inputs)
+        branches = [self.LoRA1, self.LoRA2] if self.Decom else [self.lkb_origin]
         if hasattr(self, 'small_conv'):
-            out = out + self.small_conv(inputs)
+            branches.append(self.small_conv)
+        # A BN class may normalise all branches at once (utils.SyncBatchNormWithoutHostSync: one collective per
+        # pass for the block instead of one per BN); it returns None when that does not apply.
+        fused = getattr(getattr(branches[0], 'bn', None), 'sum_of_branches', None)
+        if fused is not None:
+            out = fused(inputs, branches)
+            if out is not None:
+                return out
+        out = branches[0](inputs)
+        for branch in branches[1:]:
+            out = out + branch(inputs)
         return out
 
     def _branches(self) -> Dict[str, nn.Sequential]:

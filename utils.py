@@ -162,73 +162,222 @@ class DistributedEvalSampler(torch.utils.data.Sampler):
 
 
 # ---- metrics and logging -------------------------------------------------------------------------------------------
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Cross-rank batch norm built on PyTorch's fused CUDA batch-norm kernels, without a host synchronisation.
+class _BatchNormOps:
+    """The fused batch-norm primitives that ``nn.SyncBatchNorm`` is built from (``torch.batch_norm_stats`` & co.).
 
-    ``nn.SyncBatchNorm`` drops the statistics of ranks with empty batches by boolean indexing, which makes the CPU
-    wait for the GPU in every BN forward. SLaK has 3 BNs per block, so the CPU can never run ahead of the GPU and
-    training becomes launch-bound: measured 63 % scaling efficiency on 2 H200s vs ~100 % without SyncBN
-    (benchmarks/RESULTS.md). Our training loaders drop the last incomplete batch, so every rank always has a
-    non-empty batch and the masking is not needed. Same statistics, running-stat update and gradients otherwise.
+    On CUDA these are PyTorch's own kernels. They have no CPU kernels, so on CPU the same maths runs through plain
+    tensor ops (used by the gloo tests of the cross-rank logic; CUDA results are checked against
+    ``nn.SyncBatchNorm`` by ``benchmarks/check_syncbn.py``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous()
-        channels = x.shape[1]
-        mean, invstd = torch.batch_norm_stats(x, eps)
-        count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=mean.device)
-        local = torch.cat([mean, invstd, count])
-        gathered = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local, group=group)
+    def stats(x, eps):
+        if x.is_cuda:
+            return torch.batch_norm_stats(x, eps)
+        var, mean = torch.var_mean(x.float() if x.dtype != torch.float64 else x, dim=(0, 2, 3), unbiased=False)
+        return mean, (var + eps).rsqrt()
+
+    @staticmethod
+    def gather_stats(x, means, invstds, running_mean, running_var, momentum, eps, counts):
+        if x.is_cuda:
+            return torch.batch_norm_gather_stats_with_counts(x, means, invstds, running_mean, running_var, momentum,
+                                                             eps, counts)
+        total = counts.sum()
+        weights = (counts / total)[:, None]
+        mean = (weights * means).sum(0)
+        var = (weights * (invstds.pow(-2) - eps + (means - mean).pow(2))).sum(0)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+            running_var.mul_(1 - momentum).add_(momentum * (var * total / (total - 1)).to(running_var.dtype))
+        return mean, (var + eps).rsqrt()
+
+    @staticmethod
+    def elemt(x, weight, bias, mean, invstd, eps):
+        if x.is_cuda:
+            return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        shape = (1, -1, 1, 1)
+        y = (x - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape) + bias.view(shape)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward_reduce(dy, x, mean, invstd, weight, need_x, need_w, need_b):
+        if dy.is_cuda:
+            return torch.batch_norm_backward_reduce(dy, x, mean, invstd, weight, need_x, need_w, need_b)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        sum_dy = dy.sum(dims).to(mean.dtype)
+        sum_dy_xmu = (dy * (x - mean.view(shape))).sum(dims).to(mean.dtype)
+        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None
+
+    @staticmethod
+    def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, counts):
+        if dy.is_cuda:
+            return torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, counts)
+        shape, total = (1, -1, 1, 1), counts.sum().to(mean.dtype)
+        scale = invstd if weight is None else invstd * weight
+        dx = (dy - (sum_dy / total).view(shape)
+              - (x - mean.view(shape)) * (invstd.pow(2) * sum_dy_xmu / total).view(shape)) * scale.view(shape)
+        return dx.to(dy.dtype)
+
+
+# torch >= 2.14 renamed all_gather_into_tensor (same signature) and deprecates the old name.
+_all_gather_single = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor
+
+
+def _channels_last_or_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+class _SyncBatchNormSumFunction(torch.autograd.Function):
+    """``sum_i BN_i(x_i)`` in training mode, batch statistics taken over every rank, without a host synchronisation.
+
+    One BN (``n = 1``) is ``nn.SyncBatchNorm``'s maths; for a SLaK block's parallel branches (``n = 3``: LoRA1,
+    LoRA2 and small_conv, all normalised over the same ranks) the statistics of all of them travel in **one**
+    all-gather in the forward and one all-reduce in the backward, instead of one of each per BN: 36 collectives per
+    SLaK-T micro-batch instead of 108. With ``world_size == 1`` no collective runs.
+
+    ``nn.SyncBatchNorm`` drops the statistics of ranks with empty batches by boolean indexing, which makes the CPU
+    wait for the GPU in every BN forward; SLaK has 3 BNs per block, so the CPU could never run ahead of the GPU and
+    training became launch-bound: measured 63 % scaling efficiency on 2 H200s vs ~100 % without SyncBN
+    (benchmarks/RESULTS.md). Our training loaders drop the last incomplete batch, so every rank always has a
+    non-empty batch and the masking is not needed. Same statistics, running-stat updates and gradients otherwise.
+
+    Arguments after ``ctx``: ``group``, ``world_size``, ``eps`` and ``momenta`` (tuples, one per BN), ``n``, then
+    the tensors ``x_1..x_n, weight_1..weight_n, bias_1..bias_n, running_mean_1..n, running_var_1..n`` (weights,
+    biases and running statistics may be None). Every ``x_i`` has the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, group, world_size, eps, momenta, n, *tensors):
+        xs = [_channels_last_or_contiguous(x) for x in tensors[:n]]
+        weights, biases = tensors[n:2 * n], tensors[2 * n:3 * n]
+        running_means, running_vars = tensors[3 * n:4 * n], tensors[4 * n:5 * n]
+        channels = xs[0].shape[1]
+        stats = [s for x, e in zip(xs, eps) for s in _BatchNormOps.stats(x, e)]
+        count = torch.full((1,), xs[0].numel() // channels, dtype=stats[0].dtype, device=stats[0].device)
+        local = torch.cat(stats + [count])
+        if world_size > 1:
+            gathered = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
+            _all_gather_single(gathered, local, group=group)
+        else:
+            gathered = local
         gathered = gathered.view(world_size, -1)
-        counts = gathered[:, 2 * channels]
-        mean, invstd = torch.batch_norm_gather_stats_with_counts(
-            x, gathered[:, :channels], gathered[:, channels:2 * channels], running_mean, running_var, momentum, eps,
-            counts)
-        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
-        ctx.group = group
-        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        counts = gathered[:, 2 * n * channels]
+        out, means, invstds = None, [], []
+        for i, x in enumerate(xs):
+            mean, invstd = _BatchNormOps.gather_stats(
+                x, gathered[:, 2 * i * channels:(2 * i + 1) * channels],
+                gathered[:, (2 * i + 1) * channels:(2 * i + 2) * channels], running_means[i], running_vars[i],
+                momenta[i], eps[i], counts)
+            means.append(mean)
+            invstds.append(invstd)
+            y = _BatchNormOps.elemt(x, weights[i], biases[i], mean, invstd, eps[i])
+            out = y if out is None else out.add_(y)
+        ctx.n = n
+        ctx.group, ctx.world_size = group, world_size
+        ctx.has_weight = [w is not None for w in weights]
+        ctx.save_for_backward(*xs, *[w for w in weights if w is not None], *means, *invstds,
+                              counts.to(torch.int32) if counts.is_cuda else counts)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        if not grad_output.is_contiguous(memory_format=torch.channels_last):
-            grad_output = grad_output.contiguous()
-        x, weight, mean, invstd, counts = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
-            grad_output, x, mean, invstd, weight, need_x, weight is not None and need_w, need_b)
-        grad_input = None
-        if need_x:
-            both = torch.cat([sum_dy, sum_dy_xmu])
-            dist.all_reduce(both, group=ctx.group)
-            sum_dy, sum_dy_xmu = both.split(sum_dy.shape[0])
-            grad_input = torch.batch_norm_backward_elemt(grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                                                         counts)
-        return (grad_input, grad_weight if need_w else None, grad_bias if need_b else None,
-                None, None, None, None, None, None)
+        n = ctx.n
+        dy = _channels_last_or_contiguous(grad_output)
+        saved = list(ctx.saved_tensors)
+        xs, saved = saved[:n], saved[n:]
+        weights = []
+        for has in ctx.has_weight:
+            weights.append(saved.pop(0) if has else None)
+        means, invstds, counts = saved[:n], saved[n:2 * n], saved[2 * n]
+        need = ctx.needs_input_grad[5:]
+        need_x, need_w, need_b = need[:n], need[n:2 * n], need[2 * n:3 * n]
+        reduced, grad_w, grad_b = [], [None] * n, [None] * n
+        for i in range(n):
+            sum_dy, sum_dy_xmu, gw, gb = _BatchNormOps.backward_reduce(
+                dy, xs[i], means[i], invstds[i], weights[i], any(need_x), weights[i] is not None and need_w[i],
+                need_b[i])
+            reduced += [sum_dy, sum_dy_xmu]
+            grad_w[i], grad_b[i] = (gw if need_w[i] else None), (gb if need_b[i] else None)
+        grad_x = [None] * n
+        if any(need_x):
+            both = torch.cat(reduced)
+            if ctx.world_size > 1:
+                dist.all_reduce(both, group=ctx.group)
+            parts = both.split(means[0].shape[0])
+            for i in range(n):
+                if need_x[i]:
+                    grad_x[i] = _BatchNormOps.backward_elemt(dy, xs[i], means[i], invstds[i], weights[i],
+                                                             parts[2 * i], parts[2 * i + 1], counts)
+        return (None, None, None, None, None, *grad_x, *grad_w, *grad_b, *([None] * (2 * n)))
+
+
+def sync_batch_norm_sum(xs: List[torch.Tensor], bns: List[torch.nn.modules.batchnorm._BatchNorm],
+                        group=None, world_size: Optional[int] = None) -> torch.Tensor:
+    """``sum(bn(x) for x, bn in zip(xs, bns))`` with training-mode statistics over every rank of ``group``
+    (default: the world), one collective per pass for all of them. Updates each BN's running statistics and
+    ``num_batches_tracked`` like its own forward would."""
+    if world_size is None:
+        world_size = dist.get_world_size(group) if is_dist_avail_and_initialized() else 1
+    eps, momenta = [], []
+    for bn in bns:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        eps.append(bn.eps)
+        momenta.append(momentum)
+    tensors = (list(xs) + [bn.weight for bn in bns] + [bn.bias for bn in bns]
+               + [bn.running_mean if bn.track_running_stats else None for bn in bns]
+               + [bn.running_var if bn.track_running_stats else None for bn in bns])
+    return _SyncBatchNormSumFunction.apply(group, world_size, tuple(eps), tuple(momenta), len(bns), *tensors)
 
 
 class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` (same parameters, buffers and state-dict keys) whose distributed CUDA training forward
-    never synchronises with the host; see :class:`_SyncBatchNormFunction`. Other cases use the parent's forward."""
+    """``nn.SyncBatchNorm`` (same parameters, buffers and state-dict keys) whose distributed training forward never
+    synchronises with the host; see :class:`_SyncBatchNormSumFunction`. Unlike the parent it also runs on CPU
+    (gloo). Other cases (eval, one process) use the parent's forward, which is plain BatchNorm there.
+
+    :meth:`sum_of_branches` is the hook ``SLaK.ReparamLargeKernelConv`` looks for: it normalises the block's
+    parallel branches with one collective per pass.
+    """
+
+    # Benchmarks set this to take the fused path in a single process too (no collective; PyTorch's fused kernels).
+    FUSE_SINGLE_PROCESS = False
+    # One collective per block for its parallel branches; SLAK_SYNCBN_FUSE_BRANCHES=0 gives one per BN (A/B runs).
+    FUSE_BRANCHES = os.environ.get('SLAK_SYNCBN_FUSE_BRANCHES', '1') != '0'
+
+    def _fused_group(self, x: torch.Tensor):
+        """(group, world size) when the host-sync-free path applies to input ``x``, else None."""
+        if not (self.training and x.shape[0] > 0):
+            return None
+        if is_dist_avail_and_initialized():
+            group = self.process_group or dist.group.WORLD
+            size = dist.get_world_size(group)
+            if size > 1:
+                return group, size
+        return (None, 1) if self.FUSE_SINGLE_PROCESS else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.process_group or dist.group.WORLD
-        if not (self.training and x.is_cuda and is_dist_avail_and_initialized()
-                and dist.get_world_size(group) > 1 and x.shape[0] > 0):
+        found = self._fused_group(x)
+        if found is None:
             return super().forward(x)
         self._check_input_dim(x)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
-        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, momentum,
-                                            group, dist.get_world_size(group))
+        return sync_batch_norm_sum([x], [self], *found)
+
+    def sum_of_branches(self, x: torch.Tensor, branches: List[torch.nn.Module]) -> Optional[torch.Tensor]:
+        """``sum(b(x) for b in branches)`` for ``conv -> bn`` branches whose BNs all share this one's class and
+        process group; None (nothing computed) when the fused path does not apply."""
+        found = self._fused_group(x) if self.FUSE_BRANCHES else None
+        if found is None or x.dim() != 4:
+            return None
+        bns = [getattr(b, 'bn', None) for b in branches]
+        if any(type(bn) is not type(self) or bn.process_group is not self.process_group or not bn.training
+               for bn in bns):
+            return None
+        return sync_batch_norm_sum([b.conv(x) for b in branches], bns, *found)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:

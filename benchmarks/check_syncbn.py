@@ -4,7 +4,9 @@
 
 Each rank draws its own input; both modules start from the same parameters and running statistics. Compares the
 output, the input/weight/bias gradients and the running statistics after two training steps, in float32 and under
-bf16 autocast, NCHW and channels_last; prints the largest relative error per case (rank 0).
+bf16 autocast, NCHW and channels_last; prints the largest relative error per case (rank 0). Then the same for a
+block's fused branch sum (``utils.sync_batch_norm_sum`` over three BNs, one collective per pass) against the sum of
+three ``nn.SyncBatchNorm`` outputs.
 """
 import os
 import sys
@@ -55,6 +57,40 @@ def main():
             worst = max(worst, max(errors))
             if rank == 0:
                 print(f'{str(dtype):15s} channels_last={channels_last!s:5s} max rel error {max(errors):.2e}')
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        refs = [torch.nn.SyncBatchNorm(24).cuda() for _ in range(3)]
+        for ref in refs:
+            with torch.no_grad():
+                ref.weight.uniform_(0.5, 1.5)
+                ref.bias.normal_()
+        ours = [utils.convert_sync_batchnorm(torch.nn.BatchNorm2d(24)).cuda() for _ in range(3)]
+        for a, b in zip(ours, refs):
+            a.load_state_dict(b.state_dict())
+        errors = []
+        for step in range(2):
+            torch.manual_seed(100 + 10 * rank + step)
+            xs = [torch.randn(8, 24, 13, 11, device='cuda') * (i + 1) + i for i in range(3)]
+            g = torch.randn(8, 24, 13, 11, device='cuda')
+            outs = []
+            for fused, modules in ((False, refs), (True, ours)):
+                xis = [x.clone().requires_grad_(True) for x in xs]
+                with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+                    inputs = [xi.to(dtype) for xi in xis]
+                    y = (utils.sync_batch_norm_sum(inputs, modules) if fused
+                         else sum(m(xi) for m, xi in zip(modules, inputs)))
+                (y.float() * g).sum().backward()
+                outs.append([y] + [xi.grad for xi in xis] + [m.weight.grad.clone() for m in modules]
+                            + [m.bias.grad.clone() for m in modules])
+                for m in modules:
+                    m.zero_grad()
+            errors += [rel(a, b) for a, b in zip(outs[1], outs[0])]
+        for a, b in zip(ours, refs):
+            errors += [rel(a.running_mean, b.running_mean), rel(a.running_var, b.running_var)]
+            assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 2
+        worst = max(worst, max(errors))
+        if rank == 0:
+            print(f'fused sum of 3 {str(dtype):15s} max rel error {max(errors):.2e}')
     if rank == 0:
         print('SYNCBN_CHECK', 'OK' if worst < (2e-2) else 'FAIL', f'{worst:.2e}')
     dist.destroy_process_group()
