@@ -455,10 +455,16 @@ def steps_per_epoch(args: argparse.Namespace, data: Data) -> int:
 
 
 def wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP with gradients as views of its all-reduce buckets (no copy in and out of them each step). Under
+    SyncBatchNorm every rank computes the same running statistics from the same all-gathered batch statistics, so
+    rank 0's buffers are not broadcast before every forward (one collective and sync point less per micro-batch);
+    without it they are, as in the original."""
     if not args.distributed:
         return model
+    synced_bn = any(isinstance(m, utils.SyncBatchNormWithoutHostSync) for m in model.modules())
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False)
+        model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False,
+        gradient_as_bucket_view=True, broadcast_buffers=not synced_bn)
 
 
 def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data: Data, num_steps: int, log_writer,
