@@ -42,6 +42,10 @@ def make(name):
         elif "dwconv=identity" in name:
             for branch in ("LoRA1", "LoRA2", "small_conv"):
                 getattr(block.large_kernel, branch).conv = torch.nn.Identity()
+    if "fused BN" in name:  # the branch BNs + sum through utils.sync_batch_norm_sum (one process: no collective)
+        import utils
+        model = utils.convert_sync_batchnorm(model)
+        utils.SyncBatchNormWithoutHostSync.FUSE_SINGLE_PROCESS = True
     return model
 
 
@@ -105,7 +109,7 @@ def main():
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
-    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
+    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours fused BN", "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]

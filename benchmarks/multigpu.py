@@ -156,6 +156,9 @@ def main():
     p.add_argument('--skip', default='', help='comma-separated step names to skip')
     p.add_argument('--deadline', type=float, default=1e9, help='seconds; later steps are skipped after it')
     p.add_argument('--extra', default='', help='extra main.py flags for the scaling runs, e.g. "--sync_bn false"')
+    p.add_argument('--variant', action='append', default=[],
+                   help='"label|tokens": one more scaling run at the largest N; tokens are main.py flags and '
+                        'NAME=VALUE environment settings, e.g. "one collective per BN|SLAK_SYNCBN_FUSE_BRANCHES=0"')
     a = p.parse_args()
     t_start = time.time()
 
@@ -172,7 +175,7 @@ def main():
 
     # 1. scaling, checksums, mask-update time
     rows = []
-    for n in ns:
+    for n in ns if wanted('scaling') else []:
         code, out = sh(torchrun(n) + common(a, f'{work}/scale{n}', a.steps, n) + a.extra.split(), 240,
                        name=f'scaling N={n}')
         sums = checksums(out)
@@ -188,6 +191,28 @@ def main():
         r['efficiency'] = r['img_s'] / (base * r['n'])
         r['efficiency_no_updates'] = r['img_s_no_updates'] / (base_no_updates * r['n'])
     results['scaling'] = rows
+    save(a, results)
+
+    # 1b. variants at the largest N (A/B in the same call), efficiency against the N=1 row above
+    variants = []
+    for spec in a.variant:
+        label, _, tokens = spec.partition('|')
+        env, flags = dict(os.environ), []
+        for t in tokens.split():
+            if '=' in t and not t.startswith('-'):
+                key, _, value = t.partition('=')
+                env[key] = value
+            else:
+                flags.append(t)
+        code, out = sh(torchrun(nmax) + common(a, f'{work}/variant{len(variants)}', a.steps, nmax) + flags, 240,
+                       env=env, name=f'variant N={nmax}: {label}')
+        upd = update_ms(out)
+        rate = last_rate(out) * nmax
+        clean = rate_without_updates(out, upd, 8 if a.tiny else a.batch_size, a.steps, a.u) * nmax
+        variants.append(dict(label=label, n=nmax, exit=code, img_s=rate, img_s_no_updates=clean,
+                             efficiency=rate / (base * nmax), efficiency_no_updates=clean / (base_no_updates * nmax),
+                             update_ms=sum(upd) / max(len(upd), 1)))
+    results['variants'] = variants
     save(a, results)
 
     # 7. all-reduce probe: SLaK-T's fp32 gradient (50.7 M values) in 25 MB buckets, as DDP does
@@ -304,6 +329,9 @@ def main():
         print(f"| {r['n']} | {r['img_s']:.1f} | {100 * r['efficiency']:.1f}% | {r['img_s_no_updates']:.1f} | "
               f"{100 * r['efficiency_no_updates']:.1f}% | {r['identical']} ({r['ranks']} ranks) "
               f"| {r['updates']} | {r['update_ms']:.1f} |")
+    for v in variants:
+        print(f"| {v['n']} ({v['label']}) | {v['img_s']:.1f} | {100 * v['efficiency']:.1f}% | "
+              f"{v['img_s_no_updates']:.1f} | {100 * v['efficiency_no_updates']:.1f}% | | | {v['update_ms']:.1f} |")
     for key in ('allreduce_ms', 'legacy', 'eval', 'kd', 'crash_resume', 'kill_rank'):
         if key in results:
             print(f'{key}: {json.dumps(results[key], default=str)}')
