@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -454,17 +455,26 @@ def steps_per_epoch(args: argparse.Namespace, data: Data) -> int:
     return steps
 
 
+def ddp_options(model: torch.nn.Module) -> Dict[str, bool]:
+    """DDP keyword arguments: gradients as views of DDP's all-reduce buckets (no copy in and out of them each step).
+    Under SyncBatchNorm every rank computes the same running statistics from the same all-gathered batch statistics,
+    so rank 0's buffers are not re-broadcast before every forward (one collective and sync point less per
+    micro-batch); without it they are, as in the original."""
+    synced_bn = any(isinstance(m, utils.SyncBatchNormWithoutHostSync) for m in model.modules())
+    # torch >= 2.13 calls the per-forward sync 'forward_sync_buffers'; there, 'broadcast_buffers=False' would also
+    # skip the buffers' sync at construction, which we keep
+    per_forward = ('forward_sync_buffers' if 'forward_sync_buffers' in
+                   inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+                   else 'broadcast_buffers')
+    return {'gradient_as_bucket_view': True, per_forward: not synced_bn}
+
+
 def wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP with gradients as views of its all-reduce buckets (no copy in and out of them each step). Under
-    SyncBatchNorm every rank computes the same running statistics from the same all-gathered batch statistics, so
-    rank 0's buffers are not broadcast before every forward (one collective and sync point less per micro-batch);
-    without it they are, as in the original."""
     if not args.distributed:
         return model
-    synced_bn = any(isinstance(m, utils.SyncBatchNormWithoutHostSync) for m in model.modules())
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=False,
-        gradient_as_bucket_view=True, broadcast_buffers=not synced_bn)
+        **ddp_options(model))
 
 
 def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data: Data, num_steps: int, log_writer,

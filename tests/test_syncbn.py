@@ -127,3 +127,43 @@ def test_two_ranks_gloo_fused_sum_equals_batchnorm_over_the_whole_batch():
             torch.testing.assert_close(ranks[r]['grads'][name], v, rtol=1e-10, atol=1e-10, msg=name)
         for k, v in bn_state(reference).items():
             torch.testing.assert_close(ranks[r]['state'][k], v, rtol=1e-10, atol=1e-12, msg=k)
+
+
+
+def _ddp_worker(rank, init_file, result_file):
+    import argparse
+    import main
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        model = make_block()
+        ddp = main.wrap_ddp(argparse.Namespace(distributed=True, gpu=None), model, torch.device('cpu'))
+        x, g = data(20 + rank, 2)
+        (ddp(x) * g).sum().backward()
+        grad = model.LoRA1.conv.weight.grad
+        torch.save(dict(bucket_view=ddp.gradient_as_bucket_view, grad=grad.clone(),
+                        # a bucket view shares its storage with the other gradients of its bucket
+                        shares_storage=grad.untyped_storage().nbytes() > grad.numel() * grad.element_size()),
+                   result_file.format(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wrap_ddp_uses_bucket_views_and_still_averages_gradients():
+    """main.wrap_ddp on two gloo ranks: gradients are views of DDP's buckets and equal on both ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, 'rank{}.pt')
+        mp.spawn(_ddp_worker, args=(os.path.join(tmp, 'init'), result), nprocs=2, join=True)
+        ranks = [torch.load(result.format(r)) for r in range(2)]
+    assert all(r['bucket_view'] and r['shares_storage'] for r in ranks)
+    torch.testing.assert_close(ranks[0]['grad'], ranks[1]['grad'], rtol=0, atol=0)
+
+
+def test_ddp_options_skip_the_per_forward_buffer_broadcast_only_under_syncbn():
+    """(DDP accepts SyncBatchNorm on GPU modules only, so this checks the options main.wrap_ddp passes.)"""
+    import inspect
+    import main
+    plain, synced = main.ddp_options(make_block()), main.ddp_options(utils.convert_sync_batchnorm(make_block()))
+    key = ('forward_sync_buffers' if 'forward_sync_buffers' in
+           inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else 'broadcast_buffers')
+    assert plain == {'gradient_as_bucket_view': True, key: True}
+    assert synced == {'gradient_as_bucket_view': True, key: False}
