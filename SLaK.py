@@ -212,6 +212,13 @@ class ReparamLargeKernelConv(nn.Module):
             out = fused(inputs, branches)
             if out is not None:
                 return out
+        # With the fast conv, its module also sums plain training-mode BatchNorms in fused kernels (None otherwise).
+        fast = sys.modules.get(_DWCONV_MODULE_NAME)
+        if self.training and fast is not None and isinstance(getattr(branches[0], 'conv', None),
+                                                             getattr(fast, 'DepthWiseConv2dImplicitGEMM', ())):
+            out = fast.branch_bn_sum(inputs, branches)
+            if out is not None:
+                return out
         out = branches[0](inputs)
         for branch in branches[1:]:
             out = out + branch(inputs)

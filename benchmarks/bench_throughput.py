@@ -42,7 +42,12 @@ def make(name):
         elif "dwconv=identity" in name:
             for branch in ("LoRA1", "LoRA2", "small_conv"):
                 getattr(block.large_kernel, branch).conv = torch.nn.Identity()
-    if "fused BN" in name:  # the branch BNs + sum through utils.sync_batch_norm_sum (one process: no collective)
+    # our fused branch-BN kernels (cutlass/branch_bn_triton.py) run unless the name asks for one BN call per branch;
+    # the switch is read at forward time, so it is set here, right before each model is timed
+    fast = sys.modules.get(SLaK._DWCONV_MODULE_NAME)
+    if fast is not None:
+        fast.FUSED_BRANCH_BN = "per-branch BN" not in name
+    if "SyncBN sum" in name:  # the branch BNs + sum through utils.sync_batch_norm_sum (one process: no collective)
         import utils
         model = utils.convert_sync_batchnorm(model)
         utils.SyncBatchNormWithoutHostSync.FUSE_SINGLE_PROCESS = True
@@ -109,7 +114,8 @@ def main():
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
-    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours fused BN", "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
+    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours per-branch BN", "SLaK-T ours SyncBN sum (1 process)",
+             "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]

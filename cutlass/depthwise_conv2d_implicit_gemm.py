@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "is_supported", "MAX_KERNEL_SIZE"]
+__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "is_supported", "MAX_KERNEL_SIZE", "branch_bn_sum"]
 
 MAX_KERNEL_SIZE = 127
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,6 +86,27 @@ def _load_triton_kernels():
 
 _kernels = _load_triton_kernels()
 _warned_reasons = set()
+
+
+def _load_branch_bn_kernels():
+    """The fused branch-BatchNorm kernels (``branch_bn_triton.py``, loaded by path like the conv kernels), or None."""
+    name = "slak_branch_bn_triton"
+    if name in sys.modules:
+        return sys.modules[name]
+    if _kernels is None:
+        return None
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("branch_bn_triton.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_bn_kernels = _load_branch_bn_kernels()
 
 
 def _interpreting() -> bool:
@@ -180,6 +201,54 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+# SLaK's ReparamLargeKernelConv sums its branches' BatchNorms through branch_bn_sum when this is on;
+# SLAK_FUSED_BRANCH_BN=0 keeps one nn.BatchNorm2d call per branch (benchmarks compare the two).
+FUSED_BRANCH_BN = os.environ.get("SLAK_FUSED_BRANCH_BN", "1") != "0"
+
+
+def _fusable_bn(bn, first) -> bool:
+    """A plain training-mode BatchNorm2d whose settings and fp32 state the fused kernels reproduce exactly."""
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+            and bn.momentum is not None and bn.momentum == first.momentum and bn.eps == first.eps
+            and all(t.dtype == torch.float32 and t.is_contiguous()
+                    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)))
+
+
+def branch_bn_sum(x: torch.Tensor, branches) -> Optional[torch.Tensor]:
+    """``sum(b(x) for b in branches)`` for 2-3 ``conv -> bn`` branches (``SLaK.conv_bn``) in training mode, with all
+    BatchNorms and the sum in four Triton kernels per pass (``branch_bn_triton.py``); same maths as the separate
+    ``nn.BatchNorm2d`` calls (batch statistics in fp32, unbiased running variance, ``num_batches_tracked``).
+
+    Returns None, having computed nothing, when the fused path does not apply: switched off (``FUSED_BRANCH_BN``),
+    no Triton, CPU without the interpreter, a BN that is not a plain training-mode ``nn.BatchNorm2d`` with fp32
+    state and shared eps/momentum, a single value per channel, or under ``torch.compile`` / dispatch modes (the
+    FLOP counter sees the plain modules).
+    """
+    if not FUSED_BRANCH_BN or _bn_kernels is None or not 2 <= len(branches) <= 3 or x.dim() != 4:
+        return None
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+        return None
+    bns = [getattr(b, "bn", None) for b in branches]
+    if bns[0] is None or not all(bn is not None and _fusable_bn(bn, bns[0]) for bn in bns):
+        return None
+    if _needs_registered_op() or x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        return None
+    if any(t.device != x.device for bn in bns for t in (bn.weight, bn.running_mean)):
+        return None
+    ys = [b.conv(x) for b in branches]
+    if ys[0].dtype not in _SUPPORTED_DTYPES or any(y.shape != ys[0].shape or y.dtype != ys[0].dtype for y in ys):
+        return sum(bn(y) for bn, y in zip(bns, ys))  # (not reached in SLaK: its branch convs agree)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ys = [y.contiguous() for y in ys]
+    for bn in bns:
+        bn.num_batches_tracked.add_(1)
+    bn0 = bns[0]
+    out = _bn_kernels.BranchBatchNormSum.apply(
+        bn0.eps, bn0.momentum, len(bns), *ys, *[bn.weight for bn in bns], *[bn.bias for bn in bns],
+        *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class DepthWiseConv2dImplicitGEMM(nn.Conv2d):

@@ -1,0 +1,162 @@
+"""cutlass/branch_bn_triton.py: a block's branch BatchNorms and their sum in fused Triton kernels, against
+nn.BatchNorm2d in float64 (output, input/weight/bias gradients, running statistics), on CPU through Triton's
+interpreter (a subprocess: TRITON_INTERPRET must be set before Triton is imported), and through SLaK's
+ReparamLargeKernelConv. The same checks run on a GPU with ``python tests/test_branch_bn.py cuda``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import copy, json, os, sys
+import torch, torch.nn as nn
+sys.path.insert(0, sys.argv[1])
+import SLaK
+fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+K = fast._bn_kernels
+device = sys.argv[2]
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+results = {}
+
+def bns_like(nb, C, seed):
+    torch.manual_seed(seed)
+    bns = [nn.BatchNorm2d(C) for _ in range(nb)]
+    for bn in bns:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5); bn.bias.normal_(); bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2)
+    return [bn.to(device) for bn in bns]
+
+# 1. the Function against nn.BatchNorm2d in float64: 2 and 3 branches, fp32/bf16/fp16, means far from zero
+for nb, dtype, shape in ((2, 'float32', (3, 5, 7, 6)), (3, 'float32', (2, 4, 9, 9)), (3, 'bfloat16', (3, 5, 7, 6)),
+                         (2, 'float16', (2, 3, 5, 11)), (3, 'float32', (33, 2, 1, 3))):
+    dt = getattr(torch, dtype)
+    torch.manual_seed(1)
+    ys = [(torch.randn(*shape, dtype=torch.float64) * (i + 1) + 3 * i + 10).to(device, dt).requires_grad_(True)
+          for i in range(nb)]
+    bns = bns_like(nb, shape[1], 2)
+    ref_bns = [copy.deepcopy(bn).double() for bn in bns]
+    g = torch.randn(*shape, dtype=torch.float64, device=device)
+    out = K.BranchBatchNormSum.apply(1e-5, 0.1, nb, *ys, *[b.weight for b in bns], *[b.bias for b in bns],
+                                     *[b.running_mean for b in bns], *[b.running_var for b in bns])
+    (out.double() * g).sum().backward()
+    yr = [y.detach().double().requires_grad_(True) for y in ys]
+    ref = sum(bn(y) for bn, y in zip(ref_bns, yr))
+    (ref * g.to(dt).double()).sum().backward()  # the fused backward sees dy rounded to the output dtype
+    errs = dict(out=rel(out, ref), dx=max(rel(a.grad, b.grad) for a, b in zip(ys, yr)),
+                dw=max(rel(a.weight.grad, b.weight.grad) for a, b in zip(bns, ref_bns)),
+                db=max(rel(a.bias.grad, b.bias.grad) for a, b in zip(bns, ref_bns)),
+                running=max(max(rel(a.running_mean, b.running_mean), rel(a.running_var, b.running_var))
+                            for a, b in zip(bns, ref_bns)))
+    results[f'{nb}-{dtype}-{shape}'] = dict(errs, dtype=str(out.dtype))
+
+# 2. through SLaK: the fast block (fused BN) against the nn.Conv2d block (plain BNs), two steps, NCHW and channels_last
+for channels_last in (False, True):
+    torch.manual_seed(0)
+    fast_block = SLaK.ReparamLargeKernelConv(6, 6, 9, 1, 6, 3, Decom=True, conv_impl='cutlass').to(device)
+    ref_block = SLaK.ReparamLargeKernelConv(6, 6, 9, 1, 6, 3, Decom=True, conv_impl='torch').to(device)
+    ref_block.load_state_dict(fast_block.state_dict())
+    calls = []
+    original = K.BranchBatchNormSum.apply
+    K.BranchBatchNormSum.apply = lambda *a: calls.append(a[2]) or original(*a)
+    errs = []
+    for step in range(2):
+        x = torch.randn(2, 6, 11, 10, device=device) * 2 + 1
+        g = torch.randn(2, 6, 11, 10, device=device)
+        if channels_last:
+            x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for block in (fast_block, ref_block):
+            xi = x.clone().requires_grad_(True)
+            y = block(xi)
+            (y * g).sum().backward()
+            outs.append([y, xi.grad] + [p.grad.clone() for p in block.parameters()])
+            block.zero_grad()
+        errs += [rel(a, b) for a, b in zip(*outs)]
+        layout_kept = outs[0][0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    K.BranchBatchNormSum.apply = original
+    state = [rel(a, b) for (k, a), b in zip(fast_block.state_dict().items(), ref_block.state_dict().values())
+             if 'running' in k]
+    tracked = [int(v) for k, v in fast_block.state_dict().items() if 'num_batches' in k]
+    fast_block.eval(); ref_block.eval()
+    x = torch.randn(2, 6, 11, 10, device=device)
+    results[f'block-cl{channels_last}'] = dict(err=max(errs), running=max(state), tracked=tracked, calls=calls,
+                                                layout_kept=layout_kept, eval=rel(fast_block(x), ref_block(x)))
+
+# 3. cases the fused path declines (None, nothing computed)
+block = SLaK.ReparamLargeKernelConv(4, 4, 7, 1, 4, 3, Decom=True, conv_impl='cutlass').to(device)
+x = torch.randn(2, 4, 8, 8, device=device)
+branches = [block.LoRA1, block.LoRA2, block.small_conv]
+declined = {}
+block.LoRA2.bn.momentum = None
+declined['momentum None'] = fast.branch_bn_sum(x, branches) is None
+block.LoRA2.bn.momentum = 0.1
+block.eval()
+declined['eval'] = fast.branch_bn_sum(x, branches) is None
+block.train()
+fast.FUSED_BRANCH_BN = False
+declined['switched off'] = fast.branch_bn_sum(x, branches) is None
+fast.FUSED_BRANCH_BN = True
+declined['one value per channel'] = fast.branch_bn_sum(x[:1, :, :1, :1], branches) is None
+declined['applies otherwise'] = fast.branch_bn_sum(x, branches) is not None
+results['declined'] = declined
+print(json.dumps(results))
+'''
+
+TOL = {'float32': 2e-6, 'bfloat16': 1e-2, 'float16': 2e-3}
+
+
+def run_checks(device: str) -> dict:
+    env = dict(os.environ)
+    if device == 'cpu':
+        env['TRITON_INTERPRET'] = '1'
+    proc = subprocess.run([sys.executable, '-c', SCRIPT, ROOT, device], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(r: dict) -> None:
+    for key, v in r.items():
+        if key.startswith(('2-', '3-')):
+            dtype = key.split('-')[1]
+            assert v['dtype'] == f'torch.{dtype}', (key, v)
+            assert max(v['out'], v['dx'], v['dw'], v['db']) < TOL[dtype], (key, v)
+            assert v['running'] < 1e-6, (key, v)  # fp32 statistics whatever the input dtype
+    for cl in ('False', 'True'):
+        b = r[f'block-cl{cl}']
+        assert b['err'] < 1e-5 and b['running'] < 1e-6 and b['eval'] < 1e-5, b
+        assert b['calls'] == [3, 3] and b['tracked'] == [2, 2, 2] and b['layout_kept'], b
+    assert all(r['declined'].values()), r['declined']
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    if torch.cuda.is_available():
+        pytest.skip('interpreter checks run on CPU-only machines; on GPUs run `python tests/test_branch_bn.py cuda`')
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip('triton is not installed')
+    return run_checks('cpu')
+
+
+def test_fused_branch_bn_matches_batchnorm_in_float64(interpreted):
+    check({k: v for k, v in interpreted.items() if k.startswith(('2-', '3-'))} | {
+        k: interpreted[k] for k in ('block-clFalse', 'block-clTrue', 'declined')})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_fused_branch_bn_on_gpu():
+    check(run_checks('cuda'))
+
+
+if __name__ == '__main__':
+    result = run_checks(sys.argv[1] if len(sys.argv) > 1 else 'cpu')
+    print(json.dumps(result, indent=1))
+    check(result)
+    print('BRANCH_BN_CHECK OK')
