@@ -224,9 +224,15 @@ _APPLY_BLOCK = 2048
 _FINALIZE_BLOCK_C = 128
 
 
+_SM_COUNT = {}
+
+
 def _stats_config(n: int, c: int, hw: int, device: torch.device):
     """(split, block): enough (channel, split) programs to fill the GPU; blocks of up to 1024 pixels."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _SM_COUNT.get(device)
+    if sms is None:
+        sms = _SM_COUNT[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                   if device.type == "cuda" else 4)
     split = max(1, min(n, 32, triton.cdiv(4 * sms, c)))
     block = min(1024, max(32, triton.next_power_of_2(hw)))
     return split, block
