@@ -106,6 +106,9 @@ fast.FUSED_BRANCH_BN = False
 declined['switched off'] = fast.branch_bn_sum(x, branches) is None
 fast.FUSED_BRANCH_BN = True
 declined['one value per channel'] = fast.branch_bn_sum(x[:1, :, :1, :1], branches) is None
+from torch.utils.flop_counter import FlopCounterMode
+with FlopCounterMode(display=False):  # the FLOP counter must see the plain BatchNorm modules
+    declined['under a dispatch mode'] = fast.branch_bn_sum(x, branches) is None
 declined['applies otherwise'] = fast.branch_bn_sum(x, branches) is not None
 results['declined'] = declined
 print(json.dumps(results))
