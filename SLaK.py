@@ -169,6 +169,10 @@ class ReparamLargeKernelConv(nn.Module):
       per pixel (510 for K = 51, k = 5; 535 if the small kernel ran on its own), 5x fewer than K*K, in two passes over
       the input. Best for large maps with large K, where direct convolution is compute-bound (SLaK at 224 px with
       cuDNN or the Triton kernel: measured faster than the single K x K kernel on an H200, benchmarks/RESULTS.md).
+
+    In training the branch BatchNorms may be applied together: ``utils.SyncBatchNormWithoutHostSync`` (one collective
+    per block) or, with the Triton convs and plain BatchNorms, ``cutlass``'s fused kernels. Same maths, parameters and
+    buffers; the ``bn`` modules' own ``forward`` (and any hook on them) is then not called.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
