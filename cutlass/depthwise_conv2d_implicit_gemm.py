@@ -64,16 +64,16 @@ MAX_KERNEL_SIZE = 127
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _load_triton_kernels():
-    """Import the sibling kernel file by path (the folder is not a package); None if Triton is unavailable."""
-    name = "slak_dwconv_triton"
+def _load_sibling(name: str, filename: str):
+    """Import a sibling kernel file by path (the folder is not a package) as ``sys.modules[name]``; None if Triton is
+    unavailable."""
     if name in sys.modules:
         return sys.modules[name]
     try:
         import triton  # noqa: F401
     except ImportError:
         return None
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("dwconv_triton.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -84,29 +84,10 @@ def _load_triton_kernels():
     return module
 
 
-_kernels = _load_triton_kernels()
+_kernels = _load_sibling("slak_dwconv_triton", "dwconv_triton.py")
+# the fused branch-BatchNorm kernels (training; see branch_bn_sum below)
+_bn_kernels = _load_sibling("slak_branch_bn_triton", "branch_bn_triton.py")
 _warned_reasons = set()
-
-
-def _load_branch_bn_kernels():
-    """The fused branch-BatchNorm kernels (``branch_bn_triton.py``, loaded by path like the conv kernels), or None."""
-    name = "slak_branch_bn_triton"
-    if name in sys.modules:
-        return sys.modules[name]
-    if _kernels is None:
-        return None
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("branch_bn_triton.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
-    return module
-
-
-_bn_kernels = _load_branch_bn_kernels()
 
 
 def _interpreting() -> bool:
