@@ -54,20 +54,40 @@ def make(name):
     return model
 
 
-def make_train_step(model, batch, size=224, device="cuda"):
-    """One AdamW step on a fixed random batch under bf16 autocast (``size`` px, 1000 classes)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_train_step(model, batch, size=224, device="cuda", graph=False):
+    """One AdamW step on a fixed random batch under bf16 autocast (``size`` px, 1000 classes).
+
+    ``graph=True`` captures the whole step (forward, backward, AdamW with ``capturable=True``) in one CUDA graph and
+    returns its replay: the step then costs its GPU time alone, with no per-kernel host launch cost.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     model.train()
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
+        # grads start as None in every call, so under capture the backward allocates them in the graph's pool
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=not graph):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return cuda_graph(step) if graph else step
+
+
+def cuda_graph(fn, warmup=3):
+    """Run ``fn`` ``warmup`` times on a side stream (compiles kernels, allocates state), capture one call, and
+    return the graph's ``replay``. ``fn`` must not synchronise with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def seconds_per_call(fn, calls, warmup=3):
@@ -86,20 +106,21 @@ def seconds_per_call(fn, calls, warmup=3):
     return (time.perf_counter() - t) / calls
 
 
-def train_speed(model, batch, steps):
-    seconds = seconds_per_call(make_train_step(model, batch), steps)
+def train_speed(model, batch, steps, graph=False):
+    seconds = seconds_per_call(make_train_step(model, batch, graph=graph), steps)
     return batch / seconds, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 @torch.no_grad()
-def infer_speed(model, batch, steps):
+def infer_speed(model, batch, steps, graph=False):
     model.eval()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
 
     def forward():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             model(x)
-    return batch / seconds_per_call(forward, steps), torch.cuda.max_memory_allocated() / 2 ** 30
+    fn = cuda_graph(forward) if graph else forward
+    return batch / seconds_per_call(fn, steps), torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def main():
@@ -111,9 +132,13 @@ def main():
                         help="rounds over all models (interleaved, so clock drift hits every model alike); "
                              "medians are reported")
     parser.add_argument("--models", default="all", help="comma-separated subset of the names printed")
+    parser.add_argument("--graph", action="store_true",
+                        help="time each step as one CUDA-graph replay (GPU time only, no launch overhead); "
+                             "every model gets the same treatment, so the ratios are GPU-bound ones")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}")
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}"
+          + (" (CUDA-graph replays)" if args.graph else " (eager)"))
     names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours per-branch BN", "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
@@ -131,8 +156,8 @@ def main():
                 model.eval()
                 model.reparameterize(decomposed="decomposed" in name)
             else:
-                train, train_mem = train_speed(model, args.train_batch, args.steps)
-            infer, infer_mem = infer_speed(model, args.infer_batch, args.steps)
+                train, train_mem = train_speed(model, args.train_batch, args.steps, args.graph)
+            infer, infer_mem = infer_speed(model, args.infer_batch, args.steps, args.graph)
             samples[name].append((train, train_mem, infer, infer_mem))
             print(f"[{rep}] {name:36s} train {train:8.1f} img/s ({train_mem:5.1f} GiB)  infer {infer:8.1f} img/s "
                   f"({infer_mem:5.1f} GiB)", flush=True)
