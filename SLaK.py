@@ -209,18 +209,21 @@ class ReparamLargeKernelConv(nn.Module):
         branches = [self.LoRA1, self.LoRA2] if self.Decom else [self.lkb_origin]
         if hasattr(self, 'small_conv'):
             branches.append(self.small_conv)
-        # A BN class may normalise all branches at once (utils.SyncBatchNormWithoutHostSync: one collective per
-        # pass for the block instead of one per BN); it returns None when that does not apply.
-        fused = getattr(getattr(branches[0], 'bn', None), 'sum_of_branches', None)
-        if fused is not None:
-            out = fused(inputs, branches)
-            if out is not None:
-                return out
-        # With the fast conv, its module also sums plain training-mode BatchNorms in fused kernels (None otherwise).
+        # With the fast conv, its module sums training-mode BatchNorms in fused kernels (None when that does not
+        # apply). A BN class may also normalise all branches at once itself (utils.SyncBatchNormWithoutHostSync:
+        # one collective per pass for the block instead of one per BN), handing the fast kernels its process group.
         fast = sys.modules.get(_DWCONV_MODULE_NAME)
+        fast_sum = None
         if self.training and fast is not None and isinstance(getattr(branches[0], 'conv', None),
                                                              getattr(fast, 'DepthWiseConv2dImplicitGEMM', ())):
-            out = fast.branch_bn_sum(inputs, branches)
+            fast_sum = fast.branch_bn_sum
+        fused = getattr(getattr(branches[0], 'bn', None), 'sum_of_branches', None)
+        if fused is not None:
+            out = fused(inputs, branches, fast_sum=fast_sum)
+            if out is not None:
+                return out
+        if fast_sum is not None:
+            out = fast_sum(inputs, branches)
             if out is not None:
                 return out
         out = branches[0](inputs)

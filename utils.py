@@ -367,9 +367,12 @@ class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
         self._check_input_dim(x)
         return sync_batch_norm_sum([x], [self], *found)
 
-    def sum_of_branches(self, x: torch.Tensor, branches: List[torch.nn.Module]) -> Optional[torch.Tensor]:
+    def sum_of_branches(self, x: torch.Tensor, branches: List[torch.nn.Module],
+                        fast_sum=None) -> Optional[torch.Tensor]:
         """``sum(b(x) for b in branches)`` for ``conv -> bn`` branches whose BNs all share this one's class and
-        process group; None (nothing computed) when the fused path does not apply."""
+        process group; None (nothing computed) when the fused path does not apply. ``fast_sum(x, branches, group,
+        world_size)`` (SLaK passes cutlass/'s Triton branch-BN kernels when its convs are the fast ones) is tried
+        first; it returns None for cases it does not take, and PyTorch's batch-norm kernels run instead."""
         found = self._fused_group(x) if self.FUSE_BRANCHES else None
         if found is None or x.dim() != 4:
             return None
@@ -377,6 +380,10 @@ class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
         if any(type(bn) is not type(self) or bn.process_group is not self.process_group or not bn.training
                for bn in bns):
             return None
+        if fast_sum is not None:
+            out = fast_sum(x, branches, *found)
+            if out is not None:
+                return out
         return sync_batch_norm_sum([b.conv(x) for b in branches], bns, *found)
 
 

@@ -6,7 +6,9 @@ Each rank draws its own input; both modules start from the same parameters and r
 output, the input/weight/bias gradients and the running statistics after two training steps, in float32 and under
 bf16 autocast, NCHW and channels_last; prints the largest relative error per case (rank 0). Then the same for a
 block's fused branch sum (``utils.sync_batch_norm_sum`` over three BNs, one collective per pass) against the sum of
-three ``nn.SyncBatchNorm`` outputs.
+three ``nn.SyncBatchNorm`` outputs. Last, a SLaK block with our convs, converted to SyncBN, which runs its branch
+BNs through the Triton kernels of ``cutlass/branch_bn_triton.py`` (one all-gather forward, one all-reduce backward),
+against the ``nn.Conv2d`` block with ``nn.SyncBatchNorm`` (unequal batches per rank; TF32 off on both sides).
 """
 import os
 import sys
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+import SLaK  # noqa: E402
 
 
 def rel(a, b):
@@ -91,9 +94,48 @@ def main():
         worst = max(worst, max(errors))
         if rank == 0:
             print(f'fused sum of 3 {str(dtype):15s} max rel error {max(errors):.2e}')
+    worst = max(worst, check_triton_block(rank))
     if rank == 0:
         print('SYNCBN_CHECK', 'OK' if worst < (2e-2) else 'FAIL', f'{worst:.2e}')
     dist.destroy_process_group()
+
+
+def check_triton_block(rank):
+    """The Triton branch-BN path under SyncBN against nn.Conv2d + nn.SyncBatchNorm; returns the largest error."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    torch.manual_seed(0)
+    ours = SLaK.ReparamLargeKernelConv(32, 32, 31, 1, 32, 5, Decom=True, conv_impl='cutlass').cuda()
+    ref = SLaK.ReparamLargeKernelConv(32, 32, 31, 1, 32, 5, Decom=True, conv_impl='torch').cuda()
+    ref.load_state_dict(ours.state_dict())
+    ours = utils.convert_sync_batchnorm(ours).train()
+    ref = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ref).train()
+    calls = []
+    original = fast._bn_kernels.BranchBatchNormSum.apply
+    fast._bn_kernels.BranchBatchNormSum.apply = lambda *a: calls.append(a[4]) or original(*a)
+    errors = []
+    for step in range(2):
+        torch.manual_seed(200 + 10 * rank + step)
+        batch = 6 if rank == 0 else 8
+        x = torch.randn(batch, 32, 20, 18, device='cuda') * 2 + 1
+        g = torch.randn(batch, 32, 20, 18, device='cuda')
+        outs = []
+        for module in (ours, ref):
+            xi = x.clone().requires_grad_(True)
+            y = module(xi)
+            (y * g).sum().backward()
+            outs.append([y, xi.grad] + [p.grad.clone() for p in module.parameters()])
+            module.zero_grad()
+        errors += [rel(a, b) for a, b in zip(*outs)]
+    fast._bn_kernels.BranchBatchNormSum.apply = original
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        if 'running' in k:
+            errors.append(rel(a, b))
+    assert calls == [dist.get_world_size()] * 2, calls
+    if rank == 0:
+        print(f'SLaK block, Triton branch BNs under SyncBN vs nn.SyncBatchNorm: max rel error {max(errors):.2e}')
+    return max(errors)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Training-mode BatchNorm of a SLaK block's parallel branches, summed, in four Triton kernels per pass.
+"""Training-mode BatchNorm of a SLaK block's parallel branches, summed, in three Triton kernels per pass.
 
 ``out = sum_i BN_i(y_i)`` for the 2 or 3 branch outputs ``y_i`` of ``ReparamLargeKernelConv`` (LoRA1, LoRA2,
 small_conv), NCHW-contiguous, fp32/fp16/bf16, with fp32 statistics. PyTorch runs each BN on its own (bf16 NCHW:
@@ -8,13 +8,18 @@ a ~1.3 ms bandwidth floor for all 54 BNs) and then adds the outputs. Here the br
 forward   1. ``stats``:    per (channel, batch split) sums of ``y_i - s_i`` and its square (``s_i`` = the channel's
                            first value: a shift against cancellation), written as partials (no atomics: same
                            result every run);
-          2. ``finalize``: per channel mean, invstd, ``scale_i = w_i * invstd_i`` and the running-statistics update
+          2. ``finalize``: per channel mean and variance (Chan's combination of the partials, each with its own
+                           shift), invstd, ``scale_i = w_i * invstd_i`` and the running-statistics update
                            (unbiased variance, as ``nn.BatchNorm2d``);
           3. ``apply``:    ``out = sum_i (y_i - mean_i) * scale_i + sum_i b_i``: reads each ``y_i`` once, writes once.
 backward  1. ``reduce``:   per (channel, split) ``sum dy`` and ``sum dy * (y_i - mean_i)``;
           2. ``finalize``: weight and bias gradients, per-channel coefficients;
           3. ``apply``:    ``dx_i = a_i * (dy - mean(dy)) - a_i * k_i * (y_i - mean_i)`` with ``a_i = w_i invstd_i``,
                            ``k_i = invstd_i^2 mean(dy (y_i - mean_i))``: reads ``dy`` once for all branches.
+
+With a process group (SyncBN, as ``utils.SyncBatchNormWithoutHostSync`` sets up) the statistics span every rank's
+batch: between ``stats`` and ``finalize`` one all-gather of the partials, between ``reduce`` and ``finalize`` one
+all-reduce, for all branches of the block together (and no host synchronisation).
 
 Bytes per block for T = one branch tensor: forward 7 T (3 reads for the statistics, 3 reads + 1 write to apply),
 backward 11 T, against ~21 T for three separate BatchNorms plus two additions. This file is loaded by path
@@ -23,6 +28,7 @@ backward 11 T, against ~21 T for three separate BatchNorms plus two additions. T
 from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -31,7 +37,7 @@ import triton.language as tl
 # branch), so no pointer is ever selected at run time.
 
 @triton.jit
-def _stats_one(y, part_ptr, i, s, c, N, C, HW, SPLIT, NB: tl.constexpr, BLOCK: tl.constexpr):
+def _stats_one(y, buf, i, s, c, N, C, HW, SPLIT, NB: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     shift = tl.load(y + c.to(tl.int64) * HW).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -44,31 +50,61 @@ def _stats_one(y, part_ptr, i, s, c, N, C, HW, SPLIT, NB: tl.constexpr, BLOCK: t
             d = tl.where(ok, tl.load(y + base + idx, mask=ok, other=0.0).to(tl.float32) - shift, 0.0)
             acc += d
             acc2 += d * d
-    tl.store(part_ptr + (s * 2 * NB + 2 * i) * C + c, tl.sum(acc, axis=0))
-    tl.store(part_ptr + (s * 2 * NB + 2 * i + 1) * C + c, tl.sum(acc2, axis=0))
+    tl.store(buf + (s * 2 * NB + 2 * i) * C + c, tl.sum(acc, axis=0))
+    tl.store(buf + (s * 2 * NB + 2 * i + 1) * C + c, tl.sum(acc2, axis=0))
+    if s == 0:
+        tl.store(buf + (SPLIT * 2 * NB + i) * C + c, shift)
 
 
 @triton.jit
-def bn_stats_kernel(y0, y1, y2, part_ptr, N, C, HW, SPLIT, NB: tl.constexpr, BLOCK: tl.constexpr):
-    """part[s, 2i, c] = sum (y_i - shift_i), part[s, 2i+1, c] = sum (y_i - shift_i)^2 over images s, s+SPLIT, ..."""
+def bn_stats_kernel(y0, y1, y2, buf, N, C, HW, SPLIT, NB: tl.constexpr, BLOCK: tl.constexpr):
+    """One rank's statistics, as rows of C values: ``buf[s * 2NB + 2i] = sum (y_i - shift_i)`` and
+    ``buf[s * 2NB + 2i + 1] = sum (y_i - shift_i)^2`` over images s, s + SPLIT, ...; ``buf[SPLIT * 2NB + i] =
+    shift_i`` (the channel's first value); ``buf[SPLIT * 2NB + NB] = N`` (this rank's images)."""
     c = tl.program_id(0)
     s = tl.program_id(1)
-    _stats_one(y0, part_ptr, 0, s, c, N, C, HW, SPLIT, NB, BLOCK)
+    _stats_one(y0, buf, 0, s, c, N, C, HW, SPLIT, NB, BLOCK)
     if NB > 1:
-        _stats_one(y1, part_ptr, 1, s, c, N, C, HW, SPLIT, NB, BLOCK)
+        _stats_one(y1, buf, 1, s, c, N, C, HW, SPLIT, NB, BLOCK)
     if NB > 2:
-        _stats_one(y2, part_ptr, 2, s, c, N, C, HW, SPLIT, NB, BLOCK)
+        _stats_one(y2, buf, 2, s, c, N, C, HW, SPLIT, NB, BLOCK)
+    if s == 0:
+        tl.store(buf + (SPLIT * 2 * NB + NB) * C + c, N.to(tl.float32))
 
 
 @triton.jit
-def _fwd_finalize_one(part_ptr, y, w_ptr, b_ptr, rm, rv, coef_ptr, i, cs, c_ok, sp, ok2, C, HW, count, eps,
+def _partials(buf, r, i, cs, c_ok, sp, ok2, C, HW, SPLIT, NB: tl.constexpr):
+    """Rank ``r``'s partials of branch ``i``: (pixel count, shifted sum, shifted sum of squares) per (split,
+    channel), and the rank's shift per channel."""
+    base = buf + r * (SPLIT * 2 * NB + NB + 1) * C
+    images = tl.load(base + (SPLIT * 2 * NB + NB) * C + cs, mask=c_ok, other=0.0).to(tl.int32)
+    count = tl.where(ok2, ((images[None, :] - sp[:, None] + SPLIT - 1) // SPLIT) * HW, 0).to(tl.float32)
+    s1 = tl.load(base + (sp[:, None] * 2 * NB + 2 * i) * C + cs[None, :], mask=ok2, other=0.0)
+    s2 = tl.load(base + (sp[:, None] * 2 * NB + 2 * i + 1) * C + cs[None, :], mask=ok2, other=0.0)
+    shift = tl.load(base + (SPLIT * 2 * NB + i) * C + cs, mask=c_ok, other=0.0)
+    return count, s1, s2, shift
+
+
+@triton.jit
+def _fwd_finalize_one(buf, WORLD, w_ptr, b_ptr, rm, rv, coef_ptr, i, cs, c_ok, sp, ok2, C, HW, SPLIT, eps,
                       momentum, NB: tl.constexpr):
-    s1 = tl.sum(tl.load(part_ptr + (sp[:, None] * 2 * NB + 2 * i) * C + cs[None, :], mask=ok2, other=0.0), 0)
-    s2 = tl.sum(tl.load(part_ptr + (sp[:, None] * 2 * NB + 2 * i + 1) * C + cs[None, :], mask=ok2, other=0.0), 0)
-    shift = tl.load(y + cs.to(tl.int64) * HW, mask=c_ok, other=0.0).to(tl.float32)
-    mean_d = s1 / count
-    var = tl.maximum(s2 / count - mean_d * mean_d, 0.0)
-    mean = shift + mean_d
+    # Chan's combination of the (rank, split) partials, each with its own shift: first the mean ...
+    total = tl.zeros_like(cs).to(tl.float32)
+    acc = tl.zeros_like(cs).to(tl.float32)
+    for r in range(0, WORLD):
+        count, s1, s2, shift = _partials(buf, r, i, cs, c_ok, sp, ok2, C, HW, SPLIT, NB)
+        n_r = tl.sum(count, 0)
+        total += n_r
+        acc += n_r * shift + tl.sum(s1, 0)
+    mean = acc / total
+    # ... then the sum of squared deviations: within each partial plus between partials.
+    m2 = tl.zeros_like(cs).to(tl.float32)
+    for r in range(0, WORLD):
+        count, s1, s2, shift = _partials(buf, r, i, cs, c_ok, sp, ok2, C, HW, SPLIT, NB)
+        safe = tl.maximum(count, 1.0)
+        d = shift[None, :] + s1 / safe - mean[None, :]
+        m2 += tl.sum(tl.where(count > 0, s2 - s1 * s1 / safe + count * d * d, 0.0), 0)
+    var = tl.maximum(m2 / total, 0.0)
     invstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cs, mask=c_ok, other=1.0)
     tl.store(coef_ptr + (0 * NB + i) * C + cs, mean, mask=c_ok)
@@ -77,27 +113,29 @@ def _fwd_finalize_one(part_ptr, y, w_ptr, b_ptr, rm, rv, coef_ptr, i, cs, c_ok, 
     old_m = tl.load(rm + cs, mask=c_ok, other=0.0)
     old_v = tl.load(rv + cs, mask=c_ok, other=0.0)
     tl.store(rm + cs, (1.0 - momentum) * old_m + momentum * mean, mask=c_ok)
-    tl.store(rv + cs, (1.0 - momentum) * old_v + momentum * var * (count / (count - 1.0)), mask=c_ok)
+    tl.store(rv + cs, (1.0 - momentum) * old_v + momentum * var * (total / (total - 1.0)), mask=c_ok)
+    tl.store(coef_ptr + (3 * NB + 1) * C + cs, total, mask=c_ok)
     return tl.load(b_ptr + cs, mask=c_ok, other=0.0)
 
 
 @triton.jit
-def bn_fwd_finalize_kernel(part_ptr, y0, y1, y2, w0, w1, w2, b0, b1, b2, rm0, rm1, rm2, rv0, rv1, rv2, coef_ptr,
-                           C, HW, SPLIT, count, eps, momentum, NB: tl.constexpr, BLOCK_C: tl.constexpr,
+def bn_fwd_finalize_kernel(buf, WORLD, w0, w1, w2, b0, b1, b2, rm0, rm1, rm2, rv0, rv1, rv2, coef_ptr,
+                           C, HW, SPLIT, eps, momentum, NB: tl.constexpr, BLOCK_C: tl.constexpr,
                            SPLIT_P2: tl.constexpr):
-    """coef[0, i] = mean_i, coef[1, i] = invstd_i, coef[2, i] = scale_i (3 x NB rows of C), coef[3 NB] = sum_i b_i;
-    running statistics updated in place."""
+    """From the statistics of WORLD ranks (``buf``: WORLD blocks laid out as ``bn_stats_kernel`` writes them):
+    coef[0, i] = mean_i, coef[1, i] = invstd_i, coef[2, i] = scale_i (3 x NB rows of C), coef[3 NB] = sum_i b_i,
+    coef[3 NB + 1] = the pixel count over all ranks; running statistics updated in place."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
     sp = tl.arange(0, SPLIT_P2)
     ok2 = (sp < SPLIT)[:, None] & c_ok[None, :]
-    bias_sum = _fwd_finalize_one(part_ptr, y0, w0, b0, rm0, rv0, coef_ptr, 0, cs, c_ok, sp, ok2, C, HW, count, eps,
+    bias_sum = _fwd_finalize_one(buf, WORLD, w0, b0, rm0, rv0, coef_ptr, 0, cs, c_ok, sp, ok2, C, HW, SPLIT, eps,
                                  momentum, NB)
     if NB > 1:
-        bias_sum += _fwd_finalize_one(part_ptr, y1, w1, b1, rm1, rv1, coef_ptr, 1, cs, c_ok, sp, ok2, C, HW, count,
+        bias_sum += _fwd_finalize_one(buf, WORLD, w1, b1, rm1, rv1, coef_ptr, 1, cs, c_ok, sp, ok2, C, HW, SPLIT,
                                       eps, momentum, NB)
     if NB > 2:
-        bias_sum += _fwd_finalize_one(part_ptr, y2, w2, b2, rm2, rv2, coef_ptr, 2, cs, c_ok, sp, ok2, C, HW, count,
+        bias_sum += _fwd_finalize_one(buf, WORLD, w2, b2, rm2, rv2, coef_ptr, 2, cs, c_ok, sp, ok2, C, HW, SPLIT,
                                       eps, momentum, NB)
     tl.store(coef_ptr + 3 * NB * C + cs, bias_sum, mask=c_ok)
 
@@ -164,34 +202,43 @@ def bn_bwd_reduce_kernel(dy_ptr, y0, y1, y2, coef_ptr, part_ptr, N, C, HW, SPLIT
 
 
 @triton.jit
-def _bwd_finalize_one(part_ptr, coef_ptr, w_ptr, gw_ptr, gb_ptr, bcoef_ptr, g, i, cs, c_ok, sp, ok2, C, count,
-                      NB: tl.constexpr):
-    h = tl.sum(tl.load(part_ptr + (sp[:, None] * (1 + NB) + 1 + i) * C + cs[None, :], mask=ok2, other=0.0), 0)
+def _bwd_finalize_one(part_ptr, glob_ptr, coef_ptr, w_ptr, gw_ptr, gb_ptr, bcoef_ptr, g, i, cs, c_ok, sp, ok2, C,
+                      count, NB: tl.constexpr):
+    rows = (sp[:, None] * (1 + NB) + 1 + i) * C + cs[None, :]
+    h = tl.sum(tl.load(part_ptr + rows, mask=ok2, other=0.0), 0)
+    h_all = tl.sum(tl.load(glob_ptr + rows, mask=ok2, other=0.0), 0)
     invstd = tl.load(coef_ptr + (NB + i) * C + cs, mask=c_ok, other=0.0)
     w = tl.load(w_ptr + cs, mask=c_ok, other=0.0)
     tl.store(gw_ptr + i * C + cs, h * invstd, mask=c_ok)
     tl.store(gb_ptr + i * C + cs, g, mask=c_ok)
     a = w * invstd
     tl.store(bcoef_ptr + (1 + i) * C + cs, a, mask=c_ok)
-    tl.store(bcoef_ptr + (1 + NB + i) * C + cs, a * invstd * invstd * (h / count), mask=c_ok)
+    tl.store(bcoef_ptr + (1 + NB + i) * C + cs, a * invstd * invstd * (h_all / count), mask=c_ok)
 
 
 @triton.jit
-def bn_bwd_finalize_kernel(part_ptr, coef_ptr, w0, w1, w2, gw_ptr, gb_ptr, bcoef_ptr, C, SPLIT, count,
+def bn_bwd_finalize_kernel(part_ptr, glob_ptr, coef_ptr, w0, w1, w2, gw_ptr, gb_ptr, bcoef_ptr, C, SPLIT,
                            NB: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_P2: tl.constexpr):
-    """gw[i] = sum dy (y_i - mean_i) * invstd_i, gb[i] = sum dy; bcoef[0] = mean(dy), bcoef[1 + i] = a_i,
-    bcoef[1 + NB + i] = a_i * k_i."""
+    """gw[i] = sum dy (y_i - mean_i) * invstd_i, gb[i] = sum dy over this rank (``part``; the data-parallel
+    wrapper averages parameter gradients, as for ``nn.SyncBatchNorm``); bcoef[0] = mean(dy), bcoef[1 + i] = a_i,
+    bcoef[1 + NB + i] = a_i * k_i over all ranks (``glob``: ``part`` summed over ranks; ``part`` itself in one
+    process)."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
     sp = tl.arange(0, SPLIT_P2)
     ok2 = (sp < SPLIT)[:, None] & c_ok[None, :]
-    g = tl.sum(tl.load(part_ptr + (sp[:, None] * (1 + NB)) * C + cs[None, :], mask=ok2, other=0.0), 0)
-    tl.store(bcoef_ptr + cs, g / count, mask=c_ok)
-    _bwd_finalize_one(part_ptr, coef_ptr, w0, gw_ptr, gb_ptr, bcoef_ptr, g, 0, cs, c_ok, sp, ok2, C, count, NB)
+    count = tl.load(coef_ptr + (3 * NB + 1) * C + cs, mask=c_ok, other=1.0)
+    rows = (sp[:, None] * (1 + NB)) * C + cs[None, :]
+    g = tl.sum(tl.load(part_ptr + rows, mask=ok2, other=0.0), 0)
+    tl.store(bcoef_ptr + cs, tl.sum(tl.load(glob_ptr + rows, mask=ok2, other=0.0), 0) / count, mask=c_ok)
+    _bwd_finalize_one(part_ptr, glob_ptr, coef_ptr, w0, gw_ptr, gb_ptr, bcoef_ptr, g, 0, cs, c_ok, sp, ok2, C, count,
+                      NB)
     if NB > 1:
-        _bwd_finalize_one(part_ptr, coef_ptr, w1, gw_ptr, gb_ptr, bcoef_ptr, g, 1, cs, c_ok, sp, ok2, C, count, NB)
+        _bwd_finalize_one(part_ptr, glob_ptr, coef_ptr, w1, gw_ptr, gb_ptr, bcoef_ptr, g, 1, cs, c_ok, sp, ok2, C,
+                          count, NB)
     if NB > 2:
-        _bwd_finalize_one(part_ptr, coef_ptr, w2, gw_ptr, gb_ptr, bcoef_ptr, g, 2, cs, c_ok, sp, ok2, C, count, NB)
+        _bwd_finalize_one(part_ptr, glob_ptr, coef_ptr, w2, gw_ptr, gb_ptr, bcoef_ptr, g, 2, cs, c_ok, sp, ok2, C,
+                          count, NB)
 
 
 @triton.jit
@@ -225,17 +272,21 @@ _FINALIZE_BLOCK_C = 128
 
 
 _SM_COUNT = {}
+# Across ranks the statistics buffers must have one layout whatever the GPU model and local batch: a fixed
+# program budget instead of the SM count.
+_DIST_PROGRAMS = 512
 
 
-def _stats_config(n: int, c: int, hw: int, device: torch.device):
+def _stats_config(n: int, c: int, hw: int, device: torch.device, distributed: bool = False):
     """(split, block): enough (channel, split) programs to fill the GPU; blocks of up to 1024 pixels."""
+    block = min(1024, max(32, triton.next_power_of_2(hw)))
+    if distributed:  # independent of the device and of n (splits past a rank's last image stay empty)
+        return max(1, min(32, triton.cdiv(_DIST_PROGRAMS, c))), block
     sms = _SM_COUNT.get(device)
     if sms is None:
         sms = _SM_COUNT[device] = (torch.cuda.get_device_properties(device).multi_processor_count
                                    if device.type == "cuda" else 4)
-    split = max(1, min(n, 32, triton.cdiv(4 * sms, c)))
-    block = min(1024, max(32, triton.next_power_of_2(hw)))
-    return split, block
+    return max(1, min(n, 32, triton.cdiv(4 * sms, c))), block
 
 
 def _three(ts: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
@@ -243,34 +294,50 @@ def _three(ts: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]
     return list(ts) + [ts[0]] * (3 - len(ts))
 
 
+# torch >= 2.14 renamed all_gather_into_tensor (same signature) and deprecates the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
 class BranchBatchNormSum(torch.autograd.Function):
     """``sum_i batch_norm(y_i, running_mean_i, running_var_i, w_i, b_i, training=True, momentum, eps)``.
 
-    Arguments after ``ctx``: ``eps``, ``momentum``, ``nb`` (2 or 3), then ``y_1..y_nb`` (same shape, NCHW-contiguous,
-    same dtype), ``w_1..w_nb``, ``b_1..b_nb``, ``running_mean_1..nb``, ``running_var_1..nb`` (fp32, (C,)). Returns
-    the sum in the dtype of the ``y_i``; gradients for the ``y_i``, weights and biases (fp32).
+    Arguments after ``ctx``: ``eps``, ``momentum``, ``nb`` (2 or 3), ``group`` and ``world_size`` (the process
+    group whose batch the statistics cover, as ``nn.SyncBatchNorm``; None and 1 for one process), then
+    ``y_1..y_nb`` (same shape, NCHW-contiguous, same dtype), ``w_1..w_nb``, ``b_1..b_nb``,
+    ``running_mean_1..nb``, ``running_var_1..nb`` (fp32, (C,)). Returns the sum in the dtype of the ``y_i``;
+    gradients for the ``y_i``, weights and biases (fp32).
+
+    Across ranks (batches may differ in size) each pass moves one small buffer: the forward all-gathers every
+    rank's partial sums (a few thousand floats), the backward all-reduces them; no host synchronisation.
     """
 
     @staticmethod
-    def forward(ctx, eps, momentum, nb, *tensors):
+    def forward(ctx, eps, momentum, nb, group, world_size, *tensors):
         ys, ws, bs = tensors[:nb], tensors[nb:2 * nb], tensors[2 * nb:3 * nb]
         rms, rvs = tensors[3 * nb:4 * nb], tensors[4 * nb:5 * nb]
         n, c, h, w = ys[0].shape
         hw, total = h * w, ys[0].numel()
-        count = float(n * hw)
-        split, block = _stats_config(n, c, hw, ys[0].device)
-        part = torch.empty((split, 2 * nb, c), device=ys[0].device, dtype=torch.float32)
-        bn_stats_kernel[(c, split)](*_three(ys), part, n, c, hw, split, NB=nb, BLOCK=block, num_warps=4)
-        coef = torch.empty((3 * nb + 1, c), device=ys[0].device, dtype=torch.float32)
+        device = ys[0].device
+        split, block = _stats_config(n, c, hw, device, distributed=world_size > 1)
+        local = torch.empty((split * 2 * nb + nb + 1, c), device=device, dtype=torch.float32)
+        bn_stats_kernel[(c, split)](*_three(ys), local, n, c, hw, split, NB=nb, BLOCK=block, num_warps=4)
+        if world_size > 1:
+            # (world * rows, C): the ranks' blocks one after another (the layout gloo and NCCL both accept)
+            stats = torch.empty((world_size * local.shape[0], c), device=device, dtype=torch.float32)
+            _all_gather_single(stats, local, group=group)
+        else:
+            stats = local
+        coef = torch.empty((3 * nb + 2, c), device=device, dtype=torch.float32)
         bn_fwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
-            part, *_three(ys), *_three(ws), *_three(bs), *_three(rms), *_three(rvs), coef, c, hw, split, count,
+            stats, world_size, *_three(ws), *_three(bs), *_three(rms), *_three(rvs), coef, c, hw, split,
             float(eps), float(momentum), NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
             SPLIT_P2=triton.next_power_of_2(split), num_warps=4)
         out = torch.empty_like(ys[0])
         bn_fwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
             *_three(ys), out, coef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK, WIDE=total >= 2 ** 31 - _APPLY_BLOCK,
             num_warps=8)
-        ctx.nb, ctx.count, ctx.split, ctx.block = nb, count, split, block
+        ctx.nb, ctx.split, ctx.block = nb, split, block
+        ctx.group, ctx.world_size = group, world_size
         ctx.save_for_backward(*ys, *ws, coef)
         return out
 
@@ -285,11 +352,15 @@ class BranchBatchNormSum(torch.autograd.Function):
         part = torch.empty((ctx.split, 1 + nb, c), device=dy.device, dtype=torch.float32)
         bn_bwd_reduce_kernel[(c, ctx.split)](dy, *_three(ys), coef, part, n, c, hw, ctx.split, NB=nb,
                                              BLOCK=ctx.block, num_warps=4)
+        glob = part
+        if ctx.world_size > 1:
+            glob = part.clone()
+            dist.all_reduce(glob, group=ctx.group)
         gw = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
         gb = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
         bcoef = torch.empty((1 + 2 * nb, c), device=dy.device, dtype=torch.float32)
         bn_bwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
-            part, coef, *_three(ws), gw, gb, bcoef, c, ctx.split, ctx.count, NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
+            part, glob, coef, *_three(ws), gw, gb, bcoef, c, ctx.split, NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
             SPLIT_P2=triton.next_power_of_2(ctx.split), num_warps=4)
         dxs = [torch.empty_like(ys[0]) for _ in range(nb)]
         bn_bwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
@@ -297,4 +368,4 @@ class BranchBatchNormSum(torch.autograd.Function):
             WIDE=total >= 2 ** 31 - _APPLY_BLOCK, num_warps=8)
         grad_w = [gw[i].to(ws[i].dtype) for i in range(nb)]
         grad_b = [gb[i].to(ws[i].dtype) for i in range(nb)]
-        return (None, None, None, *dxs, *grad_w, *grad_b, *([None] * (2 * nb)))
+        return (None, None, None, None, None, *dxs, *grad_w, *grad_b, *([None] * (2 * nb)))

@@ -189,18 +189,24 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 FUSED_BRANCH_BN = os.environ.get("SLAK_FUSED_BRANCH_BN", "1") != "0"
 
 
-def _fusable_bn(bn, first) -> bool:
-    """A plain training-mode BatchNorm2d whose settings and fp32 state the fused kernels reproduce exactly."""
-    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+def _fusable_bn(bn, first, synced: bool) -> bool:
+    """A training-mode BatchNorm2d (any BatchNorm when the caller is a SyncBN with 4-D input: ``synced``) whose
+    settings and fp32 state the fused kernels reproduce exactly."""
+    kind_ok = isinstance(bn, nn.modules.batchnorm._BatchNorm) if synced else type(bn) is nn.BatchNorm2d
+    return (kind_ok and type(bn) is type(first) and bn.training and bn.affine and bn.track_running_stats
             and bn.momentum is not None and bn.momentum == first.momentum and bn.eps == first.eps
             and all(t.dtype == torch.float32 and t.is_contiguous()
                     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)))
 
 
-def branch_bn_sum(x: torch.Tensor, branches) -> Optional[torch.Tensor]:
+def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[int] = None) -> Optional[torch.Tensor]:
     """``sum(b(x) for b in branches)`` for 2-3 ``conv -> bn`` branches (``SLaK.conv_bn``) in training mode, with all
-    BatchNorms and the sum in four Triton kernels per pass (``branch_bn_triton.py``); same maths as the separate
+    BatchNorms and the sum in three Triton kernels per pass (``branch_bn_triton.py``); same maths as the separate
     ``nn.BatchNorm2d`` calls (batch statistics in fp32, unbiased running variance, ``num_batches_tracked``).
+
+    ``group``/``world_size``: given by a SyncBN (``utils.SyncBatchNormWithoutHostSync.sum_of_branches``; its BNs are
+    then accepted): the statistics cover every rank's batch, with one all-gather forward and one all-reduce backward
+    (none for ``world_size == 1``).
 
     Returns None, having computed nothing, when the fused path does not apply: switched off (``FUSED_BRANCH_BN``),
     no Triton, CPU without the interpreter, a BN that is not a plain training-mode ``nn.BatchNorm2d`` with fp32
@@ -212,7 +218,8 @@ def branch_bn_sum(x: torch.Tensor, branches) -> Optional[torch.Tensor]:
     if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
         return None
     bns = [getattr(b, "bn", None) for b in branches]
-    if bns[0] is None or not all(bn is not None and _fusable_bn(bn, bns[0]) for bn in bns):
+    synced = world_size is not None
+    if bns[0] is None or not all(bn is not None and _fusable_bn(bn, bns[0], synced) for bn in bns):
         return None
     if _needs_registered_op() or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return None
@@ -227,7 +234,7 @@ def branch_bn_sum(x: torch.Tensor, branches) -> Optional[torch.Tensor]:
         bn.num_batches_tracked.add_(1)
     bn0 = bns[0]
     out = _bn_kernels.BranchBatchNormSum.apply(
-        bn0.eps, bn0.momentum, len(bns), *ys, *[bn.weight for bn in bns], *[bn.bias for bn in bns],
+        bn0.eps, bn0.momentum, len(bns), group, world_size or 1, *ys, *[bn.weight for bn in bns], *[bn.bias for bn in bns],
         *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 

@@ -45,7 +45,7 @@ for nb, dtype, shape in ((2, 'float32', (3, 5, 7, 6)), (3, 'float32', (2, 4, 9, 
     bns = bns_like(nb, shape[1], 2)
     ref_bns = [copy.deepcopy(bn).double() for bn in bns]
     g = torch.randn(*shape, dtype=torch.float64, device=device)
-    out = K.BranchBatchNormSum.apply(1e-5, 0.1, nb, *ys, *[b.weight for b in bns], *[b.bias for b in bns],
+    out = K.BranchBatchNormSum.apply(1e-5, 0.1, nb, None, 1, *ys, *[b.weight for b in bns], *[b.bias for b in bns],
                                      *[b.running_mean for b in bns], *[b.running_var for b in bns])
     (out.double() * g).sum().backward()
     yr = [y.detach().double().requires_grad_(True) for y in ys]
@@ -113,6 +113,105 @@ declined['applies otherwise'] = fast.branch_bn_sum(x, branches) is not None
 results['declined'] = declined
 print(json.dumps(results))
 '''
+
+DIST_SCRIPT = r"""
+import copy, json, os, sys
+import torch, torch.nn as nn, torch.distributed as dist, torch.multiprocessing as mp
+ROOT, TMP = sys.argv[1], sys.argv[2]
+sys.path.insert(0, ROOT)
+BATCHES = (3, 5)  # unequal per-rank batches: the per-rank counts must weight the statistics
+
+
+def worker(rank):
+    import SLaK, utils
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    K = fast._bn_kernels
+    dist.init_process_group('gloo', init_method='file://' + os.path.join(TMP, 'rdzv'), rank=rank, world_size=2)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    lo, hi = sum(BATCHES[:rank]), sum(BATCHES[:rank + 1])
+    res = {}
+    # 1. the Function over two ranks against float64 BatchNorm over the whole batch of 8 images
+    torch.manual_seed(0)
+    shape = (sum(BATCHES), 5, 4, 6)
+    full = [torch.randn(*shape, dtype=torch.float64) * (i + 1) + 3 * i + 10 for i in range(3)]
+    g = torch.randn(*shape, dtype=torch.float64)
+    bns = [nn.BatchNorm2d(5) for _ in range(3)]
+    for bn in bns:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5); bn.bias.normal_(); bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2)
+    ref_bns = [copy.deepcopy(bn).double() for bn in bns]
+    ys = [f[lo:hi].float().requires_grad_(True) for f in full]
+    out = K.BranchBatchNormSum.apply(1e-5, 0.1, 3, dist.group.WORLD, 2, *ys, *[b.weight for b in bns],
+                                     *[b.bias for b in bns], *[b.running_mean for b in bns],
+                                     *[b.running_var for b in bns])
+    (out.double() * g[lo:hi]).sum().backward()
+    yr = [f.clone().requires_grad_(True) for f in full]
+    ref = sum(bn(y) for bn, y in zip(ref_bns, yr))
+    (ref * g).sum().backward()
+    gw = torch.stack([b.weight.grad for b in bns]); gb = torch.stack([b.bias.grad for b in bns])
+    local_gw = gw.clone()
+    dist.all_reduce(gw); dist.all_reduce(gb)  # each rank holds its own share, as nn.SyncBatchNorm's gradients
+    res['function'] = dict(
+        out=rel(out, ref[lo:hi]), dx=max(rel(a.grad, b.grad[lo:hi]) for a, b in zip(ys, yr)),
+        dw=rel(gw, torch.stack([b.weight.grad for b in ref_bns])),
+        db=rel(gb, torch.stack([b.bias.grad for b in ref_bns])),
+        dw_local_share=rel(local_gw, gw) > 0.05,  # not the global sum: DDP averages it over ranks afterwards
+        running=max(max(rel(a.running_mean, b.running_mean), rel(a.running_var, b.running_var))
+                    for a, b in zip(bns, ref_bns)))
+    # 2. a SLaK block with SyncBN over two ranks: the Triton path (one call per pass) against PyTorch's kernels
+    outs = {}
+    for use_fast in (True, False):
+        fast.FUSED_BRANCH_BN = use_fast
+        torch.manual_seed(1)
+        block = SLaK.ReparamLargeKernelConv(6, 6, 9, 1, 6, 3, Decom=True, conv_impl='cutlass')
+        block = utils.convert_sync_batchnorm(block).train()
+        calls = []
+        original = K.BranchBatchNormSum.apply
+        K.BranchBatchNormSum.apply = lambda *a: calls.append(a[4]) or original(*a)
+        torch.manual_seed(2)
+        x = torch.randn(8, 6, 7, 8) * 2 + 1
+        gy = torch.randn(8, 6, 7, 8)
+        xi = x[lo:hi].clone().requires_grad_(True)
+        y = block(xi)
+        (y * gy[lo:hi]).sum().backward()
+        K.BranchBatchNormSum.apply = original
+        outs[use_fast] = [y.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()] + [
+            v.clone() for k, v in block.state_dict().items() if 'running' in k]
+        res[f'block_calls_fast{use_fast}'] = calls
+    res['block_err'] = max(rel(a, b) for a, b in zip(outs[True], outs[False]))
+    with open(os.path.join(TMP, f'rank{rank}.json'), 'w') as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    mp.spawn(worker, nprocs=2)
+    print(json.dumps([json.load(open(os.path.join(TMP, f'rank{r}.json'))) for r in range(2)]))
+"""
+
+
+def test_fused_branch_bn_across_two_ranks_matches_batchnorm_over_the_whole_batch(tmp_path):
+    """SyncBN through the Triton kernels (gloo, two CPU processes, interpreter, batches of 3 and 5 images): output,
+    input gradients, summed weight/bias gradients and running statistics against float64 BatchNorm over all 8
+    images; a SLaK block converted to SyncBN takes this path (one call per pass, group size 2) and agrees with
+    PyTorch's SyncBN kernels."""
+    if torch.cuda.is_available():
+        pytest.skip('interpreter check; on GPUs benchmarks/check_syncbn.py covers the NCCL path')
+    pytest.importorskip('triton')
+    script = tmp_path / 'dist_bn.py'
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, str(script), ROOT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in ranks:
+        f = r['function']
+        assert max(f['out'], f['dx'], f['dw'], f['db']) < 2e-6 and f['running'] < 1e-6, f
+        assert f['dw_local_share'], f
+        assert r['block_calls_fastTrue'] == [2] and r['block_calls_fastFalse'] == [], r
+        assert r['block_err'] < 1e-5, r
+
 
 TOL = {'float32': 2e-6, 'bfloat16': 1e-2, 'float16': 2e-3}
 
