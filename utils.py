@@ -372,7 +372,10 @@ class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
         """``sum(b(x) for b in branches)`` for ``conv -> bn`` branches whose BNs all share this one's class and
         process group; None (nothing computed) when the fused path does not apply. ``fast_sum(x, branches, group,
         world_size)`` (SLaK passes cutlass/'s Triton branch-BN kernels when its convs are the fast ones) is tried
-        first; it returns None for cases it does not take, and PyTorch's batch-norm kernels run instead."""
+        first; it returns None for cases it does not take, and PyTorch's batch-norm kernels run instead. ``x`` may be
+        a list with one input per branch (``SLaK._branch_inputs``)."""
+        xs = list(x) if isinstance(x, (list, tuple)) else [x] * len(branches)
+        x = xs[0]
         found = self._fused_group(x) if self.FUSE_BRANCHES else None
         if found is None or x.dim() != 4:
             return None
@@ -381,10 +384,10 @@ class SyncBatchNormWithoutHostSync(torch.nn.SyncBatchNorm):
                for bn in bns):
             return None
         if fast_sum is not None:
-            out = fast_sum(x, branches, *found)
+            out = fast_sum(xs, branches, *found)
             if out is not None:
                 return out
-        return sync_batch_norm_sum([b.conv(x) for b in branches], bns, *found)
+        return sync_batch_norm_sum([b.conv(xi) for b, xi in zip(branches, xs)], bns, *found)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:

@@ -31,6 +31,7 @@ CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
 def make(name):
     # "unpadded": the pointwise GEMMs on the raw odd widths (249, 499), as before SLaK.Block padded them on CUDA.
     SLaK.Block.PAD_POINTWISE = False if "unpadded" in name else "auto"
+    SLaK.SHARE_AUTOCAST_CAST = "per-conv casts" not in name
     if name == "convnext_tiny (timm)":
         return timm.create_model("convnext_tiny")
     impl = "cutlass" if "ours" in name or "identity" in name else "torch"
@@ -139,7 +140,8 @@ def main():
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}"
           + (" (CUDA-graph replays)" if args.graph else " (eager)"))
-    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours per-branch BN", "SLaK-T ours SyncBN sum (1 process)",
+    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN",
+             "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",

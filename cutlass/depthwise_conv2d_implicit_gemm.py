@@ -211,8 +211,11 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
     Returns None, having computed nothing, when the fused path does not apply: switched off (``FUSED_BRANCH_BN``),
     no Triton, CPU without the interpreter, a BN that is not a plain training-mode ``nn.BatchNorm2d`` with fp32
     state and shared eps/momentum, a single value per channel, or under ``torch.compile`` / dispatch modes (the
-    FLOP counter sees the plain modules).
+    FLOP counter sees the plain modules). ``x`` may also be a list with one input per branch (the same values:
+    SLaK hands each branch its own handle on one autocast copy, ``SLaK._branch_inputs``).
     """
+    xs = list(x) if isinstance(x, (list, tuple)) else [x] * len(branches)
+    x = xs[0]
     if not FUSED_BRANCH_BN or _bn_kernels is None or not 2 <= len(branches) <= 3 or x.dim() != 4:
         return None
     if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
@@ -225,7 +228,7 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
         return None
     if any(t.device != x.device for bn in bns for t in (bn.weight, bn.running_mean)):
         return None
-    ys = [b.conv(x) for b in branches]
+    ys = [b.conv(xi) for b, xi in zip(branches, xs)]
     if ys[0].dtype not in _SUPPORTED_DTYPES or any(y.shape != ys[0].shape or y.dtype != ys[0].dtype for y in ys):
         return sum(bn(y) for bn, y in zip(bns, ys))  # (not reached in SLaK: its branch convs agree)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

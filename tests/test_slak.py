@@ -315,6 +315,46 @@ def test_channels_last_and_bf16_autocast_match_default():
     assert rel < 3e-2
 
 
+@pytest.mark.parametrize('Decom', [True, False])
+def test_branches_share_one_autocast_cast_and_sum_input_grads_in_fp32(Decom):
+    """Under autocast the block's parallel branches get one half-precision copy of the fp32 input (one cast forward,
+    one back), where each conv used to cast on its own; outputs are bitwise those of per-conv casts and the input
+    gradient is the fp32 sum of the branches' gradients, as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.n = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = SLaK.ReparamLargeKernelConv(6, 6, 9, 1, 6, 3, Decom=Decom, conv_impl='torch').train()
+    x = torch.randn(2, 6, 10, 11)
+    g = torch.randn(2, 6, 10, 11)
+    branches = [b for b in (getattr(block, n, None) for n in ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv')) if b]
+    leaves = [x.clone().requires_grad_(True) for _ in range(2)]
+    casts = {}
+    for name in ('ours', 'per-conv casts'):
+        xi = leaves[name == 'ours'] * 1.0  # not a leaf: autocast caches the casts of leaves only
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            with CountCasts(tuple(x.shape)) as forward:
+                out = block(xi) if name == 'ours' else sum(b(xi) for b in branches)
+        with CountCasts(tuple(x.shape)) as backward:
+            (out.float() * g).sum().backward()
+        casts[name] = (forward.n, backward.n, out)
+    (fwd, bwd, out), (ref_fwd, ref_bwd, ref) = casts['ours'], casts['per-conv casts']
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert (fwd, ref_fwd) == (1, len(branches)) and ref_bwd - bwd == len(branches) - 1
+    xs = leaves[::-1]
+    assert xs[0].grad.dtype == torch.float32
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-6, atol=1e-6)
+
+
 def test_forward_intermediates_and_interface():
     m = timm.create_model('SLaK_tiny', num_classes=3, **TINY).eval()
     x = torch.randn(2, 3, 64, 64)
