@@ -653,6 +653,10 @@ def run(argv=None, parser: Optional[argparse.ArgumentParser] = None, main_fn=Non
             message = message.split('ValueError: ', 1)[-1]  # errors re-raised by DataLoader workers
         sys.stderr.write(f'error: {message}\n')  # not print(): it is silenced on non-master ranks
         return 2
+    # Tear the process group down on success: a gloo group left to the interpreter's exit could abort the process
+    # ("terminate called without an active exception", exit -6) after its work was done.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
