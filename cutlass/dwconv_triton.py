@@ -20,6 +20,23 @@ from torch.utils.flop_counter import register_flop_formula
 
 
 @triton.jit
+def _flat_index(cols, end, W, VEC: tl.constexpr):
+    """(cols < end, cols // W, cols % W) for flattened (image, column) positions, with what the compiler cannot
+    see for itself: when VEC divides W, ``end`` and the first of ``cols`` (the launchers guarantee it), each aligned
+    group of VEC positions lies in one image row, so the image index is constant and the column contiguous over it.
+    With the flat axis in memory order (K x k kernels on NCHW) the loads and stores then walk along rows together
+    (measured on H200 before: 11.8 L1 sectors per request in the 51x5 forward, against 2.7 in the 5x51 one)."""
+    ok = cols < end
+    img = cols // W
+    wpos = cols % W
+    if VEC > 1:
+        ok = tl.max_constancy(ok, VEC)
+        img = tl.max_constancy(img, VEC)
+        wpos = tl.max_contiguous(tl.multiple_of(wpos, VEC), VEC)
+    return ok, img, wpos
+
+
+@triton.jit
 def dwconv_fwd_kernel(
     x_ptr, w_ptr, out_ptr,
     N, H, W,
@@ -28,7 +45,7 @@ def dwconv_fwd_kernel(
     son, soc, soh, sow,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr, VEC: tl.constexpr,
 ):
     """out[n, c, h, w] = sum_{i, j} x[n, c, h + i - KH//2, w + j - KW//2] * w[c, i, j] (zero padded).
 
@@ -45,9 +62,8 @@ def dwconv_fwd_kernel(
     h0 = pid_m * BLOCK_M
     rows = h0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N * W
-    img = (cols // W).to(tl.int64)
-    wpos = cols % W
+    col_ok, img, wpos = _flat_index(cols, N * W, W, VEC)
+    img = img.to(tl.int64)
     x_col_base = x_ptr + c * sxc + img * sxn
     w_base = w_ptr + c * swc
 
@@ -88,7 +104,7 @@ def dwconv_wgrad_kernel(
     swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr, VEC: tl.constexpr,
 ):
     """dw[c, i, j] += sum_{n, h, w} dy[n, c, h, w] * x[n, c, h + i - KH//2, w + j - KW//2] into an fp32 buffer.
 
@@ -119,10 +135,8 @@ def dwconv_wgrad_kernel(
         col_end = tl.minimum(col_start + COLS_PER_SPLIT, N * W)
         g = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(col_start, col_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < col_end
-            img = (cols // W).to(tl.int64)
-            wpos = cols % W
+            col_ok, img, wpos = _flat_index(n0 + tl.arange(0, BLOCK_N), col_end, W, VEC)
+            img = img.to(tl.int64)
             win = wpos + (j - PW)
             win_ok = col_ok & (win >= 0) & (win < W)
             dy = tl.load(dy_ptr + c * sdc + img[None, :] * sdn + wpos.to(tl.int64)[None, :] * sdw
@@ -339,6 +353,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _flat_vec(flat: int, block_n: int) -> int:
+    """Largest power of two up to 8 dividing the flat length and the column tile (``_flat_index``'s groups)."""
+    vec = 8
+    while flat % vec or block_n % vec:
+        vec //= 2
+    return vec
+
+
 def _band_views(t: torch.Tensor, w: torch.Tensor):
     """Return (H, W, strides of t, strides of w) with the band (longer-kernel) axis first; swaps axes for kw > kh."""
     _, _, h, wd = t.shape
@@ -370,7 +392,7 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     dwconv_fwd_kernel[grid](
         x, w, out, n, band, flat, *sx, *sw, *so,
         KH=kband, KW=kflat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), num_warps=warps)
+        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_flat_vec(flat, bn), num_warps=warps)
     return out
 
 
@@ -395,7 +417,8 @@ def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
     dwconv_wgrad_kernel[grid](
         x, dy, dw, n, band, flat, per_split, *sx, *sd, *sdw,
         KH=kband, KW=kflat, BLOCK_M=block, BLOCK_N=block_n, BLOCK_K=block,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), num_warps=warps)
+        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_flat_vec(flat, block_n),
+        num_warps=warps)
     return dw
 
 
