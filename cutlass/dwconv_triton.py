@@ -396,6 +396,20 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     return out
 
 
+def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, tall: bool,
+                config: Optional[Tuple[int, int, int]] = None) -> Tuple[int, int, int, int, int, int]:
+    """(BLOCK, BLOCK_N, num_warps, splits, columns per split, VEC) of a weight-gradient launch."""
+    # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
+    cap = 32 if tall else 64
+    block, block_n, warps = config or (min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4)
+    cols = n * flat
+    programs = c * kflat * triton.cdiv(band, block) ** 2
+    # Split the (image, column) reduction when there are too few programs to fill the GPU.
+    splits = max(1, min(triton.cdiv(cols, 4 * block_n), triton.cdiv(2048, programs)))
+    per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
+    return block, block_n, warps, triton.cdiv(cols, per_split), per_split, _flat_vec(flat, block_n)
+
+
 def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
                   config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
     """Weight-gradient launch into a fresh fp32 buffer; ``config`` = (BLOCK, BLOCK_N, num_warps) for benchmarks."""
@@ -403,22 +417,13 @@ def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
     dw = torch.zeros(w_shape, device=x.device, dtype=torch.float32)
     band, flat, sx, sdw, kband, kflat = _band_views(x, dw)
     sd = _band_views(dy, dw)[2]
-    # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
-    cap = 32 if w_shape[2] >= w_shape[3] else 64
-    block, block_n, warps = config or (min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4)
-    cols = n * flat
-    tiles = triton.cdiv(band, block) ** 2
-    programs = c * kflat * tiles
-    # Split the (image, column) reduction when there are too few programs to fill the GPU.
-    splits = max(1, min(triton.cdiv(cols, 4 * block_n), triton.cdiv(2048, programs)))
-    per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    splits = triton.cdiv(cols, per_split)
-    grid = (c * kflat, tiles, splits)
+    block, block_n, warps, splits, per_split, vec = _wgrad_plan(n, c, band, flat, kband, kflat,
+                                                                w_shape[2] >= w_shape[3], config)
+    grid = (c * kflat, triton.cdiv(band, block) ** 2, splits)
     dwconv_wgrad_kernel[grid](
         x, dy, dw, n, band, flat, per_split, *sx, *sd, *sdw,
         KH=kband, KW=kflat, BLOCK_M=block, BLOCK_N=block_n, BLOCK_K=block,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_flat_vec(flat, block_n),
-        num_warps=warps)
+        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=vec, num_warps=warps)
     return dw
 
 

@@ -182,6 +182,28 @@ def test_every_kernel_path_is_covered(interpreted):
     assert paths == {"plane", "direct", "banded"}
 
 
+def test_alignment_hints_hold_for_every_launch_plan():
+    """The banded kernels tell Triton that aligned groups of VEC flattened (image, column) positions share one image
+    row (``_flat_index``). The interpreter ignores such hints, so a false one would corrupt results on GPUs only:
+    check the launchers' guarantees instead (VEC divides the flat length, the column tile and every split's start)."""
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    assert [k._flat_vec(f, 64) for f in (56, 28, 14, 7, 12, 128)] == [8, 4, 2, 1, 4, 8]
+    for n in (1, 3, 64):
+        for h, w in ((7, 7), (14, 14), (28, 28), (56, 56), (30, 34), (100, 129)):
+            for kh, kw in ((51, 5), (5, 51), (5, 5), (13, 5), (31, 31), (3, 1)):
+                tall = kh >= kw
+                band, flat, kband, kflat = (h, w, kh, kw) if tall else (w, h, kw, kh)  # as _band_views
+                bn = k._fwd_config(band, kband, n * flat)[1]
+                vec = k._flat_vec(flat, bn)
+                assert flat % vec == 0 and bn % vec == 0
+                for c in (4, 124, 998):
+                    _, block_n, _, splits, per_split, vec = k._wgrad_plan(n, c, band, flat, kband, kflat, tall)
+                    assert flat % vec == 0 and block_n % vec == 0 and per_split % vec == 0
+                    assert (splits - 1) * per_split < n * flat <= splits * per_split
+
+
 @pytest.mark.parametrize("key", ["routes 7x7 13x5", "routes 17x16 5x5", "routes 11x9 9x3"])  # plane, direct, banded
 def test_eager_route_equals_registered_op_and_flops_are_counted(interpreted, key):
     r = interpreted[key]
