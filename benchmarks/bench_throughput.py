@@ -2,14 +2,15 @@
 
 Run on a CUDA machine from the repository root (needs timm)::
 
-    python benchmarks/bench_throughput.py [--train-batch 64] [--infer-batch 128] [--steps 10]
+    python benchmarks/bench_throughput.py [--train-batch 64] [--infer-batch 128] [--steps 10] [--graph]
 
 Training: AdamW, bf16 autocast, 224x224 random images, batch 64; inference: bf16 autocast, no_grad, batch 128.
-Prints img/s and peak memory per model, all in the same run on the same card. Two ceilings bound what faster
-depthwise kernels can give: "dwconv=identity" replaces every depthwise conv by the identity (BatchNorms and branch
-sums still run), "large_kernel=identity" the whole large-kernel module (convs, BNs and sums). "folded decomposed" is
-``reparameterize(decomposed=True)``, which adds the 5x5 kernel into the tall K x 5 one (two depthwise convs instead
-of three). Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
+Prints img/s and peak memory per model, all in the same run on the same card. ``--graph`` replays each step as one
+CUDA graph (every model alike): GPU time only, so the ratios no longer depend on how fast the host launches kernels.
+Two ceilings bound what faster depthwise kernels can give: "dwconv=identity" replaces every depthwise conv by the
+identity (BatchNorms and branch sums still run), "large_kernel=identity" the whole large-kernel module (convs, BNs
+and sums). "folded decomposed" is ``reparameterize(decomposed=True)``, which adds the 5x5 kernel into the tall
+K x 5 one (two depthwise convs instead of three). Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
 """
 import argparse
 import sys
