@@ -8,9 +8,10 @@ Each rank trains SLaK-T (``bench_throughput``'s "SLaK-T ours": 51 49 47 13 5, wi
 AdamW and bf16 autocast on a fixed random batch (no data loading, EMA or sparse masks: the bare step). Prints, for
 rank 0: wall ms per step, GPU kernel ms per step split into groups (NCCL separately: its kernels include the time
 spent waiting for other ranks) and img/s over all ranks. (A host-only time per step cannot be had by queueing steps
-behind a long sleep kernel: a step launches ~2,900 kernels and CUDA's launch queue blocks the host after ~1,000.) ``--sync_bn per_bn`` sets ``SLAK_SYNCBN_FUSE_BRANCHES=0`` semantics (one
-collective per BN) for comparison. With one process, ``fused`` runs the branch sum through
-``utils.sync_batch_norm_sum`` without collectives and ``off`` the model's own BatchNorms.
+behind a long sleep kernel: a step launches ~2,900 kernels and CUDA's launch queue blocks the host after ~1,000.)
+``--sync_bn per_bn`` sets ``SLAK_SYNCBN_FUSE_BRANCHES=0`` semantics (one collective per BN) for comparison. Under
+SyncBN the branch BNs run in our Triton kernels (model "SLaK-T ours") or in PyTorch's ("SLaK-T ours per-branch BN").
+With one process, ``fused`` takes the same branch-sum path without collectives and ``off`` the model's own BNs.
 """
 import argparse
 import os
@@ -92,8 +93,8 @@ def main():
             launches += 1
     if rank == 0:
         w = [x.item() for x in walls]
-        print(f"== {a.model}, N={world}, sync_bn={a.sync_bn}, ddp={a.ddp}, batch {a.batch}/GPU: wall {wall:.2f} ms/step "
-              f"(ranks {min(w):.2f}-{max(w):.2f}), GPU kernels {total:.2f} ms/step, "
+        print(f"== {a.model}, N={world}, sync_bn={a.sync_bn}, ddp={a.ddp}, batch {a.batch}/GPU: "
+              f"wall {wall:.2f} ms/step (ranks {min(w):.2f}-{max(w):.2f}), GPU kernels {total:.2f} ms/step, "
               f"{launches / 3:.0f} kernels/step, {world * a.batch / wall * 1e3:.1f} img/s")
         for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"   {g:28s} {v:8.3f} ms")

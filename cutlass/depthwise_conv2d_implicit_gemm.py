@@ -237,8 +237,8 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
         bn.num_batches_tracked.add_(1)
     bn0 = bns[0]
     out = _bn_kernels.BranchBatchNormSum.apply(
-        bn0.eps, bn0.momentum, len(bns), group, world_size or 1, *ys, *[bn.weight for bn in bns], *[bn.bias for bn in bns],
-        *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
+        bn0.eps, bn0.momentum, len(bns), group, world_size or 1, *ys, *[bn.weight for bn in bns],
+        *[bn.bias for bn in bns], *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
