@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import inspect
 import os
 import random
@@ -656,6 +657,7 @@ def run(argv=None, parser: Optional[argparse.ArgumentParser] = None, main_fn=Non
     # Tear the process group down on success: a gloo group left to the interpreter's exit could abort the process
     # ("terminate called without an active exception", exit -6) after its work was done.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # a DDP wrapper kept alive by reference cycles would keep the group's work objects alive
         torch.distributed.destroy_process_group()
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mnist_mini import REPO, make_mini_mnist
+from _gloo import finish_worker
 
 import main
 import utils
@@ -461,6 +462,7 @@ def _ema_worker(rank: int, init_file: str, out: str) -> None:
         args = argparse.Namespace(model_ema=True, model_ema_decay=0.99, model_ema_force_cpu=False, distributed=True)
         ema = main.build_ema(args, model)
         torch.save(ema.ema.state_dict(), os.path.join(out, f'ema-{rank}.pth'))
+        finish_worker()
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _gloo import finish_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from sparse_core import CosineDecay, Masking  # noqa: E402
@@ -83,7 +85,7 @@ def worker(rank: int, init_file: str, result_dir: str) -> None:
             raise AssertionError(f'ranks differ after step {step}: {ranks}')
     if rank == 0:
         torch.save({'model': model.state_dict(), 'mask': mask.state_dict()}, os.path.join(result_dir, 'ckpt.pth'))
-    dist.destroy_process_group()
+    finish_worker()
 
 
 def test_masks_identical_across_two_gloo_ranks():

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _gloo import finish_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
@@ -103,6 +105,7 @@ def _worker(rank, init_file, result_file, reference_file):
             dist.all_reduce(v)
         torch.save(dict(out=out, grad_x=grad_x, grads=grads, state=bn_state(block), gathers=len(gathers),
                         reduces=len(reduces)), result_file.format(rank))
+        finish_worker()
     finally:
         dist.destroy_process_group()
 
@@ -144,6 +147,7 @@ def _ddp_worker(rank, init_file, result_file):
                         # a bucket view shares its storage with the other gradients of its bucket
                         shares_storage=grad.untyped_storage().nbytes() > grad.numel() * grad.element_size()),
                    result_file.format(rank))
+        finish_worker()
     finally:
         dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mnist_mini  # noqa: F401  (puts the repo root on sys.path)
+from _gloo import finish_worker
 import utils
 
 
@@ -51,7 +52,10 @@ def fake_dist(monkeypatch):
         calls.update(kwargs)
     monkeypatch.setattr(torch.distributed, 'init_process_group', init_process_group)
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
-        monkeypatch.delenv(k, raising=False)
+        # setenv first so that monkeypatch restores the variable's original state (usually: unset) afterwards;
+        # init_distributed_mode writes RANK/WORLD_SIZE itself, which would otherwise leak into later tests
+        monkeypatch.setenv(k, '')
+        monkeypatch.delenv(k)
     yield calls
     utils.restore_print()
 
@@ -297,6 +301,7 @@ def _rng_resume_worker(rank: int, init_file: str, out: str) -> None:
         dist.barrier()  # rank 0 has written the file
         utils.auto_load_model(args, model, model, opt, scaler)
         torch.save({'expected': expected, 'got': _draws()}, os.path.join(out, f'draws-{rank}.pth'))
+        finish_worker()
     finally:
         dist.destroy_process_group()
 
