@@ -159,6 +159,11 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
             cand_w[f"direct{cfg}"] = lambda cfg=cfg: kern._launch_direct_wgrad(x, x, shape, config=cfg)
     cand_f["banded"] = lambda: kern._launch_fwd(x, w)
     cand_w["banded"] = lambda: kern._launch_wgrad(x, x, shape)
+    # the same default tiles without the alignment hints of _flat_index (round 9: they cost on some layers)
+    fwd_cfg = kern._fwd_config(hw, max(kh, kw), BATCH * hw)
+    wgrad_cfg = kern._wgrad_plan(BATCH, c, hw, hw, max(kh, kw), min(kh, kw), kh >= kw)[:3]
+    cand_f["banded nohint"] = lambda: kern._launch_fwd(x, w, config=fwd_cfg + (1,))
+    cand_w["banded nohint"] = lambda: kern._launch_wgrad(x, x, shape, config=wgrad_cfg + (1,))
     for cfg in ((64, 64, 32, 4), (64, 128, 32, 4), (32, 64, 16, 4), (32, 128, 32, 4), (64, 64, 64, 4),
                 (128, 64, 32, 8)):
         cand_f[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_fwd(x, w, config=cfg)
@@ -227,7 +232,8 @@ def main():
             out["sweep"][f"{c}@{hw} {kh}x{kw}"] = {"fwd": fwd, "wgrad": wg}
             for tag, d in (("fwd", fwd), ("wgrad", wg)):
                 timed = sorted((v, k) for k, v in d.items() if isinstance(v, float))
-                keep = [k for k in ("default", "old", "plane", "direct", "banded") if isinstance(d.get(k), float)]
+                keep = [k for k in ("default", "old", "plane", "direct", "banded", "banded nohint")
+                        if isinstance(d.get(k), float)]
                 print(f"sweep {c}@{hw} {kh}x{kw} {tag}: " + " ".join(f"{k}={d[k]:.4f}" for k in keep)
                       + " | best " + " ".join(f"{k}={v:.4f}" for v, k in timed[:2]))
     if args.json:

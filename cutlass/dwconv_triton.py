@@ -380,39 +380,45 @@ def _fwd_config(band_len: int, kband: int, cols: int) -> Tuple[int, int, int, in
 
 
 def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None,
-                config: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
-    """Forward kernel launch; ``out`` (NCHW-contiguous) and ``config`` may be given by tests and benchmarks."""
+                config: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    """Forward kernel launch; ``out`` (NCHW-contiguous) and ``config`` may be given by tests and benchmarks:
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), optionally a fifth entry ``max_vec`` capping the alignment hints of
+    ``_flat_index`` (1 = none; benchmarks compare)."""
     n, c = x.shape[:2]
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     band, flat, sx, sw, kband, kflat = _band_views(x, w)
     so = _band_views(out, w)[2]
-    bm, bn, bk, warps = config or _fwd_config(band, kband, n * flat)
+    bm, bn, bk, warps, max_vec = (tuple(config) + (8,))[:5] if config else (*_fwd_config(band, kband, n * flat), 8)
     grid = (triton.cdiv(n * flat, bn), triton.cdiv(band, bm), c)
     dwconv_fwd_kernel[grid](
         x, w, out, n, band, flat, *sx, *sw, *so,
         KH=kband, KW=kflat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_flat_vec(flat, bn), num_warps=warps)
+        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=min(max_vec, _flat_vec(flat, bn)),
+        num_warps=warps)
     return out
 
 
 def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, tall: bool,
-                config: Optional[Tuple[int, int, int]] = None) -> Tuple[int, int, int, int, int, int]:
-    """(BLOCK, BLOCK_N, num_warps, splits, columns per split, VEC) of a weight-gradient launch."""
+                config: Optional[Tuple[int, ...]] = None) -> Tuple[int, int, int, int, int, int]:
+    """(BLOCK, BLOCK_N, num_warps, splits, columns per split, VEC) of a weight-gradient launch; ``config`` as for
+    :func:`_launch_wgrad`."""
     # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
     cap = 32 if tall else 64
-    block, block_n, warps = config or (min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4)
+    default = (min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4)
+    block, block_n, warps, max_vec = (tuple(config) + (8,))[:4] if config else default + (8,)
     cols = n * flat
     programs = c * kflat * triton.cdiv(band, block) ** 2
     # Split the (image, column) reduction when there are too few programs to fill the GPU.
     splits = max(1, min(triton.cdiv(cols, 4 * block_n), triton.cdiv(2048, programs)))
     per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    return block, block_n, warps, triton.cdiv(cols, per_split), per_split, _flat_vec(flat, block_n)
+    return block, block_n, warps, triton.cdiv(cols, per_split), per_split, min(max_vec, _flat_vec(flat, block_n))
 
 
 def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
-                  config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
-    """Weight-gradient launch into a fresh fp32 buffer; ``config`` = (BLOCK, BLOCK_N, num_warps) for benchmarks."""
+                  config: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    """Weight-gradient launch into a fresh fp32 buffer; ``config`` = (BLOCK, BLOCK_N, num_warps), optionally a
+    fourth entry ``max_vec`` capping the alignment hints (1 = none), for benchmarks."""
     n, c = x.shape[:2]
     dw = torch.zeros(w_shape, device=x.device, dtype=torch.float32)
     band, flat, sx, sdw, kband, kflat = _band_views(x, dw)
