@@ -10,17 +10,13 @@ Each pass launches the forward kernel then the weight-gradient kernel of the lay
 the launchers' default configurations); the first pass compiles them, so skip it.
 """
 import argparse
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("depthwise_conv2d_implicit_gemm",
-                                               ROOT / "cutlass" / "depthwise_conv2d_implicit_gemm.py")
-dw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dw)
-kern = dw._kernels
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dwconv import kern  # noqa: E402  (the kernels, loaded by path as SLaK.py does)
 
 
 def main():
