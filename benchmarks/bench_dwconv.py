@@ -146,7 +146,7 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
     shape = tuple(w.shape)
     fwd, wg = {}, {}
     cand_f = {"default": lambda: kern.launch_forward(x, w)}
-    cand_w = {"default": lambda: kern._WGRAD_LAUNCH[kern.kernel_path(hw, hw, kh, kw)](x, x, shape)}
+    cand_w = {"default": lambda: kern._WGRAD_LAUNCH[kern.kernel_path(hw, hw, kh, kw, True)](x, x, shape)}
     if hw * hw <= kern.PLANE_MAX_PIXELS:
         cand_f["plane"] = lambda: kern._launch_plane_fwd(x, w)
         cand_w["plane"] = lambda: kern._launch_plane_wgrad(x, x, shape)
@@ -160,7 +160,7 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
     cand_f["banded"] = lambda: kern._launch_fwd(x, w)
     cand_w["banded"] = lambda: kern._launch_wgrad(x, x, shape)
     # the same default tiles without the alignment hints of _flat_index (round 9: they cost on some layers)
-    fwd_cfg = kern._fwd_config(hw, max(kh, kw), BATCH * hw)
+    fwd_cfg = kern._fwd_config(hw, max(kh, kw), BATCH * hw, kh >= kw)
     wgrad_cfg = kern._wgrad_plan(BATCH, c, hw, hw, max(kh, kw), min(kh, kw), kh >= kw)[:3]
     cand_f["banded nohint"] = lambda: kern._launch_fwd(x, w, config=fwd_cfg + (1,))
     cand_w["banded nohint"] = lambda: kern._launch_wgrad(x, x, shape, config=wgrad_cfg + (1,))

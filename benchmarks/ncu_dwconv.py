@@ -28,12 +28,14 @@ def main():
     c, hw, kh, kw = (int(v) for v in a.layer.split(","))
     x = torch.randn(a.batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(c, 1, kh, kw, device="cuda", dtype=torch.bfloat16)
-    path = kern.kernel_path(hw, hw, kh, kw)
+    path = kern.kernel_path(hw, hw, kh, kw, weight_grad=True)
     for _ in range(a.passes):
         kern.launch_forward(x, w)
         kern._WGRAD_LAUNCH[path](x, x, tuple(w.shape))
     torch.cuda.synchronize()
-    print(f"{path} kernels of {c}@{hw} {kh}x{kw}, batch {a.batch}: {a.passes} passes done")
+    fwd = kern.kernel_path(hw, hw, kh, kw)
+    print(f"{fwd} forward, {path} weight-gradient kernels of {c}@{hw} {kh}x{kw}, batch {a.batch}: "
+          f"{a.passes} passes done")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ for 5x51; the kernels get strides that swap the two axes, so no data is moved). 
 registers and run the products on tensor cores (``tl.dot``: bf16/fp16 operands, fp32 accumulation; fp32 inputs use
 tf32 when ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN would, else exact fp32). Flattening the batch into
 the GEMM's N dimension is what keeps small maps (14x14) efficient. Maps of <= 64 pixels (the 7x7 stage) run one
-dense GEMM per channel over the whole plane (the conv as a 49x49 matrix times the batch); small kernels (both sides
-<= 7) on maps over 256 pixels run direct CUDA-core kernels, where a banded tile would be mostly zeros. Gradients:
+dense GEMM per channel over the whole plane (the conv as a 49x49 matrix times the batch). On maps over 256 pixels
+direct CUDA-core kernels run the weight gradient of small kernels (both sides <= 7) and the forward of 3x3 ones,
+where a banded tile would be mostly zeros (a 5x5 forward is still faster banded: ``dwconv_triton.kernel_path``).
+Gradients:
 
 * input gradient: the same forward kernel applied to ``grad_out`` with the kernel flipped on both axes (odd kernels
   keep the same padding under the flip);

@@ -372,11 +372,26 @@ def _band_views(t: torch.Tensor, w: torch.Tensor):
     return h, wd, st, sw, kh, kw
 
 
-def _fwd_config(band_len: int, kband: int, cols: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the forward kernel."""
-    # Sweep (H200, batch 64): (32, 64, 16) is best or within 1% on every SLaK layer; 51x5@56 0.551 vs 0.622 ms
-    # for the earlier (64, 128, 32); 16-row tiles on 14-row maps.
+def _fwd_config(band_len: int, kband: int, cols: int, tall: bool = True) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the forward kernel (and the input gradient, which runs it)."""
+    # Sweep (H200, batch 64, with the alignment hints, round 9): (64, 128, 32) on 56-row bands, 51x5 0.163 vs 0.260
+    # ms for (32, 64, 16), 5x51 0.314 vs 0.335, 5x5 0.162; (32, 128, 32) on 28-row bands of tall kernels, 49x5 0.073
+    # vs 0.076 ms, 5x5 0.073; (32, 64, 16) stays best for wide kernels on 28-row bands; 16-row tiles on 14-row maps.
+    if band_len >= 56 or (tall and band_len >= 28):
+        return min(64, _next_pow2(band_len)), 128, 32, 4
     return min(32, max(16, _next_pow2(band_len))), 64, 16, 4
+
+
+# (pass, tall kernel, VEC) where round 9's sweep measured the alignment hints of _flat_index slower than none (H200,
+# batch 64): the weight gradient on 28-wide flat axes (49x5 0.342 vs 0.301 ms, 5x49 0.515 vs 0.379) and the wide
+# forward on 14-long flat axes (5x47 0.064 vs 0.058). Everywhere else they helped or tied.
+_HINTS_OFF = {("wgrad", True, 4), ("wgrad", False, 4), ("fwd", False, 2)}
+
+
+def _hint_vec(pass_: str, tall: bool, flat: int, block_n: int, max_vec: int = 8) -> int:
+    """The VEC passed to the banded kernels: ``_flat_vec`` capped by ``max_vec``, 1 where ``_HINTS_OFF`` says."""
+    vec = min(max_vec, _flat_vec(flat, block_n))
+    return 1 if (pass_, tall, vec) in _HINTS_OFF else vec
 
 
 def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None,
@@ -389,12 +404,14 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     band, flat, sx, sw, kband, kflat = _band_views(x, w)
     so = _band_views(out, w)[2]
-    bm, bn, bk, warps, max_vec = (tuple(config) + (8,))[:5] if config else (*_fwd_config(band, kband, n * flat), 8)
+    tall = w.shape[2] >= w.shape[3]
+    bm, bn, bk, warps, max_vec = ((tuple(config) + (8,))[:5] if config
+                                  else (*_fwd_config(band, kband, n * flat, tall), 8))
     grid = (triton.cdiv(n * flat, bn), triton.cdiv(band, bm), c)
     dwconv_fwd_kernel[grid](
         x, w, out, n, band, flat, *sx, *sw, *so,
         KH=kband, KW=kflat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=min(max_vec, _flat_vec(flat, bn)),
+        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_hint_vec("fwd", tall, flat, bn, max_vec),
         num_warps=warps)
     return out
 
@@ -412,7 +429,8 @@ def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, ta
     # Split the (image, column) reduction when there are too few programs to fill the GPU.
     splits = max(1, min(triton.cdiv(cols, 4 * block_n), triton.cdiv(2048, programs)))
     per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    return block, block_n, warps, triton.cdiv(cols, per_split), per_split, min(max_vec, _flat_vec(flat, block_n))
+    return (block, block_n, warps, triton.cdiv(cols, per_split), per_split,
+            _hint_vec("wgrad", tall, flat, block_n, max_vec))
 
 
 def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
@@ -435,15 +453,20 @@ def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
 
 PLANE_MAX_PIXELS = 64
 DIRECT_MIN_PIXELS = 256
+DIRECT_FWD_MAX_KERNEL = 3
 
 
-def kernel_path(h: int, w: int, kh: int, kw: int) -> str:
-    """Which kernels run a layer: "plane" (maps <= PLANE_MAX_PIXELS, any kernel: one dense tensor-core GEMM per
-    channel), "direct" (kernels <= 7 on maps > DIRECT_MIN_PIXELS: CUDA cores) or "banded" (Toeplitz GEMMs; also
-    5x5 on 14x14, where the sweep had it 25% faster than direct in the forward and equal in the weight gradient)."""
+def kernel_path(h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> str:
+    """Which kernels run a layer's forward and input gradient (or, with ``weight_grad``, its weight gradient):
+    "plane" (maps <= PLANE_MAX_PIXELS, any kernel: one dense tensor-core GEMM per channel), "direct" (CUDA cores) or
+    "banded" (Toeplitz GEMMs). Direct runs the weight gradient of kernels <= 7 on maps > DIRECT_MIN_PIXELS, and the
+    forward of kernels <= 3 only: for 5x5 the banded forward won the sweep on every map (H200, round 9: 0.170 vs
+    0.258 ms at 56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14), the weight gradient did not."""
     if h * w <= PLANE_MAX_PIXELS:
         return "plane"
-    if max(kh, kw) <= 7 and h * w > DIRECT_MIN_PIXELS:
+    if weight_grad and max(kh, kw) <= 7 and h * w > DIRECT_MIN_PIXELS:
+        return "direct"
+    if not weight_grad and max(kh, kw) <= DIRECT_FWD_MAX_KERNEL and h * w > DIRECT_MIN_PIXELS:
         return "direct"
     return "banded"
 
@@ -538,7 +561,7 @@ def launch_forward(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor]
 def launch_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Weight gradient in ``dtype`` (default weight's; accumulated in fp32) through the path ``kernel_path`` picks."""
-    launch = _WGRAD_LAUNCH[kernel_path(*x.shape[2:], *weight.shape[2:])]
+    launch = _WGRAD_LAUNCH[kernel_path(*x.shape[2:], *weight.shape[2:], weight_grad=True)]
     return launch(grad_out.contiguous(), x.contiguous(), tuple(weight.shape)).to(dtype or weight.dtype)
 
 

@@ -39,7 +39,8 @@ dw = load_module()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (N, C, H, W, kh, kw, dtype, layout); layout: "nchw", "cl" (channels_last) or "nc" (non-contiguous slice).
-# Maps <= 64 px take the whole-plane GEMM path, kernels <= 7 on maps > 256 px the direct path, the rest the banded one.
+# Maps <= 64 px take the whole-plane GEMM path; on maps > 256 px kernels <= 3 run the direct forward, kernels <= 7 the
+# direct weight gradient; the rest runs the banded kernels.
 CASES = [
     (2, 3, 11, 9, 9, 3, "float32", "nchw"),
     (1, 2, 17, 10, 3, 13, "float32", "cl"),
@@ -52,7 +53,8 @@ CASES = [
     (2, 3, 10, 9, 7, 5, "float32", "cl"),
     (3, 4, 7, 7, 13, 5, "bfloat16", "nchw"),
     (66, 2, 3, 5, 3, 7, "float32", "nc"),
-    (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),
+    (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),  # banded forward, direct weight gradient
+    (1, 2, 16, 20, 3, 3, "float16", "nc"),  # direct forward and weight gradient
     (1, 2, 9, 32, 3, 5, "float32", "cl"),
     (2, 2, 6, 7, 31, 15, "float32", "cl"),  # plane: kernel larger than the map, 143 reachable taps > BLOCK_T
 ]
@@ -92,7 +94,7 @@ SUBPROCESS_SCRIPT = textwrap.dedent('''
             warnings.simplefilter("error")  # the Triton path must not fall back here
             out = dw.depthwise_conv2d(xo, wo)
         out.backward(g.to(dt))
-        path = k.kernel_path(h, w, kh, kw)
+        path = (k.kernel_path(h, w, kh, kw), k.kernel_path(h, w, kh, kw, weight_grad=True))
         poisoned = torch.full((n, c, h, w), float("nan"), dtype=dt)
         k.launch_forward(x.to(dt), wt.to(dt), out=poisoned)
         results[str([n, c, h, w, kh, kw, dtype, layout])] = dict(
@@ -178,8 +180,9 @@ def test_triton_kernels_match_float64_reference(interpreted, case):
 
 
 def test_every_kernel_path_is_covered(interpreted):
-    paths = {interpreted[str(list(c))]["path"] for c in CASES}
-    assert paths == {"plane", "direct", "banded"}
+    paths = {tuple(interpreted[str(list(c))]["path"]) for c in CASES}
+    assert {p[0] for p in paths} == {p[1] for p in paths} == {"plane", "direct", "banded"}
+    assert ("banded", "direct") in paths  # 5x5 on a large map: banded forward, direct weight gradient
 
 
 def test_alignment_hints_hold_for_every_launch_plan():
@@ -195,8 +198,8 @@ def test_alignment_hints_hold_for_every_launch_plan():
             for kh, kw in ((51, 5), (5, 51), (5, 5), (13, 5), (31, 31), (3, 1)):
                 tall = kh >= kw
                 band, flat, kband, kflat = (h, w, kh, kw) if tall else (w, h, kw, kh)  # as _band_views
-                bn = k._fwd_config(band, kband, n * flat)[1]
-                vec = k._flat_vec(flat, bn)
+                bn = k._fwd_config(band, kband, n * flat, tall)[1]
+                vec = k._hint_vec("fwd", tall, flat, bn)
                 assert flat % vec == 0 and bn % vec == 0
                 for c in (4, 124, 998):
                     _, block_n, _, splits, per_split, vec = k._wgrad_plan(n, c, band, flat, kband, kflat, tall)
