@@ -44,6 +44,12 @@ CONV_IMPLS = ('auto', 'cutlass', 'torch')
 _DWCONV_MODULE_NAME = 'depthwise_conv2d_implicit_gemm'
 
 
+def _env_switch(name: str) -> Union[str, bool]:
+    """'auto' unless the environment variable says 0/false/off (False) or 1/true/on (True)."""
+    value = os.environ.get(name, 'auto').strip().lower()
+    return {'0': False, 'false': False, 'off': False, '1': True, 'true': True, 'on': True}.get(value, 'auto')
+
+
 def _load_fast_dwconv(path: Optional[str] = None):
     """Import ``DepthWiseConv2dImplicitGEMM`` from ``cutlass/`` (or from ``path``), or return None.
 
@@ -240,9 +246,9 @@ class ReparamLargeKernelConv(nn.Module):
         if hasattr(self, 'lkb_reparam'):
             return self.lkb_reparam(inputs)
         if hasattr(self, 'lkb_decomposed'):
-            tall, wide = _branch_inputs(inputs, 2)
-            out = self.lkb_decomposed['tall'](tall) + self.lkb_decomposed['wide'](wide)
-            return out + self.lkb_bias.to(out.dtype).reshape(1, -1, 1, 1)
+            (tall, wide), bias = self.forward_parts(inputs)
+            out = tall + wide
+            return out + bias.to(out.dtype).reshape(1, -1, 1, 1)
         branches = [self.LoRA1, self.LoRA2] if self.Decom else [self.lkb_origin]
         if hasattr(self, 'small_conv'):
             branches.append(self.small_conv)
@@ -268,6 +274,15 @@ class ReparamLargeKernelConv(nn.Module):
         for branch, x in zip(branches[1:], inputs[1:]):
             out = out + branch(x)
         return out
+
+    def forward_parts(self, inputs: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """(tensors, bias) whose sum (bias per channel) is :meth:`forward`'s output, so that a caller can fuse the
+        sum into what follows (``Block``'s compiled tail): the folded decomposed form returns its two conv outputs
+        and bias, every other form its output alone."""
+        if hasattr(self, 'lkb_decomposed'):
+            tall, wide = _branch_inputs(inputs, 2)
+            return [self.lkb_decomposed['tall'](tall), self.lkb_decomposed['wide'](wide)], self.lkb_bias
+        return [self(inputs)], None
 
     def _branches(self) -> Dict[str, nn.Sequential]:
         names = ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv')
@@ -381,9 +396,18 @@ class Block(nn.Module):
     to multiples of 8 (input channels, hidden units, weights and biases; the padded units are exactly 0 after GELU),
     and the output is sliced back: same maths, same parameters and checkpoint keys. ``PAD_POINTWISE`` ('auto': on
     CUDA only, True, False) switches it for every block.
+
+    Everything after the large-kernel convs (their sum, permute, LayerNorm, padded MLP, layer scale, drop path,
+    residual) runs on CUDA as one ``torch.compile``'d pure function, ``_block_tail``: eagerly these are ~15 memory-bound
+    kernels per block, several of them transposing copies, and they took more GPU time than the depthwise convs (H200,
+    SLaK-T training step at batch 64: 1,273 vs 1,008 img/s, benchmarks/RESULTS.md round 10). Compiled once per stage
+    shape, on first use; same maths. ``COMPILE_TAIL`` ('auto': on CUDA; True, False; environment variable
+    ``SLAK_COMPILE_TAIL=0`` turns it off) switches it; FLOP counting, forward hooks on the tail's modules and a model
+    compiled as a whole take the plain path, and a failing compiler gives one warning and the plain path.
     """
 
     PAD_POINTWISE: Union[str, bool] = 'auto'
+    COMPILE_TAIL: Union[str, bool] = _env_switch('SLAK_COMPILE_TAIL')
 
     def __init__(self, dim: int, drop_path: float = 0., layer_scale_init_value: float = 1e-6, kernel_size=(7, 7),
                  Decom=None, bn: bool = True, *, conv_impl: Optional[str] = None):
@@ -400,6 +424,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
+        if self._use_compiled_tail(x):
+            parts, bias = self.large_kernel.forward_parts(x)
+            return _run_tail(parts, bias, shortcut, self.norm.weight, self.norm.bias, self.pwconv1.weight,
+                             self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
+                             self._drop_scale(shortcut), self.norm.eps)
         x = self.large_kernel(x)
         x = x.permute(0, 2, 3, 1)
         x = self.norm(x)
@@ -412,6 +441,26 @@ class Block(nn.Module):
         x = x.permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
 
+    def _use_compiled_tail(self, x: torch.Tensor) -> bool:
+        mode = self.COMPILE_TAIL
+        if not mode or _TAIL_STATE['broken'] or not _no_dispatch_mode() or torch.compiler.is_compiling():
+            return False  # (a model compiled as a whole by its user traces the plain path instead)
+        if self.pwconv1.bias is None or self.pwconv2.bias is None:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.pwconv1, self.act, self.pwconv2,
+                                                                  self.drop_path)):
+            return False  # hooks on the tail's modules would not run inside the compiled function
+        return x.is_cuda or mode is True
+
+    def _drop_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample factors of ``self.drop_path`` (timm's DropPath: Bernoulli(keep) / keep), or None."""
+        prob = getattr(self.drop_path, 'drop_prob', 0.)
+        if not self.training or not prob:
+            return None
+        keep = 1. - prob
+        scale = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+        return scale.div_(keep) if keep > 0. and getattr(self.drop_path, 'scale_by_keep', True) else scale
+
     def _pad_pointwise(self, x: torch.Tensor) -> bool:
         dim = self.pwconv1.in_features
         if dim % 8 == 0 and self.pwconv1.out_features % 8 == 0:
@@ -421,8 +470,7 @@ class Block(nn.Module):
             return False
         # Under a TorchDispatchMode (FlopCounterMode in main.count_flops) keep nn.Linear: FLOPs are counted without
         # the padding and per module (the sparse count scales each Linear by its density).
-        stack_len = getattr(torch._C, '_len_torch_dispatch_stack', None)
-        return stack_len is not None and stack_len() == 0
+        return _no_dispatch_mode()
 
     def _padded_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``pwconv2(act(pwconv1(x)))`` with every GEMM dimension zero-padded to a multiple of 8."""
@@ -436,6 +484,60 @@ class Block(nn.Module):
         b2 = F.pad(self.pwconv2.bias, (0, pd)) if self.pwconv2.bias is not None else None
         x = F.linear(self.act(F.linear(F.pad(x, (0, pd)), w1, b1)), w2, b2)
         return x[..., :dim]
+
+
+def _no_dispatch_mode() -> bool:
+    stack_len = getattr(torch._C, '_len_torch_dispatch_stack', None)
+    return stack_len is not None and stack_len() == 0
+
+
+def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut: torch.Tensor,
+                ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, gamma: Optional[torch.Tensor], drop_scale: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
+    """``Block.forward`` after the large-kernel convs, as one pure function: the sum of ``parts`` (+ ``bias`` per
+    channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded to multiples of 8 (as
+    ``Block._padded_mlp``), layer scale, drop path (``drop_scale``: per-sample factors), permute back, residual."""
+    x = parts[0]
+    for part in parts[1:]:
+        x = x + part
+    if bias is not None:
+        x = x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+    dim, hidden = w1.shape[1], w1.shape[0]
+    pd, ph = -dim % 8, -hidden % 8
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (dim,), ln_w, ln_b, eps)
+    if torch.is_autocast_enabled(y.device.type):
+        y = y.to(torch.get_autocast_dtype(y.device.type))
+    y = F.linear(F.pad(y, (0, pd)), F.pad(w1, (0, pd, 0, ph)), F.pad(b1, (0, ph)))
+    y = F.linear(F.gelu(y), F.pad(w2, (0, ph, 0, pd)), F.pad(b2, (0, pd)))[..., :dim]
+    if gamma is not None:
+        y = gamma * y
+    y = y.permute(0, 3, 1, 2)
+    if drop_scale is not None:
+        y = y * drop_scale
+    return shortcut + y
+
+
+# The compiled tail: built on first use; 'broken' once torch.compile has failed here (the blocks then run eagerly).
+_TAIL_STATE = {'fn': None, 'broken': False}
+TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
+
+
+def _run_tail(*args) -> torch.Tensor:
+    """``_block_tail`` through ``torch.compile``; if compiling fails, one warning and the eager function."""
+    if _TAIL_STATE['fn'] is None:
+        config = torch._dynamo.config
+        for name in ('recompile_limit', 'cache_size_limit'):  # 4 stages x train/eval x batch sizes x drop path
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+        _TAIL_STATE['fn'] = torch.compile(_block_tail, backend=TAIL_BACKEND, dynamic=False)
+    try:
+        return _TAIL_STATE['fn'](*args)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        _TAIL_STATE['broken'] = True
+        warnings.warn(f'torch.compile of the SLaK block tail failed ({type(e).__name__}: {str(e)[:300]}); the '
+                      'blocks run eagerly from now on (slower, same maths). Set SLAK_COMPILE_TAIL=0 to skip it.')
+        return _block_tail(*args)
 
 
 def _check_kernel_sizes(kernel_size: Sequence[int], Decom) -> List[int]:

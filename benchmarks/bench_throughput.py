@@ -29,15 +29,42 @@ SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True)
 CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
 
 
+_LAUNCH_PLAN = {}
+
+
+def round9_launch_plans(on):
+    """Switch the Triton kernels' launch plans back to round 9's (forward tiles (32, 64, 16) on every band, direct
+    5x5 forward on large maps, alignment hints everywhere) for whole-model A/B runs in one process."""
+    SLaK._load_fast_dwconv()
+    kern = getattr(sys.modules.get(SLaK._DWCONV_MODULE_NAME), "_kernels", None)
+    if kern is None:
+        return
+    if not _LAUNCH_PLAN:
+        _LAUNCH_PLAN.update(_fwd_config=kern._fwd_config, _HINTS_OFF=kern._HINTS_OFF,
+                            DIRECT_FWD_MAX_KERNEL=kern.DIRECT_FWD_MAX_KERNEL)
+    if on:
+        kern._fwd_config = lambda band, kband, cols, tall=True: (min(32, max(16, kern._next_pow2(band))), 64, 16, 4)
+        kern._HINTS_OFF, kern.DIRECT_FWD_MAX_KERNEL = set(), 7
+    else:
+        for key, value in _LAUNCH_PLAN.items():
+            setattr(kern, key, value)
+
+
 def make(name):
     # "unpadded": the pointwise GEMMs on the raw odd widths (249, 499), as before SLaK.Block padded them on CUDA.
     SLaK.Block.PAD_POINTWISE = False if "unpadded" in name else "auto"
     SLaK.SHARE_AUTOCAST_CAST = "per-conv casts" not in name
-    if name == "convnext_tiny (timm)":
-        return timm.create_model("convnext_tiny")
+    # the blocks' compiled tails (SLaK.Block.COMPILE_TAIL, on CUDA by default) unless the name asks for eager ones
+    SLaK.Block.COMPILE_TAIL = False if ("eager tail" in name or "unpadded" in name) else "auto"
+    round9_launch_plans("round-9 plans" in name)
+    if name.startswith("convnext_tiny (timm)"):
+        model = timm.create_model("convnext_tiny")
+        return torch.compile(model) if "torch.compile" in name else model
     impl = "cutlass" if "ours" in name or "identity" in name else "torch"
     kwargs = CONVNEXT_EMULATION if "emulation" in name else SLAK_T
     model = timm.create_model("SLaK_tiny", conv_impl=impl, **kwargs)
+    if "torch.compile" in name:  # the whole model (the blocks' own compiled tails then stand aside)
+        return torch.compile(model)
     for block in (b for stage in model.stages for b in stage):
         if "large_kernel=identity" in name:
             block.large_kernel = torch.nn.Identity()
@@ -141,11 +168,14 @@ def main():
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}"
           + (" (CUDA-graph replays)" if args.graph else " (eager)"))
-    names = ["convnext_tiny (timm)", "SLaK-T ours", "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN",
+    names = ["convnext_tiny (timm)", "convnext_tiny (timm) torch.compile", "SLaK-T ours", "SLaK-T ours eager tail",
+             "SLaK-T ours round-9 plans", "SLaK-T ours torch.compile",
+             "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN",
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
+             "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
     if args.models != "all":
         names = [n for n in names if n in args.models.split(",")]

@@ -497,6 +497,7 @@ def test_gpu_padded_pointwise_matches_plain():
                           kernel_size=[13, 13, 13, 13, 5], Decom=True, layer_scale_init_value=0.5).cuda()
     x = torch.randn(4, 3, 64, 64, device='cuda')
     out = {}
+    SLaK.Block.COMPILE_TAIL = False  # the compiled tail always pads: compare the two eager paths
     for mode in (False, 'auto'):
         SLaK.Block.PAD_POINTWISE = mode
         m.zero_grad()
@@ -505,6 +506,135 @@ def test_gpu_padded_pointwise_matches_plain():
         y.float().square().sum().backward()
         out[mode] = (y.float(), m.stages[1][0].pwconv1.weight.grad.clone())
     SLaK.Block.PAD_POINTWISE = 'auto'
+    SLaK.Block.COMPILE_TAIL = 'auto'
     assert m.stages[1][0]._pad_pointwise(torch.zeros(1, device='cuda'))  # 249 channels: padded on CUDA
+    for a, b in zip(out[False], out['auto']):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+# ---- the compiled block tail ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tail_backend(monkeypatch):
+    """Blocks take the compiled-tail path on CPU, traced by ``aot_eager`` (the same graph capture and autograd
+    split as inductor, without code generation); fresh compile state before and after."""
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', 'aot_eager')
+    monkeypatch.setitem(SLaK._TAIL_STATE, 'fn', None)
+    monkeypatch.setitem(SLaK._TAIL_STATE, 'broken', False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def run_block(block, x, seed, compiled, monkeypatch):
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
+    block.zero_grad()
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)
+    y = block(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, {k: p.grad.clone() for k, p in block.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('dim', [13, 16])
+def test_compiled_tail_equals_eager_block_with_drop_path(dim, tail_backend, monkeypatch):
+    """Training mode, float64, drop path 0.5: the compiled tail gives the eager block's output, input gradient and
+    every parameter gradient, with the same per-sample drop mask (same random draws)."""
+    torch.manual_seed(0)
+    block = SLaK.Block(dim, drop_path=0.5, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
+                       conv_impl='torch').double().train()
+    x = torch.randn(6, dim, 6, 5, dtype=torch.float64)
+    calls = []
+    real = SLaK._block_tail
+    monkeypatch.setattr(SLaK, '_block_tail', lambda *a: calls.append(a[10]) or real(*a))
+    y0, dx0, g0 = run_block(block, x, 3, False, monkeypatch)
+    y1, dx1, g1 = run_block(block, x, 3, True, monkeypatch)
+    assert len(calls) == 1 and calls[0] is not None  # the tail ran once, with a drop mask
+    dropped = (calls[0].flatten() == 0).sum().item()
+    assert 0 < dropped < 6  # seed 3 drops some samples and keeps others: both branches matter
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(block.parameters()))
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_compiled_tail_folded_decomposed_and_autocast(tail_backend, monkeypatch):
+    """Eval mode after reparameterize(decomposed=True): the two conv outputs and the bias are summed inside the tail
+    (forward_parts); under bf16 autocast the result matches the eager model."""
+    torch.manual_seed(0)
+    m = randomise_bn_and_gamma(timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 2, 1], width_factor=0.1,
+                                                 kernel_size=[9, 7, 5, 5, 3], Decom=True, conv_impl='torch'))
+    m.eval().reparameterize(decomposed=True)
+    assert hasattr(m.stages[0][0].large_kernel, 'lkb_decomposed')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+        ref = m(x)
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+        out = m(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            half = m(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert ((half.float() - ref).norm() / ref.norm()).item() < 3e-2
+    assert SLaK._TAIL_STATE['fn'] is not None and not SLaK._TAIL_STATE['broken']
+
+
+def test_compiled_tail_failure_warns_once_and_runs_eagerly(tail_backend, monkeypatch):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError('no compiler here')
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', broken_backend)
+    torch.manual_seed(0)
+    block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').eval()
+    x = torch.randn(2, 13, 6, 5)
+    with pytest.warns(UserWarning, match='SLAK_COMPILE_TAIL=0'):
+        y = block(x)
+    assert SLaK._TAIL_STATE['broken']
+    assert not block._use_compiled_tail(x)
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+    torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_tail_stands_aside(tail_backend, monkeypatch):
+    """'auto' is CUDA-only; hooks on the tail's modules and FLOP counting keep the eager path; so does the switch."""
+    block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, conv_impl='torch')
+    x = torch.randn(1, 13, 6, 5)
+    assert block._use_compiled_tail(x)
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', 'auto')
+    assert not block._use_compiled_tail(x)  # CPU tensor
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    handle = block.pwconv1.register_forward_hook(lambda *a: None)
+    assert not block._use_compiled_tail(x)
+    handle.remove()
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        assert not block._use_compiled_tail(x)
+    assert SLaK._env_switch('SLAK_TEST_UNSET_VARIABLE') == 'auto'
+    for value, expected in (('0', False), ('off', False), ('1', True), ('auto', 'auto')):
+        monkeypatch.setenv('SLAK_TEST_SWITCH', value)
+        assert SLaK._env_switch('SLAK_TEST_SWITCH') == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_tail_matches_eager_tail():
+    """Inductor's kernels against the eager blocks: SLaK-T widths (misaligned 249/499 padded), bf16 autocast,
+    training with drop path (same masks), outputs and gradients within bf16 rounding."""
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=10, depths=[1, 1, 2, 1], width_factor=1.3, drop_path_rate=0.3,
+                          kernel_size=[13, 13, 13, 13, 5], Decom=True, layer_scale_init_value=0.5).cuda().train()
+    x = torch.randn(8, 3, 64, 64, device='cuda')
+    out = {}
+    for mode in (False, 'auto'):
+        SLaK.Block.COMPILE_TAIL = mode
+        m.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        stem = m.downsample_layers[0][0]
+        out[mode] = (y.float(), m.stages[1][0].pwconv1.weight.grad.clone(), stem.weight.grad.clone())
+    SLaK.Block.COMPILE_TAIL = 'auto'
+    assert SLaK._TAIL_STATE['fn'] is not None and not SLaK._TAIL_STATE['broken']
     for a, b in zip(out[False], out['auto']):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
