@@ -10,7 +10,10 @@ CUDA graph (every model alike): GPU time only, so the ratios no longer depend on
 Two ceilings bound what faster depthwise kernels can give: "dwconv=identity" replaces every depthwise conv by the
 identity (BatchNorms and branch sums still run), "large_kernel=identity" the whole large-kernel module (convs, BNs
 and sums). "folded decomposed" is ``reparameterize(decomposed=True)``, which adds the 5x5 kernel into the tall
-K x 5 one (two depthwise convs instead of three). Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
+K x 5 one (two depthwise convs instead of three). SLaK models run their blocks' compiled tails (``SLaK.Block``'s
+``COMPILE_TAIL``, on by default on CUDA) unless the name says "eager tail"; "torch.compile" compiles a whole model
+(timm's ConvNeXt-T too, for the compiled-vs-compiled ratio); "round-9 plans" restores the earlier depthwise launch
+plans. Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
 """
 import argparse
 import sys
