@@ -518,23 +518,46 @@ def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcu
     return shortcut + y
 
 
-# The compiled tail: built on first use; 'broken' once torch.compile has failed here (the blocks then run eagerly).
-_TAIL_STATE = {'fn': None, 'broken': False}
+# The compiled tail: built on first use; 'broken' once torch.compile has failed here (the blocks then run eagerly);
+# 'keys': the call signatures compiled so far (one graph each).
+_TAIL_STATE = {'fn': None, 'broken': False, 'keys': set(), 'full_warned': False}
 TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
+# Compiled graphs per process. A classification run needs ~21 (4 stage shapes x training / evaluation / EMA
+# evaluation x batch sizes); workloads with ever new input sizes (detection) run new shapes eagerly past this.
+TAIL_MAX_GRAPHS = 32
+
+
+def _tail_key(parts, bias, shortcut, w1, gamma, drop_scale) -> tuple:
+    """What makes torch.compile trace a new graph of ``_block_tail`` (shapes, layouts, dtypes, modes)."""
+    device = shortcut.device.type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    return (len(parts), tuple(parts[0].shape), parts[0].stride(), parts[0].dtype, shortcut.stride(), shortcut.dtype,
+            str(shortcut.device), bias is None, gamma is None, drop_scale is None, torch.is_grad_enabled(),
+            w1.requires_grad, autocast)
 
 
 def _run_tail(*args) -> torch.Tensor:
     """``_block_tail`` through ``torch.compile``; if compiling fails, one warning and the eager function."""
-    if _TAIL_STATE['fn'] is None:
+    state = _TAIL_STATE
+    key = _tail_key(args[0], args[1], args[2], args[5], args[9], args[10])
+    if key not in state['keys']:
+        if len(state['keys']) >= TAIL_MAX_GRAPHS:
+            if not state['full_warned']:
+                state['full_warned'] = True
+                warnings.warn(f'SLaK block tail: {TAIL_MAX_GRAPHS} shapes/modes compiled already; new ones run '
+                              'eagerly (same maths, slower). For inputs of ever new sizes set SLAK_COMPILE_TAIL=0.')
+            return _block_tail(*args)
+        state['keys'].add(key)
+    if state['fn'] is None:
         config = torch._dynamo.config
-        for name in ('recompile_limit', 'cache_size_limit'):  # 4 stages x train/eval x batch sizes x drop path
+        for name in ('recompile_limit', 'cache_size_limit'):  # dynamo's own limit must not cut in first
             if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), 64))
-        _TAIL_STATE['fn'] = torch.compile(_block_tail, backend=TAIL_BACKEND, dynamic=False)
+                setattr(config, name, max(getattr(config, name), 2 * TAIL_MAX_GRAPHS))
+        state['fn'] = torch.compile(_block_tail, backend=TAIL_BACKEND, dynamic=False)
     try:
-        return _TAIL_STATE['fn'](*args)
+        return state['fn'](*args)
     except torch._dynamo.exc.TorchDynamoException as e:
-        _TAIL_STATE['broken'] = True
+        state['broken'] = True
         warnings.warn(f'torch.compile of the SLaK block tail failed ({type(e).__name__}: {str(e)[:300]}); the '
                       'blocks run eagerly from now on (slower, same maths). Set SLAK_COMPILE_TAIL=0 to skip it.')
         return _block_tail(*args)

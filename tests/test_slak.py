@@ -522,6 +522,8 @@ def tail_backend(monkeypatch):
     monkeypatch.setattr(SLaK, 'TAIL_BACKEND', 'aot_eager')
     monkeypatch.setitem(SLaK._TAIL_STATE, 'fn', None)
     monkeypatch.setitem(SLaK._TAIL_STATE, 'broken', False)
+    monkeypatch.setitem(SLaK._TAIL_STATE, 'keys', set())
+    monkeypatch.setitem(SLaK._TAIL_STATE, 'full_warned', False)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -594,6 +596,36 @@ def test_compiled_tail_failure_warns_once_and_runs_eagerly(tail_backend, monkeyp
     assert not block._use_compiled_tail(x)
     monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
     torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_tail_graph_budget(tail_backend, monkeypatch):
+    """Past TAIL_MAX_GRAPHS signatures new shapes run the eager function (one warning); known ones stay compiled,
+    and the outputs are the same either way."""
+    monkeypatch.setattr(SLaK, 'TAIL_MAX_GRAPHS', 2)
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiled = real_compile(fn, **kwargs)
+
+        def call(*args):
+            compiled_calls.append(1)
+            return compiled(*args)
+        return call
+    monkeypatch.setattr(torch, 'compile', counting_compile)
+    torch.manual_seed(0)
+    block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').eval()
+    xs = [torch.randn(2, 13, h, 5) for h in (6, 7, 8)]
+    with torch.no_grad():
+        y6, y7 = block(xs[0]), block(xs[1])
+        with pytest.warns(UserWarning, match='new ones run eagerly'):
+            y8 = block(xs[2])
+        assert len(compiled_calls) == 2
+        block(xs[0])  # a known shape stays compiled
+        assert len(compiled_calls) == 3 and len(SLaK._TAIL_STATE['keys']) == 2
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+        for x, y in zip(xs, (y6, y7, y8)):
+            torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
 
 
 def test_compiled_tail_stands_aside(tail_backend, monkeypatch):
