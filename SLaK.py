@@ -445,8 +445,6 @@ class Block(nn.Module):
         mode = self.COMPILE_TAIL
         if not mode or _TAIL_STATE['broken'] or not _no_dispatch_mode() or torch.compiler.is_compiling():
             return False  # (a model compiled as a whole by its user traces the plain path instead)
-        if self.pwconv1.bias is None or self.pwconv2.bias is None:
-            return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.pwconv1, self.act, self.pwconv2,
                                                                   self.drop_path)):
             return False  # hooks on the tail's modules would not run inside the compiled function
@@ -474,16 +472,22 @@ class Block(nn.Module):
 
     def _padded_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``pwconv2(act(pwconv1(x)))`` with every GEMM dimension zero-padded to a multiple of 8."""
-        dim, hidden = self.pwconv1.in_features, self.pwconv1.out_features
-        pd, ph = -dim % 8, -hidden % 8
-        if torch.is_autocast_enabled(x.device.type):  # pad the half-precision copy, not LayerNorm's fp32 output
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        w1 = F.pad(self.pwconv1.weight, (0, pd, 0, ph))
-        b1 = F.pad(self.pwconv1.bias, (0, ph)) if self.pwconv1.bias is not None else None
-        w2 = F.pad(self.pwconv2.weight, (0, ph, 0, pd))
-        b2 = F.pad(self.pwconv2.bias, (0, pd)) if self.pwconv2.bias is not None else None
-        x = F.linear(self.act(F.linear(F.pad(x, (0, pd)), w1, b1)), w2, b2)
-        return x[..., :dim]
+        return _mlp_padded_to_8(x, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
+                                self.act)
+
+
+def _mlp_padded_to_8(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                     b2: Optional[torch.Tensor], act=F.gelu) -> torch.Tensor:
+    """``linear(act(linear(x, w1, b1)), w2, b2)`` on (..., dim) inputs with every GEMM dimension zero-padded to a
+    multiple of 8 (see ``Block``); under autocast the half-precision copy is padded, not LayerNorm's fp32 output."""
+    dim, hidden = w1.shape[1], w1.shape[0]
+    pd, ph = -dim % 8, -hidden % 8
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w1, w2 = F.pad(w1, (0, pd, 0, ph)), F.pad(w2, (0, ph, 0, pd))
+    b1 = F.pad(b1, (0, ph)) if b1 is not None else None
+    b2 = F.pad(b2, (0, pd)) if b2 is not None else None
+    return F.linear(act(F.linear(F.pad(x, (0, pd)), w1, b1)), w2, b2)[..., :dim]
 
 
 def _no_dispatch_mode() -> bool:
@@ -492,24 +496,19 @@ def _no_dispatch_mode() -> bool:
 
 
 def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut: torch.Tensor,
-                ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                b2: torch.Tensor, gamma: Optional[torch.Tensor], drop_scale: Optional[torch.Tensor],
-                eps: float) -> torch.Tensor:
+                ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                w2: torch.Tensor, b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                drop_scale: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """``Block.forward`` after the large-kernel convs, as one pure function: the sum of ``parts`` (+ ``bias`` per
-    channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded to multiples of 8 (as
-    ``Block._padded_mlp``), layer scale, drop path (``drop_scale``: per-sample factors), permute back, residual."""
+    channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded to multiples of 8
+    (``_mlp_padded_to_8``), layer scale, drop path (``drop_scale``: per-sample factors), permute back, residual."""
     x = parts[0]
     for part in parts[1:]:
         x = x + part
     if bias is not None:
         x = x + bias.to(x.dtype).reshape(1, -1, 1, 1)
-    dim, hidden = w1.shape[1], w1.shape[0]
-    pd, ph = -dim % 8, -hidden % 8
-    y = F.layer_norm(x.permute(0, 2, 3, 1), (dim,), ln_w, ln_b, eps)
-    if torch.is_autocast_enabled(y.device.type):
-        y = y.to(torch.get_autocast_dtype(y.device.type))
-    y = F.linear(F.pad(y, (0, pd)), F.pad(w1, (0, pd, 0, ph)), F.pad(b1, (0, ph)))
-    y = F.linear(F.gelu(y), F.pad(w2, (0, ph, 0, pd)), F.pad(b2, (0, pd)))[..., :dim]
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (w1.shape[1],), ln_w, ln_b, eps)
+    y = _mlp_padded_to_8(y, w1, b1, w2, b2)
     if gamma is not None:
         y = gamma * y
     y = y.permute(0, 3, 1, 2)
@@ -527,19 +526,19 @@ TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
 TAIL_MAX_GRAPHS = 32
 
 
-def _tail_key(parts, bias, shortcut, w1, gamma, drop_scale) -> tuple:
-    """What makes torch.compile trace a new graph of ``_block_tail`` (shapes, layouts, dtypes, modes)."""
+def _run_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut: torch.Tensor,
+              ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+              b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor], drop_scale: Optional[torch.Tensor],
+              eps: float) -> torch.Tensor:
+    """``_block_tail`` through ``torch.compile``; if compiling fails, one warning and the eager function."""
+    args = (parts, bias, shortcut, ln_w, ln_b, w1, b1, w2, b2, gamma, drop_scale, eps)
+    state = _TAIL_STATE
+    # what makes torch.compile trace a new graph: shapes, layouts, dtypes, modes
     device = shortcut.device.type
     autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    return (len(parts), tuple(parts[0].shape), parts[0].stride(), parts[0].dtype, shortcut.stride(), shortcut.dtype,
-            str(shortcut.device), bias is None, gamma is None, drop_scale is None, torch.is_grad_enabled(),
-            w1.requires_grad, autocast)
-
-
-def _run_tail(*args) -> torch.Tensor:
-    """``_block_tail`` through ``torch.compile``; if compiling fails, one warning and the eager function."""
-    state = _TAIL_STATE
-    key = _tail_key(args[0], args[1], args[2], args[5], args[9], args[10])
+    key = (len(parts), tuple(parts[0].shape), parts[0].stride(), parts[0].dtype, shortcut.stride(), shortcut.dtype,
+           str(shortcut.device), bias is None, b1 is None, b2 is None, gamma is None, drop_scale is None,
+           torch.is_grad_enabled(), w1.requires_grad, autocast)
     if key not in state['keys']:
         if len(state['keys']) >= TAIL_MAX_GRAPHS:
             if not state['full_warned']:
