@@ -246,9 +246,7 @@ class ReparamLargeKernelConv(nn.Module):
         if hasattr(self, 'lkb_reparam'):
             return self.lkb_reparam(inputs)
         if hasattr(self, 'lkb_decomposed'):
-            (tall, wide), bias = self.forward_parts(inputs)
-            out = tall + wide
-            return out + bias.to(out.dtype).reshape(1, -1, 1, 1)
+            return _sum_parts(*self.forward_parts(inputs))
         branches = [self.LoRA1, self.LoRA2] if self.Decom else [self.lkb_origin]
         if hasattr(self, 'small_conv'):
             branches.append(self.small_conv)
@@ -495,6 +493,14 @@ def _no_dispatch_mode() -> bool:
     return stack_len is not None and stack_len() == 0
 
 
+def _sum_parts(parts: List[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``ReparamLargeKernelConv.forward_parts``: the tensors plus the per-channel bias."""
+    x = parts[0]
+    for part in parts[1:]:
+        x = x + part
+    return x if bias is None else x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
 def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut: torch.Tensor,
                 ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                 w2: torch.Tensor, b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
@@ -502,11 +508,7 @@ def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcu
     """``Block.forward`` after the large-kernel convs, as one pure function: the sum of ``parts`` (+ ``bias`` per
     channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded to multiples of 8
     (``_mlp_padded_to_8``), layer scale, drop path (``drop_scale``: per-sample factors), permute back, residual."""
-    x = parts[0]
-    for part in parts[1:]:
-        x = x + part
-    if bias is not None:
-        x = x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+    x = _sum_parts(parts, bias)
     y = F.layer_norm(x.permute(0, 2, 3, 1), (w1.shape[1],), ln_w, ln_b, eps)
     y = _mlp_padded_to_8(y, w1, b1, w2, b2)
     if gamma is not None:

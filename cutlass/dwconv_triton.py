@@ -454,21 +454,20 @@ def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
 PLANE_MAX_PIXELS = 64
 DIRECT_MIN_PIXELS = 256
 DIRECT_FWD_MAX_KERNEL = 3
+DIRECT_WGRAD_MAX_KERNEL = 7
 
 
 def kernel_path(h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> str:
     """Which kernels run a layer's forward and input gradient (or, with ``weight_grad``, its weight gradient):
     "plane" (maps <= PLANE_MAX_PIXELS, any kernel: one dense tensor-core GEMM per channel), "direct" (CUDA cores) or
-    "banded" (Toeplitz GEMMs). Direct runs the weight gradient of kernels <= 7 on maps > DIRECT_MIN_PIXELS, and the
-    forward of kernels <= 3 only: for 5x5 the banded forward won the sweep on every map (H200, round 9: 0.170 vs
-    0.258 ms at 56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14), the weight gradient did not."""
+    "banded" (Toeplitz GEMMs). Direct runs the weight gradient of kernels <= 7 (``DIRECT_WGRAD_MAX_KERNEL``) on maps
+    > DIRECT_MIN_PIXELS, and the forward of kernels <= 3 only (``DIRECT_FWD_MAX_KERNEL``): for 5x5 the banded forward
+    won the sweep on every map (H200, round 9: 0.170 vs 0.258 ms at 56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14),
+    the weight gradient did not."""
     if h * w <= PLANE_MAX_PIXELS:
         return "plane"
-    if weight_grad and max(kh, kw) <= 7 and h * w > DIRECT_MIN_PIXELS:
-        return "direct"
-    if not weight_grad and max(kh, kw) <= DIRECT_FWD_MAX_KERNEL and h * w > DIRECT_MIN_PIXELS:
-        return "direct"
-    return "banded"
+    max_kernel = DIRECT_WGRAD_MAX_KERNEL if weight_grad else DIRECT_FWD_MAX_KERNEL
+    return "direct" if max(kh, kw) <= max_kernel and h * w > DIRECT_MIN_PIXELS else "banded"
 
 
 def _direct_fwd_config(h: int, w: int) -> Tuple[int, int, int, int]:
