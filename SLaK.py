@@ -34,7 +34,7 @@ from timm.models import register_model
 
 __all__ = [
     'SLaK', 'Block', 'LayerNorm', 'ReparamLargeKernelConv', 'get_conv2d', 'conv_bn', 'fuse_bn',
-    'load_checkpoint', 'SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large', 'CONV_IMPLS',
+    'load_checkpoint', 'for_single_pass', 'SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large', 'CONV_IMPLS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -124,6 +124,28 @@ def get_conv2d(in_channels: int, out_channels: int, kernel_size: Union[int, Tupl
         return _load_fast_dwconv()(in_channels, (kh, kw), bias=bias)
     return nn.Conv2d(in_channels, in_channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=in_channels,
                      bias=bias)
+
+
+def for_single_pass(model: nn.Module) -> nn.Module:
+    """Prepare a throw-away copy of a model for a pass that runs once (SNIP's float32 scoring batch).
+
+    The fast depthwise convs become plain ``nn.Conv2d`` sharing their parameters (cuDNN on CUDA) and the blocks run
+    their tails eagerly: the Triton kernels and compiled graphs this pass would need serve no later step (training
+    runs under autocast, in another dtype), and on a fresh machine compiling them cost more than the pass itself.
+    Same maths. Returns ``model``.
+    """
+    fast = _load_fast_dwconv()
+    for module in list(model.modules()):
+        if isinstance(module, Block):
+            module.COMPILE_TAIL = False
+        for name, child in list(module.named_children()):
+            if fast is not None and isinstance(child, fast):
+                kh, kw = child.kernel_size
+                plain = nn.Conv2d(child.in_channels, child.out_channels, (kh, kw), padding=(kh // 2, kw // 2),
+                                  groups=child.groups, bias=child.bias is not None, device='meta')
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, name, plain)
+    return model
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size, stride: int, padding, groups: int, dilation: int = 1,
@@ -523,8 +545,8 @@ def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcu
 # 'keys': the call signatures compiled so far (one graph each).
 _TAIL_STATE = {'fn': None, 'broken': False, 'keys': set(), 'full_warned': False}
 TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
-# Compiled graphs per process. A classification run needs ~21 (4 stage shapes x training / evaluation / EMA
-# evaluation x batch sizes); workloads with ever new input sizes (detection) run new shapes eagerly past this.
+# Compiled graphs per process. A classification run needs 8 (4 stage shapes x training / evaluation, evaluation
+# graphs serving every batch size); workloads with ever new input sizes (detection) run new shapes eagerly past this.
 TAIL_MAX_GRAPHS = 32
 
 
@@ -533,12 +555,21 @@ def _run_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut:
               b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor], drop_scale: Optional[torch.Tensor],
               eps: float) -> torch.Tensor:
     """``_block_tail`` through ``torch.compile``; if compiling fails, one warning and the eager function."""
-    args = (parts, bias, shortcut, ln_w, ln_b, w1, b1, w2, b2, gamma, drop_scale, eps)
     state = _TAIL_STATE
     # what makes torch.compile trace a new graph: shapes, layouts, dtypes, modes
     device = shortcut.device.type
     autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    key = (len(parts), tuple(parts[0].shape), parts[0].stride(), parts[0].dtype, shortcut.stride(), shortcut.dtype,
+    shape = tuple(parts[0].shape)
+    if not torch.is_grad_enabled() and shape[0] > 1:
+        # Evaluation: one graph for every batch size (the last, smaller batch of a validation set, EMA evaluation
+        # at another batch) instead of one per size; training batches keep static shapes (drop_last). Views are
+        # marked, not the caller's tensors, which a later training call must see static.
+        parts, shortcut = [p.view_as(p) for p in parts], shortcut.view_as(shortcut)
+        for tensor in (*parts, shortcut):
+            torch._dynamo.mark_dynamic(tensor, 0)
+        shape = (None,) + shape[1:]
+    args = (parts, bias, shortcut, ln_w, ln_b, w1, b1, w2, b2, gamma, drop_scale, eps)
+    key = (len(parts), shape, parts[0].stride()[1:], parts[0].dtype, shortcut.stride()[1:], shortcut.dtype,
            str(shortcut.device), bias is None, b1 is None, b2 is None, gamma is None, drop_scale is None,
            torch.is_grad_enabled(), w1.requires_grad, autocast)
     if key not in state['keys']:

@@ -17,8 +17,9 @@ Differences from the original ``engine.py``, on purpose:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from timm.data import Mixup
@@ -33,6 +34,48 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopping (the last checkpoint '
                          f'on disk is from before this epoch). Try a lower --lr, --clip_grad or fp32 training')
         self.epoch, self.step, self.value = epoch, step, value
+
+
+@dataclasses.dataclass
+class _StepFigures:
+    """One micro-batch's logged figures, tensors still on the device until :meth:`record` reads them."""
+    it: int
+    loss: torch.Tensor
+    class_acc: Optional[torch.Tensor]
+    grad_norm: Optional[torch.Tensor]
+    terms: Dict[str, torch.Tensor]
+    max_lr: float
+    min_lr: float
+    weight_decay: Optional[float]
+
+    def record(self, epoch: int, metric_logger: utils.MetricLogger, log_writer, wandb_logger) -> None:
+        """Stop on a non-finite loss, else log the figures (meters, TensorBoard, W&B)."""
+        loss_value = self.loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(epoch, self.it, loss_value)
+        class_acc = float(self.class_acc) if self.class_acc is not None else None
+        grad_norm = float(self.grad_norm) if self.grad_norm is not None else None
+        terms = {k: float(v) for k, v in self.terms.items()}
+        metric_logger.update(loss=loss_value, class_acc=class_acc, lr=self.max_lr, min_lr=self.min_lr,
+                             weight_decay=self.weight_decay, grad_norm=grad_norm, **terms)
+        if log_writer is not None:
+            log_writer.update(loss=loss_value, head='loss')
+            log_writer.update(class_acc=class_acc, head='loss')
+            log_writer.update(head='loss', **terms)
+            log_writer.update(lr=self.max_lr, head='opt')
+            log_writer.update(min_lr=self.min_lr, head='opt')
+            log_writer.update(weight_decay=self.weight_decay, head='opt')
+            log_writer.update(grad_norm=grad_norm, head='opt')
+            log_writer.set_step()
+        if wandb_logger is not None:
+            wandb_logger.log_batch({
+                'Rank-0 Batch Wise/train_loss': loss_value,
+                'Rank-0 Batch Wise/train_max_lr': self.max_lr,
+                'Rank-0 Batch Wise/train_min_lr': self.min_lr,
+                **({'Rank-0 Batch Wise/train_class_acc': class_acc} if class_acc is not None else {}),
+                **({'Rank-0 Batch Wise/train_grad_norm': grad_norm} if grad_norm is not None else {}),
+                'Rank-0 Batch Wise/global_train_step': self.it,
+            })
 
 
 def _autocast(device: torch.device, use_amp: bool, amp_dtype: torch.dtype):
@@ -76,6 +119,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     second_order = getattr(optimizer, 'is_second_order', False)
 
     optimizer.zero_grad()
+    pending: List[_StepFigures] = []
     for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         step = data_iter_step // update_freq
         if num_training_steps_per_epoch is not None and step >= num_training_steps_per_epoch:
@@ -125,42 +169,24 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     else:
                         optimizer.step()
                     optimizer.zero_grad()
-        # One host sync per micro-batch, after the whole step is queued (NaN weights are never checkpointed: we stop).
-        loss_value = loss_value.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(epoch, it, loss_value)
-        if is_update and model_ema is not None:
-            model_ema.update(model, mask)
-
-        class_acc = (output.argmax(dim=-1) == targets).float().mean() if mixup_fn is None else None
+        # The step's figures stay on the device until the next step is queued: reading them now (.item()) would
+        # leave the GPU idle while the host loads and launches the next step.
         min_lr = min(group['lr'] for group in optimizer.param_groups)
         max_lr = max(group['lr'] for group in optimizer.param_groups)
-        weight_decay_value = None
-        for group in optimizer.param_groups:
-            if group['weight_decay'] > 0:
-                weight_decay_value = group['weight_decay']
-        metric_logger.update(loss=loss_value, class_acc=class_acc, lr=max_lr, min_lr=min_lr,
-                             weight_decay=weight_decay_value, grad_norm=grad_norm,
-                             **{k: float(v) for k, v in terms.items()})
-
-        if log_writer is not None:
-            log_writer.update(loss=loss_value, head='loss')
-            log_writer.update(class_acc=class_acc, head='loss')
-            log_writer.update(head='loss', **{k: float(v) for k, v in terms.items()})
-            log_writer.update(lr=max_lr, head='opt')
-            log_writer.update(min_lr=min_lr, head='opt')
-            log_writer.update(weight_decay=weight_decay_value, head='opt')
-            log_writer.update(grad_norm=grad_norm, head='opt')
-            log_writer.set_step()
-        if wandb_logger is not None:
-            wandb_logger.log_batch({
-                'Rank-0 Batch Wise/train_loss': loss_value,
-                'Rank-0 Batch Wise/train_max_lr': max_lr,
-                'Rank-0 Batch Wise/train_min_lr': min_lr,
-                **({'Rank-0 Batch Wise/train_class_acc': float(class_acc)} if class_acc is not None else {}),
-                **({'Rank-0 Batch Wise/train_grad_norm': float(grad_norm)} if grad_norm is not None else {}),
-                'Rank-0 Batch Wise/global_train_step': it,
-            })
+        weight_decay_value = next((g['weight_decay'] for g in reversed(optimizer.param_groups)
+                                   if g['weight_decay'] > 0), None)
+        class_acc = (output.argmax(dim=-1) == targets).float().mean() if mixup_fn is None else None
+        pending.append(_StepFigures(it, loss_value, class_acc, grad_norm, terms, max_lr, min_lr, weight_decay_value))
+        if is_update and model_ema is not None:
+            model_ema.update(model, mask)
+        last_in_epoch = data_iter_step == len(data_loader) - 1
+        # progress lines (log_every prints after this body at these iterations) show every step so far
+        settle_upto = len(pending) if (data_iter_step % print_freq == 0 or last_in_epoch) else len(pending) - 1
+        for figures in pending[:settle_upto]:
+            figures.record(epoch, metric_logger, log_writer, wandb_logger)
+        del pending[:settle_upto]
+    for figures in pending:  # the epoch ended on skipped micro-batches (steps past num_training_steps_per_epoch)
+        figures.record(epoch, metric_logger, log_writer, wandb_logger)
 
     metric_logger.synchronize_between_processes(device)
     print('Averaged stats:', metric_logger)

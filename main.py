@@ -489,7 +489,8 @@ def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data
         return None
     decay = CosineDecay(args.prune_rate, T_max=int(num_steps * args.epochs), init_step=num_steps * args.start_epoch)
     mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
-                   growth_mode=args.growth, redistribution_mode=args.redistribution, args=args, log_writer=log_writer)
+                   growth_mode=args.growth, redistribution_mode=args.redistribution, args=args, log_writer=log_writer,
+                   prepare_copy=SLaK.for_single_pass)
     mask.add_module(model, mask_state=mask_state)
     if model_ema is not None:
         model_ema.track_masks(mask)  # a resumed run knows which positions are "newly grown" at its first update
@@ -632,6 +633,9 @@ def main(args: argparse.Namespace) -> Optional[dict]:
           f'sparse {sparse_flops / 1e9:.4f} G')
     if args.compile:
         model.compile()
+    if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's
+        print(f'Peak GPU memory before training: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB')
+        torch.cuda.reset_peak_memory_stats(device)
     return train_and_evaluate(args, model, model_without_ddp, data, criterion, optimizer, loss_scaler,
                               lr_schedule_values, wd_schedule_values, num_steps, device, amp_dtype, model_ema, mask,
                               log_writer, wandb_logger, n_parameters)

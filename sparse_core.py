@@ -164,12 +164,15 @@ class Masking:
             step, i.e. micro-batches like ``loss/*`` and ``opt/*``, so a prune/grow lines up with the loss curve).
             Receives ``sparsity/overall``, ``sparsity/prune_rate`` and ``sparsity/<layer>`` densities at init and
             every update.
+        prepare_copy: optional; applied to SNIP's throw-away copy of the model before its scoring pass (``main.py``
+            passes ``SLaK.for_single_pass``: plain convolutions and eager block tails, nothing compiled for one batch).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, train_loader: Optional[Iterable] = None,
                  prune_rate_decay: Optional[CosineDecay] = None, prune_rate: float = 0.5,
                  prune_mode: str = 'magnitude', growth_mode: str = 'random', redistribution_mode: str = 'momentum',
-                 verbose: bool = False, fp16: bool = False, args: Any = None, log_writer: Any = None):
+                 verbose: bool = False, fp16: bool = False, args: Any = None, log_writer: Any = None,
+                 prepare_copy: Optional[Callable[[nn.Module], Any]] = None):
         self.prune_func: Callable = _resolve('--prune', prune_mode, _PRUNE_FUNCS)
         self.growth_func: Callable = _resolve('--growth', growth_mode, _GROWTH_FUNCS)
         if redistribution_mode not in REDISTRIBUTION_MODES:
@@ -183,6 +186,7 @@ class Masking:
         self.fp16 = fp16
         self.args = args
         self.log_writer = log_writer
+        self.prepare_copy = prepare_copy
 
         self.sparse_init: str = getattr(args, 'sparse_init', 'snip')
         self.sparsity: float = float(getattr(args, 'sparsity', 0.4))
@@ -323,6 +327,9 @@ class Masking:
         live = live.module if hasattr(live, 'module') else live
         model = copy.deepcopy(live)
         model.zero_grad(set_to_none=True)
+        _recompute_in_backward(model)
+        if self.prepare_copy is not None:
+            self.prepare_copy(model)
         device = next(iter(self.params.values())).device
         with torch.enable_grad():
             F.cross_entropy(model(images.to(device)), targets.to(device)).backward()
@@ -524,6 +531,20 @@ class Masking:
         dist.broadcast(flat, src=0)
         for t, chunk in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
             t.copy_(chunk.view_as(t))
+
+
+def _recompute_in_backward(model: nn.Module) -> None:
+    """Make SNIP's throw-away copy keep only block inputs for backward (gradient checkpointing, timm's
+    ``set_grad_checkpointing``).
+
+    SNIP scores one batch at the training batch size in float32, without autocast: stored in full, its activations
+    took more GPU memory than the bf16 training steps that follow (the run's peak). Recomputed block by block, the
+    scores are the same numbers (same ops in the same order; checkpointing restores the RNG for drop path).
+    """
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError):  # timm models without it assert
+        pass
 
 
 def _resolve(flag: str, mode: str, registry: Dict[str, Callable]) -> Callable:

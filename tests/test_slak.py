@@ -407,6 +407,30 @@ def test_conv_seam_cutlass_choice_has_identical_keys():
     assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(os.path.dirname(SLaK.__file__), 'cutlass',
+                                                    'depthwise_conv2d_implicit_gemm.py')),
+                    reason='cutlass/ kernel not present')
+@pytest.mark.filterwarnings('ignore:depthwise_conv2d. falling back')
+def test_for_single_pass_swaps_fast_convs_for_plain_ones_sharing_parameters():
+    """SNIP's copy: plain nn.Conv2d (same parameters, per-axis padding) and eager tails, same float64 outputs."""
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', conv_impl='cutlass', **TINY).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    ref = model(x)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    assert SLaK.for_single_pass(model) is model
+    fast = SLaK._load_fast_dwconv()
+    assert not any(isinstance(m, fast) for m in model.modules())
+    assert all(type(b.large_kernel.LoRA1.conv) is nn.Conv2d for s in model.stages for b in s)
+    assert all(b.COMPILE_TAIL is False for s in model.stages for b in s)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    torch.manual_seed(1)
+    assert torch.equal(model(x), ref)
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kwargs,match', [
     (dict(kernel_size=[51, 49, 48, 13, 5]), r'kernel_size\[2\] = 48 is even'),
@@ -626,6 +650,31 @@ def test_compiled_tail_graph_budget(tail_backend, monkeypatch):
         monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
         for x, y in zip(xs, (y6, y7, y8)):
             torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_tail_evaluation_graph_serves_every_batch_size(tail_backend, monkeypatch):
+    """No-grad calls mark the batch dimension dynamic: one graph for batches 4, 3 and 6 (a validation set's last,
+    smaller batch; EMA evaluation), a static one for batch 1; training keeps one static graph per size."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(tuple(getattr(t, 'shape', ())) for t in example_inputs if isinstance(t, torch.Tensor)))
+        return gm.forward
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    torch.manual_seed(0)
+    block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').eval()
+    xs = [torch.randn(n, 13, 6, 5) for n in (4, 3, 6, 1)]
+    with torch.no_grad():
+        ys = [block(x) for x in xs]
+        assert len(graphs) == 2 and len(SLaK._TAIL_STATE['keys']) == 2
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    block.train()
+    for x in xs[:2]:
+        block(x).sum().backward()
+    assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4
 
 
 def test_compiled_tail_stands_aside(tail_backend, monkeypatch):

@@ -529,3 +529,34 @@ def test_ema_resume_right_after_prune_grow_is_bit_identical():
     for (k1, v1), (k2, v2) in zip(ema.ema.state_dict().items(), ema2.ema.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
     assert mask2.state_dict()['grown_at_step'] == 4 and mask2.state_dict()['grown']  # step 4 pruned and grew
+
+
+def test_snip_scores_recomputed_blockwise_equal_stored_activations_and_leave_live_model_alone():
+    """SNIP's copy recomputes block activations in backward (memory) with eager tails: same float64 scores as one
+    plain forward/backward (drop path on: checkpointing must replay its random draws)."""
+    torch.manual_seed(0)
+    model = SLaK.SLaK(depths=(1, 2, 1, 1), dims=(8, 16, 32, 64), kernel_size=[7, 7, 5, 5, 3], Decom=True,
+                      num_classes=10, drop_path_rate=0.5).double()
+    x, y = batches(1, seed=7)[0]
+    x = x.double()
+    names = [n for n, p in model.named_parameters() if p.dim() in (2, 4)]
+    clone = copy.deepcopy(model)
+    torch.manual_seed(123)
+    F.cross_entropy(clone(x), y).backward()
+    grads = dict(clone.named_parameters())
+    expected = {n: (grads[n].detach() * grads[n].grad).abs() for n in names}
+
+    block = model.stages[1][1]
+    calls = []
+    block.large_kernel.register_forward_hook(lambda *_: calls.append(1))
+    mask = Masking(torch.optim.SGD(model.parameters(), lr=0.1), train_loader=[(x, y)], args=make_args())
+    mask.modules.append(model)
+    mask.params = {n: p for n, p in model.named_parameters() if n in names}
+    torch.manual_seed(123)
+    scores = mask._snip_scores()
+    assert len(calls) == 2  # the copy's block ran forward twice: once, then again in backward
+    for n in names:
+        assert torch.equal(scores[n], expected[n]), n
+    assert not model.grad_checkpointing and all(b.COMPILE_TAIL == SLaK.Block.COMPILE_TAIL
+                                                for s in model.stages for b in s)
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,343 @@
+"""End to end, as a user meets it: ``main.py`` with the README's SLaK-T recipe on a JPEG ImageFolder, next to timm's
+``convnext_tiny`` (eager and ``--compile true``) with the same flags, and next to the same models' bare steps.
+
+Run on a CUDA machine from the repository root::
+
+    python benchmarks/bench_main.py --out results/ [--data_path /path/to/imagenet-like] [--runs all]
+
+Without ``--data_path`` it first writes an ImageNet-like folder on local disk (``--train_images`` 12,800 /
+``--val_images`` 1,280 over 100 classes; JPEGs of natural sizes around 500x375 whose content is smooth colour fields,
+shapes and sensor-like noise, ~60-120 KB each, so decoding costs what ImageNet's does). Then, per model, each in its
+own process with the wall time of every log line recorded:
+
+* ``main.py`` for ``--epochs`` (>= 2) epochs at ``--batch_size`` 128, bf16 AMP, EMA + EMA evaluation, the default
+  augmentation (RandAugment, mixup/cutmix, random erasing), ``--num_workers`` = cores; SLaK-T adds ``--sparse``
+  (SNIP, 40 %), ``-u 100`` (so prune/grow happens inside the run), ``--Decom true``, 51 49 47 13 5, width 1.3.
+  SLaK-T runs twice: once with empty Inductor/Triton caches (a fresh machine, "cold") and once reusing them ("warm").
+* the loader alone (main.py's dataset and transforms, same batch and workers), in img/s;
+* ``bench_throughput.py`` at the same batch (eager and CUDA-graph replays) for the host-overhead ratio.
+
+Reported per model: steady img/s (main.py's window over the last 20 steps of the last epoch), seconds from launch
+to the first training step (cold / warm), the first evaluation's seconds, evaluation img/s, peak GPU memory of
+training and of start-up (SNIP), the phases of start-up. Writes ``e2e_<card>.json`` (the records of issue 18) and
+``e2e_<card>_runs.json`` (everything parsed, plus the log tails) under ``--out`` after every run, so a run that is cut
+off still leaves what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SLAK_T_FLAGS = ['--model', 'SLaK_tiny', '--Decom', 'true', '--sparse', '--width_factor', '1.3', '-u', '100',
+                '--sparsity', '0.4', '--sparse_init', 'snip', '--prune_rate', '0.5', '--growth', 'random',
+                '--kernel_size', '51', '49', '47', '13', '5']
+CONVNEXT_FLAGS = ['--model', 'convnext_tiny']
+COMMON_FLAGS = ['--drop_path', '0.1', '--lr', '4e-3', '--update_freq', '1', '--model_ema', 'true',
+                '--model_ema_eval', 'true', '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--warmup_epochs', '1',
+                '--save_ckpt_freq', '1']
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+
+_NOISE = {}
+
+
+def _noise_tile(rng: np.random.Generator) -> np.ndarray:
+    """A per-process bank of fine texture + sensor noise (drawn once; each image takes a random crop of it)."""
+    if 'tile' not in _NOISE:
+        texture = rng.normal(0, 10, size=(257, 257, 1)).repeat(4, 0).repeat(4, 1)
+        _NOISE['tile'] = (texture + rng.normal(0, 6, size=(1028, 1028, 3))).astype(np.float32)
+    return _NOISE['tile']
+
+
+def _one_image(task) -> int:
+    """Write one JPEG: a smooth random colour field (upsampled noise), a few filled shapes in a class-dependent
+    palette, blur, a fine texture and sensor noise; natural aspect ratios and sizes (short side 300-500 px)."""
+    from PIL import Image, ImageDraw, ImageFilter
+    path, label, seed = task
+    rng = np.random.default_rng(seed)
+    short = int(rng.integers(300, 501))
+    aspect = float(rng.choice([4 / 3, 3 / 2, 1.0, 3 / 4, 16 / 9]))
+    w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+    base = rng.integers(0, 256, size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    palette = np.random.default_rng(label).integers(0, 256, size=(4, 3))
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))
+        colour = tuple(int(c) for c in np.clip(palette[rng.integers(0, 4)] + rng.normal(0, 20, 3), 0, 255))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    tile = _noise_tile(rng)
+    oy, ox = int(rng.integers(0, tile.shape[0] - h + 1)), int(rng.integers(0, tile.shape[1] - w + 1))
+    pixels = np.asarray(img, dtype=np.float32) + tile[oy:oy + h, ox:ox + w]
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=int(rng.integers(85, 96)))
+    return os.path.getsize(path)
+
+
+def write_jpeg_folder(root: Path, n_train: int, n_val: int, classes: int, workers: int) -> Dict[str, float]:
+    """``root/{train,val}/<class>/*.JPEG`` (ImageNet's layout); returns counts, mean file size and seconds."""
+    start = time.time()
+    tasks = []
+    for split, n, offset in (('train', n_train, 0), ('val', n_val, 10 ** 7)):
+        for c in range(classes):
+            (root / split / f'n{c:08d}').mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            label = i % classes
+            tasks.append((str(root / split / f'n{label:08d}' / f'{split}_{i:06d}.JPEG'), label, offset + i))
+    with ProcessPoolExecutor(workers) as pool:
+        sizes = list(pool.map(_one_image, tasks, chunksize=64))
+    return {'train_images': n_train, 'val_images': n_val, 'classes': classes,
+            'mean_kb': float(np.mean(sizes)) / 1024, 'seconds': time.time() - start}
+
+
+# ---- runs -----------------------------------------------------------------------------------------------------------
+STEP_LINE = re.compile(r'^Epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\]')
+EPOCH_END = re.compile(r'^Epoch: \[(\d+)\] Total time')
+EVAL_END = re.compile(r'^\* Acc@1')
+IPS = re.compile(r'img/s: ([\d.]+)')
+MEM = re.compile(r'max mem: (\d+)')
+PHASES = {  # first log line of each start-up phase (main.py's order)
+    'data_ready': re.compile(r'^(Mixup is activated|number of params|Model = )'),
+    'masks_ready': re.compile(r'^(Total number of parameters are|Masks ready)'),
+    'flops_counted': re.compile(r'^(FLOPs|MACs) at'),
+    'training_starts': re.compile(r'^Start training'),
+}
+
+
+def run_logged(cmd: List[str], env: Dict[str, str], timeout: float) -> List[tuple]:
+    """Run ``cmd``; return ``(seconds since launch, line)`` for every line of its stdout+stderr."""
+    start = time.time()
+    lines = []
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    try:
+        for line in proc.stdout:
+            lines.append((time.time() - start, line.rstrip('\n')))
+            if time.time() - start > timeout:
+                proc.kill()
+                lines.append((time.time() - start, f'bench_main: killed after {timeout:.0f} s'))
+                break
+    finally:
+        proc.wait()
+    lines.append((time.time() - start, f'bench_main: exit code {proc.returncode}'))
+    return lines
+
+
+def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[float]]:
+    """Figures of one main.py run from its time-stamped log (see module docstring)."""
+    out: Dict[str, Optional[float]] = {'first_step_s': None, 'img_s': None, 'peak_mem_gb': None,
+                                       'startup_peak_mem_gb': None, 'first_eval_s': None, 'eval_img_s': None}
+    for key, pattern in PHASES.items():
+        out[key + '_s'] = next((t for t, line in lines if pattern.search(line)), None)
+    last_epoch_ips, mems, evals = None, [], []
+    epoch_end_t = None
+    for t, line in lines:
+        step = STEP_LINE.search(line)
+        if step and out['first_step_s'] is None:
+            out['first_step_s'] = t
+        if step and int(step.group(2)) == int(step.group(3)) - 1:
+            m = IPS.search(line)
+            last_epoch_ips = float(m.group(1)) if m else last_epoch_ips
+        if step:
+            m = MEM.search(line)
+            if m:
+                mems.append(float(m.group(1)) / 1024)
+        if line.startswith('Peak GPU memory before training'):
+            m = re.search(r'([\d.]+) GiB', line)
+            out['startup_peak_mem_gb'] = float(m.group(1)) if m else None
+        if EPOCH_END.search(line):
+            epoch_end_t = t
+        elif EVAL_END.search(line) and epoch_end_t is not None:
+            evals.append(t - epoch_end_t)
+            epoch_end_t = t  # the EMA evaluation follows the raw one
+    out['img_s'] = last_epoch_ips
+    out['peak_mem_gb'] = max(mems) if mems else None
+    if evals:
+        out['first_eval_s'] = evals[0]
+        out['eval_img_s'] = val_images / min(evals)
+    out['exit_code'] = next((int(line.rsplit(' ', 1)[1]) for _, line in reversed(lines)
+                             if line.startswith('bench_main: exit code')), None)
+    return out
+
+
+def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60) -> float:
+    """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import main as main_py
+    from datasets import build_dataset
+    args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch)])
+    dataset, _ = build_dataset(is_train=True, args=args)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True,
+                                         pin_memory=True, drop_last=True)
+    it = iter(loader)
+    for _ in range(5):  # workers started, first batches decoded
+        next(it)
+    start, n = time.time(), 0
+    for _ in range(min(batches, len(loader) - 6)):
+        images, _ = next(it)
+        n += images.shape[0]
+    return n / (time.time() - start)
+
+
+def throughput(models: str, batch: int, graph: bool, env: Dict[str, str], timeout: float) -> Dict[str, dict]:
+    """``bench_throughput.py`` train/infer img/s at ``batch`` for the named models."""
+    cmd = [sys.executable, 'benchmarks/bench_throughput.py', '--models', models, '--train-batch', str(batch),
+           '--infer-batch', str(batch), '--steps', '20'] + (['--graph'] if graph else [])
+    lines = run_logged(cmd, env, timeout)
+    rows = {}
+    for _, line in lines:
+        m = re.match(r'^\[0\] (.+?)\s+train\s+([\d.na]+) img/s \(\s*([\d.na]+) GiB\)\s+infer\s+([\d.na]+) img/s', line)
+        if m:
+            rows[m.group(1).strip()] = {'train_img_s': float(m.group(2)), 'train_mem_gb': float(m.group(3)),
+                                        'infer_img_s': float(m.group(4))}
+    return {'rows': rows, 'tail': [line for _, line in lines[-15:]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', default='benchmarks/results', help='folder for the JSON files')
+    parser.add_argument('--data_path', default='', help='an ImageNet-style folder; default: write one')
+    parser.add_argument('--data_root', default='/tmp/bench_main_data', help='where to write the generated folder')
+    parser.add_argument('--train_images', type=int, default=12800)
+    parser.add_argument('--val_images', type=int, default=1280)
+    parser.add_argument('--classes', type=int, default=100)
+    parser.add_argument('--batch_size', type=int, default=128)
+    parser.add_argument('--epochs', type=int, default=2)
+    parser.add_argument('--num_workers', type=int, default=os.cpu_count())
+    parser.add_argument('--runs', default='all',
+                        help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
+                             'throughput, throughput_graph')
+    parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
+    parser.add_argument('--run_timeout_s', type=float, default=300)
+    args = parser.parse_args()
+    t0 = time.time()
+    import torch
+    card = torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '_') if torch.cuda.is_available() \
+        else 'cpu'
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.runs.split(',')) if args.runs != 'all' else {
+        'loader', 'slak_cold', 'slak_warm', 'convnext', 'convnext_compile', 'throughput', 'throughput_graph'}
+    report: Dict[str, object] = {'card': card, 'torch': torch.__version__, 'args': vars(args), 'runs': {}}
+
+    data_path = args.data_path
+    if not data_path:
+        root = Path(args.data_root)
+        if not (root / 'val').is_dir():
+            report['data'] = write_jpeg_folder(root, args.train_images, args.val_images, args.classes,
+                                               args.num_workers)
+            print(f'data: {report["data"]}', flush=True)
+        data_path = str(root)
+
+    caches = Path(tempfile.mkdtemp(prefix='bench_main_caches_'))
+    records: List[dict] = []
+
+    def env_with(cache: str, **extra) -> Dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED='1', TORCHINDUCTOR_CACHE_DIR=str(caches / cache / 'inductor'),
+                   TRITON_CACHE_DIR=str(caches / cache / 'triton'))
+        env.update(extra)
+        return env
+
+    def save() -> None:
+        (out_dir / f'e2e_{card}.json').write_text(json.dumps(records, indent=1))
+        (out_dir / f'e2e_{card}_runs.json').write_text(json.dumps(report, indent=1))
+
+    def main_run(name: str, flags: List[str], cache: str) -> Optional[Dict]:
+        if name not in wanted:
+            return None
+        if time.time() - t0 > args.budget_s:
+            print(f'{name}: skipped (time budget)', flush=True)
+            return None
+        out = tempfile.mkdtemp(prefix=f'bench_{name}_')
+        cmd = [sys.executable, 'main.py', *flags, *COMMON_FLAGS, '--batch_size', str(args.batch_size),
+               '--epochs', str(args.epochs), '--data_path', data_path, '--num_workers', str(args.num_workers),
+               '--output_dir', out]
+        lines = run_logged(cmd, env_with(cache), args.run_timeout_s)
+        parsed = parse_main_log(lines, args.val_images)
+        parsed['command'] = ' '.join(cmd[1:])
+        parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines if not line.startswith(('Test:', '  '))][-60:]
+        report['runs'][name] = parsed
+        shutil.rmtree(out, ignore_errors=True)
+        print(f'{name}: ' + ', '.join(f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
+                                      for k, v in parsed.items() if k not in ('log_tail', 'command')), flush=True)
+        save()
+        return parsed
+
+    loader_img_s = None
+    if 'loader' in wanted:
+        loader_img_s = loader_speed(data_path, args.batch_size, args.num_workers)
+        report['loader_img_s'] = loader_img_s
+        print(f'loader alone: {loader_img_s:.0f} img/s', flush=True)
+
+    slak_cold = main_run('slak_cold', SLAK_T_FLAGS, 'slak')
+    slak_warm = main_run('slak_warm', SLAK_T_FLAGS, 'slak')
+    convnext = main_run('convnext', CONVNEXT_FLAGS, 'convnext')
+    convnext_c = main_run('convnext_compile', CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext')
+
+    bench = {}
+    names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile'
+    for key, graph in (('throughput', False), ('throughput_graph', True)):
+        if key in wanted and time.time() - t0 < args.budget_s:
+            bench[key] = throughput(names, args.batch_size, graph, env_with('slak'), args.run_timeout_s)
+            report[key] = bench[key]
+            print(f'{key}: {bench[key]["rows"]}', flush=True)
+            save()
+
+    def bare(model: str, graph: bool) -> Optional[float]:
+        rows = bench.get('throughput_graph' if graph else 'throughput', {}).get('rows', {})
+        return rows.get(model, {}).get('train_img_s')
+
+    def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str) -> None:
+        if run is None and warm is None:
+            return
+        main_run_ = warm or run
+        records.append({
+            'model': model, 'data': 'jpeg', 'compile': compiled, 'batch': args.batch_size,
+            'img_s': main_run_.get('img_s'), 'graph_img_s': bare(bench_name, True),
+            'eager_bench_img_s': bare(bench_name, False), 'loader_img_s': loader_img_s,
+            'first_step_s_cold': run.get('first_step_s') if run else None,
+            'first_step_s_warm': warm.get('first_step_s') if warm else None,
+            'first_eval_s_warm': main_run_.get('first_eval_s') if warm else None,
+            'peak_mem_gb': main_run_.get('peak_mem_gb'), 'startup_peak_mem_gb': main_run_.get('startup_peak_mem_gb'),
+            'eval_img_s': main_run_.get('eval_img_s'), 'card': card})
+
+    record('SLaK-T', False, slak_cold, slak_warm, 'SLaK-T ours')
+    record('convnext_tiny', False, convnext, None, 'convnext_tiny (timm)')
+    record('convnext_tiny', True, convnext_c, None, 'convnext_tiny (timm) torch.compile')
+    save()
+    shutil.rmtree(caches, ignore_errors=True)
+
+    print(f'\n{"model":16s} {"compile":7s} {"img/s":>7s} {"graph":>7s} {"eager":>7s} {"1st step cold/warm":>19s} '
+          f'{"1st eval":>8s} {"peak GiB":>8s} {"start GiB":>9s}')
+    for r in records:
+        def f(v, fmt='{:.0f}'):
+            return fmt.format(v) if isinstance(v, (int, float)) and not math.isnan(v) else '-'
+        print(f'{r["model"]:16s} {str(r["compile"]):7s} {f(r["img_s"]):>7s} {f(r["graph_img_s"]):>7s} '
+              f'{f(r["eager_bench_img_s"]):>7s} {f(r["first_step_s_cold"]):>9s}/{f(r["first_step_s_warm"]):<9s} '
+              f'{f(r["first_eval_s_warm"], "{:.1f}"):>8s} {f(r["peak_mem_gb"], "{:.1f}"):>8s} '
+              f'{f(r["startup_peak_mem_gb"], "{:.1f}"):>9s}')
+    if loader_img_s:
+        print(f'loader alone: {loader_img_s:.0f} img/s ({args.num_workers} workers)')
+    print(f'total {time.time() - t0:.0f} s')
+
+
+if __name__ == '__main__':
+    main()
