@@ -48,8 +48,7 @@ SLAK_T_FLAGS = ['--model', 'SLaK_tiny', '--Decom', 'true', '--sparse', '--width_
                 '--kernel_size', '51', '49', '47', '13', '5']
 CONVNEXT_FLAGS = ['--model', 'convnext_tiny']
 COMMON_FLAGS = ['--drop_path', '0.1', '--lr', '4e-3', '--update_freq', '1', '--model_ema', 'true',
-                '--model_ema_eval', 'true', '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--warmup_epochs', '1',
-                '--save_ckpt_freq', '1']
+                '--model_ema_eval', 'true', '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--warmup_epochs', '1']
 
 # ---- data -----------------------------------------------------------------------------------------------------------
 
