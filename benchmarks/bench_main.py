@@ -226,6 +226,8 @@ def main() -> None:
                              'throughput, throughput_graph')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
+    parser.add_argument('--cache_root', default='',
+                        help='folder for the runs\' Inductor/Triton caches (kept); default: a temporary one, removed')
     args = parser.parse_args()
     t0 = time.time()
     import torch
@@ -246,7 +248,7 @@ def main() -> None:
             print(f'data: {report["data"]}', flush=True)
         data_path = str(root)
 
-    caches = Path(tempfile.mkdtemp(prefix='bench_main_caches_'))
+    caches = Path(args.cache_root or tempfile.mkdtemp(prefix='bench_main_caches_'))
     records: List[dict] = []
 
     def env_with(cache: str, **extra) -> Dict[str, str]:
@@ -322,7 +324,8 @@ def main() -> None:
     record('convnext_tiny', False, convnext, None, 'convnext_tiny (timm)')
     record('convnext_tiny', True, convnext_c, None, 'convnext_tiny (timm) torch.compile')
     save()
-    shutil.rmtree(caches, ignore_errors=True)
+    if not args.cache_root:
+        shutil.rmtree(caches, ignore_errors=True)
 
     print(f'\n{"model":16s} {"compile":7s} {"img/s":>7s} {"graph":>7s} {"eager":>7s} {"1st step cold/warm":>19s} '
           f'{"1st eval":>8s} {"peak GiB":>8s} {"start GiB":>9s}')
