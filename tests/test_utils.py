@@ -355,3 +355,15 @@ def test_eval_resume_loads_weights_of_a_run_with_other_optimizer_groups(tmp_path
     assert torch.equal(fresh[1].weight, model[1].weight) and args.start_epoch == 0
     with pytest.raises(ValueError):  # training resume needs the same optimizer layout (torch's own check)
         utils.auto_load_model(_ckpt_args(tmp_path), fresh, fresh, two_groups, scaler)
+
+
+@pytest.mark.parametrize('norm_type', [2.0, 1.0, float('inf')])
+def test_grad_norm_is_the_norm_of_all_gradients_together(norm_type):
+    """Against the float64 norm of every gradient concatenated (closed form); parameters without grad are skipped."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((3, 4), (5,), (2, 1, 3, 3), (7,))]
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    flat = torch.cat([p.grad.double().flatten() for p in params[:3]])
+    expected = torch.linalg.vector_norm(flat, norm_type).item()
+    assert utils.get_grad_norm_(params, norm_type).item() == pytest.approx(expected, rel=1e-6)
