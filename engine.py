@@ -96,7 +96,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     amp_dtype: torch.dtype = torch.float16,
                     compute_loss: Optional[Callable] = None, channels_last: bool = False,
                     clip_parameters: Optional[Iterable[torch.Tensor]] = None,
-                    sync_modules: Sequence[torch.nn.Module] = ()) -> Dict[str, float]:
+                    sync_modules: Sequence[torch.nn.Module] = (), print_freq: int = 200) -> Dict[str, float]:
     """Train for one epoch; returns the epoch averages of every meter (``loss``, ``class_acc``, ``lr``, ...).
 
     The optimizer steps every ``update_freq`` micro-batches (gradients summed, each loss divided by ``update_freq``).
@@ -104,7 +104,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     does backward and step; otherwise ``mask.step()`` (which steps the optimizer) or ``optimizer.step()``.
     ``clip_parameters`` (default: the model's) are the tensors whose gradient norm is clipped and logged, and
     ``sync_modules`` further DDP modules trained alongside (distillation heads) that skip their all-reduce on
-    accumulation micro-batches like the model.
+    accumulation micro-batches like the model. A progress line is printed every ``print_freq`` micro-batches.
     """
     model.train(True)
     update_freq = update_freq or 1
@@ -112,7 +112,6 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('min_lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
-    print_freq = 200
     clip = max_norm if max_norm and max_norm > 0 else None
     ddp_modules = [m for m in (model, *sync_modules) if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
     clip_parameters = list(model.parameters() if clip_parameters is None else clip_parameters)

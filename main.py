@@ -16,7 +16,7 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
 * New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
-  ``--conv_impl``, ``--dist_timeout``, ``--hflip``; ``--sparse_init`` also accepts ``snip_topk``.
+  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``; ``--sparse_init`` also accepts ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
@@ -164,6 +164,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--disable_eval', type=str2bool, default=False,
                         help='Disabling evaluation during training')
     parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--print_freq', default=200, type=int,
+                        help='micro-batches between progress lines (img/s, memory) during training')
     parser.add_argument('--pin_mem', type=str2bool, default=True,
                         help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
 
@@ -219,6 +221,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--update_freq must be >= 1; got {args.update_freq}')
     if args.batch_size < 1:
         raise ValueError(f'--batch_size must be >= 1; got {args.batch_size}')
+    if args.print_freq < 1:
+        raise ValueError(f'--print_freq must be >= 1; got {args.print_freq}')
     if args.save_ckpt_freq < 1 or args.save_ckpt_num < 1:  # 0 would divide by zero / delete the file just written
         raise ValueError(f'--save_ckpt_freq and --save_ckpt_num must be >= 1 (got {args.save_ckpt_freq}, '
                          f'{args.save_ckpt_num}); use --save_ckpt false to save nothing')
@@ -526,7 +530,7 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
             wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_steps,
             update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
             compute_loss=compute_loss, channels_last=args.channels_last, clip_parameters=clip_parameters,
-            sync_modules=sync_modules)
+            sync_modules=sync_modules, print_freq=args.print_freq)
 
         def save(tag):
             utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,

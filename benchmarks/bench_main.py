@@ -17,7 +17,8 @@ own process with the wall time of every log line recorded:
 * the loader alone (main.py's dataset and transforms, same batch and workers), in img/s;
 * ``bench_throughput.py`` at the same batch (eager and CUDA-graph replays) for the host-overhead ratio.
 
-Reported per model: steady img/s (main.py's window over the last 20 steps of the last epoch), seconds from launch
+Reported per model: steady img/s (the median of main.py's 20-step windows in the last epoch, ``--print_freq 20``,
+leaving out windows with a prune/grow update; their mean with them as ``img_s_with_updates``), seconds from launch
 to the first training step (cold / warm), the first evaluation's seconds, evaluation img/s, peak GPU memory of
 training and of start-up (SNIP), the phases of start-up. Writes ``e2e_<card>.json`` (the records of issue 18) and
 ``e2e_<card>_runs.json`` (everything parsed, plus the log tails) under ``--out`` after every run, so a run that is cut
@@ -47,7 +48,7 @@ SLAK_T_FLAGS = ['--model', 'SLaK_tiny', '--Decom', 'true', '--sparse', '--width_
                 '--sparsity', '0.4', '--sparse_init', 'snip', '--prune_rate', '0.5', '--growth', 'random',
                 '--kernel_size', '51', '49', '47', '13', '5']
 CONVNEXT_FLAGS = ['--model', 'convnext_tiny']
-COMMON_FLAGS = ['--drop_path', '0.1', '--lr', '4e-3', '--update_freq', '1', '--model_ema', 'true',
+COMMON_FLAGS = ['--print_freq', '20', '--drop_path', '0.1', '--lr', '4e-3', '--update_freq', '1', '--model_ema', 'true',
                 '--model_ema_eval', 'true', '--use_amp', 'true', '--amp_dtype', 'bfloat16', '--warmup_epochs', '1']
 
 # ---- data -----------------------------------------------------------------------------------------------------------
@@ -145,16 +146,21 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
                                        'startup_peak_mem_gb': None, 'first_eval_s': None, 'eval_img_s': None}
     for key, pattern in PHASES.items():
         out[key + '_s'] = next((t for t, line in lines if pattern.search(line)), None)
-    last_epoch_ips, mems, evals = None, [], []
+    windows: Dict[int, List[tuple]] = {}  # epoch -> (img/s of the 20-step window, a prune/grow inside it)
+    mems, evals = [], []
     epoch_end_t = None
+    update_in_window = False
     for t, line in lines:
+        if 'Dynamic Sparsity' in line:
+            update_in_window = True
         step = STEP_LINE.search(line)
         if step and out['first_step_s'] is None:
             out['first_step_s'] = t
-        if step and int(step.group(2)) == int(step.group(3)) - 1:
-            m = IPS.search(line)
-            last_epoch_ips = float(m.group(1)) if m else last_epoch_ips
         if step:
+            m = IPS.search(line)
+            if m and int(step.group(2)) >= 19:  # a full window of 20 steps, all in this epoch
+                windows.setdefault(int(step.group(1)), []).append((float(m.group(1)), update_in_window))
+            update_in_window = False
             m = MEM.search(line)
             if m:
                 mems.append(float(m.group(1)) / 1024)
@@ -166,7 +172,11 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
         elif EVAL_END.search(line) and epoch_end_t is not None:
             evals.append(t - epoch_end_t)
             epoch_end_t = t  # the EMA evaluation follows the raw one
-    out['img_s'] = last_epoch_ips
+    if windows:
+        last = windows[max(windows)]
+        clean = [ips for ips, update in last if not update] or [ips for ips, _ in last]
+        out['img_s'] = float(np.median(clean))
+        out['img_s_with_updates'] = float(np.mean([ips for ips, _ in last]))
     out['peak_mem_gb'] = max(mems) if mems else None
     if evals:
         out['first_eval_s'] = evals[0]
