@@ -337,7 +337,7 @@ def test_distillation_run_writes_student_checkpoints_and_resumes_the_student(dig
                              '--distill_resume', '--model_ema', 'true')) == 0
     printed = capsys.readouterr().out
     assert 'Teacher accuracy on 10 test images' in printed and 'Student accuracy on 10 test images' in printed
-    ckpt = main_KD.utils.load_checkpoint_file(str(out / 'checkpoint-0.pth'))
+    ckpt = main_KD.SLaK.load_checkpoint_file(str(out / 'checkpoint-0.pth'))
     args = _parse(_argv(digits, teacher_ckpt, str(out)))
     args.nb_classes = 10
     student = main_KD.build_student(args)
@@ -380,7 +380,7 @@ def test_distillation_run_writes_student_checkpoints_and_resumes_the_student(dig
     lines = _log_lines(out)
     assert [x['epoch'] for x in lines] == [0, 1]
     assert {'train_nkd_target', 'train_nkd_non_target', 'train_feature', 'train_mgd'} <= set(lines[1])
-    ckpt1 = main_KD.utils.load_checkpoint_file(str(out / 'checkpoint-1.pth'))
+    ckpt1 = main_KD.SLaK.load_checkpoint_file(str(out / 'checkpoint-1.pth'))
     assert ckpt1['epoch'] == 1 and list(ckpt1['model']) == list(student.state_dict())
 
 
