@@ -38,7 +38,8 @@ def rgb_loader(path: str) -> Image.Image:
             img = Image.open(f)
             return img.convert('RGB')
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f'cannot read image file {path}: {e}; remove or replace it') from None
+        cause = 'not an image file PIL can decode' if isinstance(e, UnidentifiedImageError) else e
+        raise ValueError(f'cannot read image file {path}: {cause}; remove or replace it') from None
 
 
 def _image_folder(root: str, transform, flag: str) -> datasets.ImageFolder:
@@ -125,14 +126,14 @@ def check_same_classes(dataset_train: torch.utils.data.Dataset, dataset_val: tor
     train, val = getattr(dataset_train, 'classes', None), getattr(dataset_val, 'classes', None)
     if train is None or val is None or list(train) == list(val):
         return
-    where = f'{getattr(dataset_train, "root", "train set")} vs {getattr(dataset_val, "root", "val set")}'
+    train_root, val_root = getattr(dataset_train, 'root', 'the train set'), getattr(dataset_val, 'root', 'the val set')
     only_train, only_val = [c for c in train if c not in set(val)], [c for c in val if c not in set(train)]
     if not only_train and not only_val:
-        raise ValueError(f'the val classes are the train classes in another order ({where}); labels would be '
-                         f'permuted: give both sets the same class order')
-    raise ValueError(f'the val classes differ from the train classes ({len(val)} vs {len(train)}, {where}): only in '
-                     f'train {only_train[:5]}, only in val {only_val[:5]}; labels would not match. Give val/ the class '
-                     f'folders of train/ (check --data_path / --eval_data_path)')
+        raise ValueError(f'the val classes ({val_root}) are the train classes ({train_root}) in another order; labels '
+                         f'would be permuted: give both sets the same class order')
+    raise ValueError(f'the val classes differ from the train classes ({len(val)} in {val_root}, {len(train)} in '
+                     f'{train_root}): only in train {only_train[:5]}, only in val {only_val[:5]}; labels would not '
+                     f'match. Give val/ the class folders of train/ (check --data_path / --eval_data_path)')
 
 
 def _auto_augment(aa):

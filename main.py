@@ -318,7 +318,7 @@ def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
     """``--finetune``: non-strict load of the first ``--model_key`` entry; a head of another class count is dropped.
 
     ``--model_prefix P`` reads the model's weights from the checkpoint keys ``P<name>`` (as the original). A checkpoint
-    that gives the model none of its parameters is refused (the original trained from scratch without a word).
+    that gives the model none of its weights is refused (the original trained from scratch without a word).
     """
     checkpoint = SLaK.load_checkpoint_file(args.finetune)
     print(f'Load ckpt from {args.finetune}')

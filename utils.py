@@ -922,8 +922,8 @@ def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
 
     As in the original, ``prefix`` (``--model_prefix``) is the prefix of the *checkpoint's* keys: the model's
     ``stages.0.0.gamma`` is read from ``<prefix>stages.0.0.gamma``; keys without the prefix are not used. A
-    checkpoint that gives the model none of its parameters raises ``ValueError`` naming ``source`` (the original
-    printed the lists and trained from scratch).
+    checkpoint that gives the model none of its weights (conv kernels, linear layers; a matching bias alone does not
+    count) raises ``ValueError`` naming ``source`` (the original printed the lists and trained from scratch).
     """
     own = model.state_dict()
     outside = [k for k in state_dict if not k.startswith(prefix)]
@@ -934,8 +934,8 @@ def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
     missing = [k for k in own if k not in state_dict]
     unexpected = [prefix + k for k in state_dict if k not in own] + outside
     shape_mismatch = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
-    if not any(k in state_dict and k not in shape_mismatch for k, _ in model.named_parameters()):
-        raise ValueError(f'{source} gives {type(model).__name__} none of its parameters ({len(shape_mismatch)} shape '
+    if not any(k in state_dict and k not in shape_mismatch for k, p in model.named_parameters() if p.dim() > 1):
+        raise ValueError(f'{source} gives {type(model).__name__} none of its weights ({len(shape_mismatch)} shape '
                          f'mismatches, e.g. {shape_mismatch[:2]}; {len(unexpected)} unknown names, e.g. '
                          f'{unexpected[:2]}); training would start from scratch. Check --model, --kernel_size, '
                          f'--width_factor, --Decom, --bn, --model_key and --model_prefix')

@@ -398,6 +398,9 @@ def test_errors_are_one_clear_line(digits, teacher_ckpt, tmp_path, capsys):
     assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--finetune', 'https://example.com/s.pth')) == 2
     assert 'error: --finetune must be a local checkpoint file' in capsys.readouterr().err
 
+    assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--eval', 'true')) == 2
+    assert capsys.readouterr().err.startswith('error: --eval true has no student weights to evaluate')
+
     no_teacher = [a for a in argv if a not in ('--resume', str(tmp_path / 'missing.pth'))]
     assert main_KD.run(no_teacher) == 2
     assert '--resume must give the teacher checkpoint' in capsys.readouterr().err
