@@ -21,7 +21,12 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
 * User errors (paths, model names, checkpoints of another architecture, NaN loss, out of memory, even kernels) end
-  with one ``error: ...`` line and exit code 2 instead of a traceback.
+  with one ``error: ...`` line and exit code 2 instead of a traceback. Checked before any work: a writable
+  ``--output_dir``/``--log_dir``, ``--input_size`` of at least the model's stride, ``--eval`` with weights to
+  evaluate, validation classes equal to the training classes; a ``--finetune`` checkpoint that gives the model no
+  weight is refused (the original trained from scratch), and a full disk during a save names the file.
+* Checkpoints are read with ``torch.load(weights_only=True)`` only (``SLaK.load_checkpoint_file``): no file can run
+  code when loaded; ``tools/convert_checkpoint.py`` converts a trusted checkpoint of the original code.
 """
 from __future__ import annotations
 

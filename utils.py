@@ -8,8 +8,10 @@ Differences from the original ``utils.py``, on purpose:
   (``--dist_timeout`` minutes) so a dead rank makes the others fail with a message instead of hanging forever.
 * ``cosine_scheduler`` builds the warmup when only ``warmup_steps`` is given (the original asserted, SPEC 11.15).
 * Checkpoints hold only builtins and tensors (``args`` as a dict, RNG states as tensors), so they load with
-  ``torch.load(weights_only=True)``; they also hold the sparse masks and RNG states, are written atomically, and an
-  explicit ``--resume`` wins over ``--auto_resume`` (the original let the newest ``checkpoint-N.pth`` override it).
+  ``torch.load(weights_only=True)``, the only way they are read (``SLaK.load_checkpoint_file``); they also hold the
+  sparse masks and RNG states, are written atomically (a failed write, e.g. a full disk, is one error naming the file
+  and leaves the earlier files), and an explicit ``--resume`` wins over ``--auto_resume`` (the original let the
+  newest ``checkpoint-N.pth`` override it).
 """
 from __future__ import annotations
 

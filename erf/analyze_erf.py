@@ -7,7 +7,8 @@ t means a wider effective receptive field.
 
 Fixed against the original (SPEC §11.3 item 29): the area ratio divided by a hard-coded 1024^2 and is now relative to
 the matrix's own size; a threshold that no square reaches reports ``None`` (JSON null) instead of crashing; the
-heatmap needs only matplotlib (no seaborn) and writes the PNG with the Agg backend.
+heatmap needs only matplotlib (no seaborn) and writes the PNG with the Agg backend. A file that is not a .npy matrix
+and an output path that cannot be written end in one ``error:`` line (as in ``compare_erf.py``).
 
 Non-square matrices (e.g. from a rectangular input): the squares are centred on (h//2, w//2), which is where
 ``visualize_erf.py`` takes the central output pixel, and grow up to i = min(h, w)//2 - 1.

@@ -8,7 +8,9 @@ The method is RepLKNet's, used by SLaK for Figure 3; ``analyze_erf.py`` turns th
 Fixed against the original (SPEC §11.3 item 29): the SLaK wrapper returned the pooled vector (crash), so the feature
 map now comes from ``forward_intermediates``; the ``SLaK`` alias used stage-4 kernel 7 instead of the trained 13;
 the 50 images were all from the first class folder, now they are spread over the whole folder; ResNets no longer need
-a model copy and nothing is downloaded; weights load strictly with a one-line error naming mismatched keys.
+a model copy and nothing is downloaded; weights load strictly with a one-line error naming mismatched keys, and only
+with ``weights_only=True`` (``SLaK.load_checkpoint_file``: the original unpickled everything, so a crafted file ran
+code); unreadable images and an unwritable ``--save_path`` (checked before the work) are one-line errors too.
 
 Example::
 

@@ -16,6 +16,8 @@ Fixes relative to the original downstream ``slak.py`` (SPEC 11.26-28):
 * A missing ``kernel_size`` warns (the original silently fell back to ``[31, 29, 27, 13, 3]``, which does not match
   the published 51x51 checkpoints).
 * No debug printing of every bias.
+* Checkpoints (paths and http(s)/file URLs) are read by ``SLaK.load_checkpoint_file`` with ``weights_only=True``: a
+  file cannot run code when loaded (the original unpickled everything).
 * How a sparse checkpoint keeps its sparsity (see :meth:`SLaK.keep_sparsity`): pruned weights get zero gradients
   instead of being re-masked before every forward.
 """

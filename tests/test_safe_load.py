@@ -107,9 +107,10 @@ def _tiny_slak(num_classes: int = 10) -> torch.nn.Module:
     return SLaK.SLaK(num_classes=num_classes, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], Decom=True)
 
 
-def test_slak_load_checkpoint_and_erf_weights_refuse_planted_checkpoint(written, tmp_path):
+def test_slak_load_checkpoint_and_erf_weights_refuse_planted_checkpoint(written, tmp_path, monkeypatch):
     from erf.visualize_erf import build_model, get_args_parser
     evil, marker = plant(tmp_path, 'evil.pth', {'model': torch.load(written[1], weights_only=True)['model']})
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')  # flips torch.load's default, not our explicit True
     with pytest.raises(SLaK.CheckpointError, match='was refused: it pickles io.open'):
         SLaK.load_checkpoint(_tiny_slak(), evil)
     args = get_args_parser().parse_args(['--model', 'SLaK_tiny', '--width_factor', '0.125', '--kernel_size', '7', '7',
