@@ -406,7 +406,7 @@ def load_teacher(teacher: nn.Module, path: str, nb_classes: int) -> None:
     """
     if not os.path.isfile(path):
         raise ValueError(f'--resume: teacher checkpoint not found: {path}')
-    state = SLaK.extract_state_dict(SLaK.load_checkpoint_file(path), source=path)
+    state = SLaK.extract_state_dict(SLaK.load_checkpoint_file(path), source=f'--resume {path}')
     head = classifier_weight_name(teacher)
     if head is not None and head in state and state[head].shape[0] != nb_classes:
         raise ValueError(f'--resume {path}: the teacher head predicts {state[head].shape[0]} classes but the data set '

@@ -186,6 +186,16 @@ def test_garbage_files_give_one_line_naming_the_file(content, problem, tmp_path)
     assert str(info.value).startswith(str(path)) and problem in str(info.value) and '\n' not in str(info.value)
 
 
+def test_a_broken_resume_file_is_one_error_line_of_main(written, tmp_path, capsys):
+    data, good = written
+    with open(good, 'rb') as f:
+        (tmp_path / 'cut.pth').write_bytes(f.read()[:1000])
+    code = main.run(TINY + ['--data_path', data, '--resume', str(tmp_path / 'cut.pth')])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f'error: {tmp_path / "cut.pth"} is not a readable PyTorch checkpoint (')
+    assert '\n' not in err
+
+
 def test_truncated_non_dict_and_state_dict_less_checkpoints(written, tmp_path):
     with open(written[1], 'rb') as f:
         data = f.read()
