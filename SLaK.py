@@ -21,8 +21,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import sys
+import urllib.parse
 import warnings
+import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +38,7 @@ from timm.models import register_model
 __all__ = [
     'SLaK', 'Block', 'LayerNorm', 'ReparamLargeKernelConv', 'get_conv2d', 'conv_bn', 'fuse_bn',
     'load_checkpoint', 'for_single_pass', 'SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large', 'CONV_IMPLS',
+    'load_checkpoint_file', 'CheckpointError',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -756,16 +760,119 @@ class SLaK(nn.Module):
         return self
 
 
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+# Every checkpoint the project reads (--resume, auto-resume, --finetune, main_KD.py's teacher, erf/ --weights, the
+# segmentation/detection backbones) goes through load_checkpoint_file.
+CHECKPOINT_CONVERTER = 'tools/convert_checkpoint.py'
+_URL_SCHEMES = ('http', 'https', 'file')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, not a checkpoint, or refused because unpickling it needs
+    more than tensors and plain values. A ``ValueError``, so the scripts print it as one ``error:`` line."""
+
+
+def _cause(error: BaseException) -> str:
+    """One short line of ``error``: the line of torch's multi-line messages that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith('Check the documentation')]
+    if not lines:
+        return type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):  # weights_only refusals end with the offending opcode or global
+        return lines[-1][:200]
+    return f'{type(error).__name__}: {lines[0].split(". ")[0][:200]}'
+
+
+def _download(url: str) -> str:
+    """Fetch ``url`` once into torch.hub's checkpoint folder, as ``torch.hub.load_state_dict_from_url`` does; a
+    ``name-<sha256 prefix>.pth`` file name is checked against its hash (prefixes of 8+ hex digits, as torch.hub's
+    own files, so ``checkpoint-0.pth`` is not taken for a hash). Returns the local path."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise CheckpointError(f'{url} names no file')
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    local = os.path.join(folder, name)
+    if not os.path.isfile(local):
+        match = torch.hub.HASH_REGEX.search(name)
+        hash_prefix = match.group(1) if match and len(match.group(1)) >= 8 else None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, local, hash_prefix, progress=True)
+        except (OSError, RuntimeError) as e:  # URL/HTTP errors are OSErrors, a hash mismatch is a RuntimeError
+            raise CheckpointError(f'cannot download {url}: {_cause(e)}') from None
+    return local
+
+
+def _load_failure(path: str, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, in one line: refused objects (and how to convert the
+    file if it is trusted), text instead of a checkpoint, or a truncated / corrupted file."""
+    if isinstance(error, OSError):  # the file itself cannot be read (permissions, I/O error)
+        return f'cannot read {path} ({error.strerror or error})'
+    root, ext = os.path.splitext(path)
+    convert = f'python {CHECKPOINT_CONVERTER} {path} {root}-converted{ext or ".pth"}'
+    with open(path, 'rb') as f:
+        head = f.read(256)
+    try:
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        text = ''
+    if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+        return (f'{path} is a text file, not a checkpoint (it begins {text.strip()[:40]!r}); was a web page saved '
+                f'instead of the file?')
+    refused = isinstance(error, pickle.UnpicklingError)
+    if refused and zipfile.is_zipfile(path):  # torch.save's format: name what the pickle inside asks for
+        try:
+            needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - a corrupted pickle cannot be scanned either
+            needs = []
+        if needs:
+            return (f'{path} was refused: it pickles {", ".join(needs)}, and unpickling more than tensors and plain '
+                    f'values could run code. If you trust the file, convert it once: {convert}')
+    elif refused:
+        return (f'{path} is not a checkpoint that loads safely ({_cause(error)}); if it is a trusted checkpoint of an '
+                f'old PyTorch (before 1.6), convert it once: {convert}')
+    return f'{path} is not a readable PyTorch checkpoint (truncated, corrupted or another format; {_cause(error)})'
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """The dict in a checkpoint file (or an http(s):// or file:// URL), read on CPU with ``weights_only=True``.
+
+    Nothing in the file can run code: only tensors and plain Python values are unpickled. (The original unpickled
+    everything, so a crafted .pth ran code when loaded.) A checkpoint that needs more, such as the original's, which
+    pickled an ``argparse.Namespace`` under ``args``, is refused with the command that converts a trusted one
+    (``tools/convert_checkpoint.py``). Raises :class:`CheckpointError` naming the file for every problem.
+    """
+    scheme = path.split('://', 1)[0].lower() if '://' in path else ''
+    if scheme and scheme not in _URL_SCHEMES:
+        raise CheckpointError(f'{path}: only local files and http(s):// or file:// URLs are read; download it and '
+                              f'pass the local file')
+    local = _download(path) if scheme else path
+    if not os.path.isfile(local):
+        raise CheckpointError(f'checkpoint not found: {local}')
+    try:
+        with warnings.catch_warnings():  # a plain pickle would add torch's multi-line protocol warning to our error
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - what torch fails on (refusal, truncation, bit flips, text) is the file's
+        raise CheckpointError(_load_failure(local, e)) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{local} holds a {type(checkpoint).__name__}, not a checkpoint (a dict holding a state '
+                              f'dict)')
+    return checkpoint
+
+
 def _strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 
-def extract_state_dict(checkpoint, keys: Sequence[str] = ('model', 'module', 'state_dict', 'model_ema')) -> dict:
+def extract_state_dict(checkpoint, keys: Sequence[str] = ('model', 'module', 'state_dict', 'model_ema'),
+                       source: str = 'checkpoint', strip_prefixes: bool = True) -> dict:
     """The model state dict inside a checkpoint: the first of ``keys`` present, else the dict itself.
 
-    Leading ``module.`` (DDP) and ``backbone.`` prefixes are stripped.
+    Leading ``module.`` (DDP) and ``backbone.`` prefixes are stripped (unless ``strip_prefixes`` is False). Anything
+    but a non-empty dict of tensors raises :class:`CheckpointError` naming ``source``.
     """
     sd = checkpoint
     if isinstance(checkpoint, dict):
@@ -773,31 +880,35 @@ def extract_state_dict(checkpoint, keys: Sequence[str] = ('model', 'module', 'st
             if key in checkpoint and isinstance(checkpoint[key], dict):
                 sd = checkpoint[key]
                 break
-    if not isinstance(sd, dict):
-        raise ValueError(f'checkpoint holds no state dict (looked for keys {list(keys)})')
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        held = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f'{source} holds no state dict (a dict of tensors; looked for the keys {list(keys)}, '
+                              f'found {held})')
+    if not strip_prefixes:
+        return sd
     sd = _strip_prefix(sd, 'module.')
     return _strip_prefix(sd, 'backbone.')
 
 
 def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
                     keys: Sequence[str] = ('model', 'module', 'state_dict', 'model_ema'),
-                    ignore: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
-    """Load a checkpoint (path or dict) into ``model`` and report, by name, what does not match.
+                    ignore: Sequence[str] = (), source: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """Load a checkpoint (path, URL or dict) into ``model`` and report, by name, what does not match.
 
-    With ``strict`` a missing key, unexpected key or shape mismatch raises ``ValueError`` listing them (the usual
-    cause: a checkpoint of another architecture, kernel list, width or ``Decom`` setting). Keys starting with an entry
-    of ``ignore`` (e.g. ``'head.'`` when fine-tuning on other classes) are dropped first. Returns (missing, unexpected).
+    A path is read by :func:`load_checkpoint_file` (``weights_only=True``). With ``strict`` a missing key, unexpected
+    key or shape mismatch raises ``ValueError`` listing them (the usual cause: a checkpoint of another architecture,
+    kernel list, width or ``Decom`` setting). Keys starting with an entry of ``ignore`` (e.g. ``'head.'`` when
+    fine-tuning on other classes) are dropped first. ``source`` names a dict's file in messages. Returns
+    (missing, unexpected).
     """
-    source = checkpoint if isinstance(checkpoint, str) else 'checkpoint'
     if isinstance(checkpoint, str):
-        if not os.path.isfile(checkpoint):
-            raise ValueError(f'checkpoint file not found: {checkpoint}')
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    sd = extract_state_dict(checkpoint, keys)
+        source, checkpoint = checkpoint, load_checkpoint_file(checkpoint)
+    source = source or 'checkpoint'
+    sd = extract_state_dict(checkpoint, keys, source=source)
     sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in ignore)}
     own = model.state_dict()
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                  for k, v in sd.items() if k in own and hasattr(v, 'shape') and tuple(v.shape) != tuple(own[k].shape)]
+                  for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in sd and not any(k.startswith(p) for p in ignore)]
     unexpected = [k for k in sd if k not in own]
     if strict and (missing or unexpected or mismatched):
@@ -812,7 +923,7 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
             parts.append(f'shape mismatches ({len(mismatched)}): {show(mismatched)}')
         raise ValueError(f'{source} does not match the model ({type(model).__name__}); '
                          f'check --model, --kernel_size, --width_factor, --Decom and --bn. ' + '; '.join(parts))
-    sd = {k: v for k, v in sd.items() if k in own and tuple(getattr(v, 'shape', ())) == tuple(own[k].shape)}
+    sd = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(sd, strict=False)
     return missing, unexpected
 

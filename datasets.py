@@ -5,8 +5,9 @@ Differences from the original ``datasets.py``, on purpose:
 * ``IMNET`` takes the number of classes from the class folders found under ``train/`` (the original returned 1000
   whatever the folder held). A different ``--nb_classes`` prints a note and is replaced, so ImageNet subsets and the
   bundled ``data/mnist5k`` (10 classes) train through the same path as ImageNet.
-* Missing folders, class-count mismatches, a missing CIFAR copy (no download at run time) and unreadable image files
-  raise ``ValueError`` with a message naming the path and the flag to fix.
+* Missing folders, class-count mismatches, val class folders other than the train ones, a missing CIFAR copy (no
+  download at run time) and unreadable image files raise ``ValueError`` with a message naming the path and the flag
+  to fix.
 * Images are decoded by :func:`rgb_loader` (grayscale/RGBA/palette -> RGB; a corrupt file names itself).
 * For ``--input_size <= 32`` evaluation ends with ``CenterCrop(input_size)`` (which pads smaller images), so 28x28
   digits are evaluated at the same 32x32 size the ``RandomCrop(32, padding=4)`` training branch produces; the
@@ -37,7 +38,8 @@ def rgb_loader(path: str) -> Image.Image:
             img = Image.open(f)
             return img.convert('RGB')
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f'cannot read image file {path}: {e}; remove or replace it') from None
+        cause = 'not an image file PIL can decode' if isinstance(e, UnidentifiedImageError) else e
+        raise ValueError(f'cannot read image file {path}: {cause}; remove or replace it') from None
 
 
 def _image_folder(root: str, transform, flag: str) -> datasets.ImageFolder:
@@ -113,6 +115,25 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.Vi
         raise ValueError(f'--data_path {args.data_path}: the {"train" if is_train else "val"} set is empty')
     print(f'Number of the class = {nb_classes}')
     return dataset, nb_classes
+
+
+def check_same_classes(dataset_train: torch.utils.data.Dataset, dataset_val: torch.utils.data.Dataset) -> None:
+    """Refuse a validation set whose classes (names, in label order) differ from the training set's.
+
+    Labels are class indices, so val folders with other names, or another number of them, would score the model
+    against permuted labels (the original accepted them and reported ~1 % accuracy). The error names the classes.
+    """
+    train, val = getattr(dataset_train, 'classes', None), getattr(dataset_val, 'classes', None)
+    if train is None or val is None or list(train) == list(val):
+        return
+    train_root, val_root = getattr(dataset_train, 'root', 'the train set'), getattr(dataset_val, 'root', 'the val set')
+    only_train, only_val = [c for c in train if c not in set(val)], [c for c in val if c not in set(train)]
+    if not only_train and not only_val:
+        raise ValueError(f'the val classes ({val_root}) are the train classes ({train_root}) in another order; labels '
+                         f'would be permuted: give both sets the same class order')
+    raise ValueError(f'the val classes differ from the train classes ({len(val)} in {val_root}, {len(train)} in '
+                     f'{train_root}): only in train {only_train[:5]}, only in val {only_val[:5]}; labels would not '
+                     f'match. Give val/ the class folders of train/ (check --data_path / --eval_data_path)')
 
 
 def _auto_augment(aa):

@@ -21,7 +21,12 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
 * User errors (paths, model names, checkpoints of another architecture, NaN loss, out of memory, even kernels) end
-  with one ``error: ...`` line and exit code 2 instead of a traceback.
+  with one ``error: ...`` line and exit code 2 instead of a traceback. Checked before any work: a writable
+  ``--output_dir``/``--log_dir``, ``--input_size`` of at least the model's stride, ``--eval`` with weights to
+  evaluate, validation classes equal to the training classes; a ``--finetune`` checkpoint that gives the model no
+  weight is refused (the original trained from scratch), and a full disk during a save names the file.
+* Checkpoints are read with ``torch.load(weights_only=True)`` only (``SLaK.load_checkpoint_file``): no file can run
+  code when loaded; ``tools/convert_checkpoint.py`` converts a trusted checkpoint of the original code.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import SLaK  # noqa: F401  (registers SLaK_* in timm)
 import utils
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, build_dataset, check_same_classes
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from optim_factory import build_layer_decay_assigner, create_optimizer
 from sparse_core import SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
@@ -214,7 +219,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject flag combinations that would otherwise fail deep inside torch."""
+    """Reject flag combinations that would otherwise fail deep inside torch or silently do the wrong thing."""
     if args.sparse_init not in SPARSE_INITS:
         raise ValueError(f'--sparse_init must be one of {SPARSE_INITS}; got {args.sparse_init!r}')
     if args.update_freq < 1:
@@ -230,6 +235,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--sparsity must be in [0, 1); got {args.sparsity}')
     if args.eval and args.disable_eval:
         raise ValueError('--eval true needs the validation set; drop --disable_eval true')
+    if args.eval and not (args.resume or args.finetune or (args.auto_resume and args.output_dir
+                                                           and utils.latest_checkpoint(args.output_dir))):
+        raise ValueError('--eval true has no weights to evaluate (it would score a randomly initialised model): pass '
+                         '--resume CHECKPOINT, or --finetune CHECKPOINT --model_key model_ema for EMA weights')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError('--device cuda but no CUDA device is available; use --device cpu')
 
@@ -253,10 +262,8 @@ def build_data(args: argparse.Namespace) -> Data:
         args.dist_eval = False
         dataset_val = None
     else:
-        dataset_val, nb_val = build_dataset(is_train=False, args=args)
-        if nb_val != args.nb_classes:
-            raise ValueError(f'train set has {args.nb_classes} classes but the val set has {nb_val}; check '
-                             f'--data_path / --eval_data_path')
+        dataset_val, _ = build_dataset(is_train=False, args=args)
+        check_same_classes(dataset_train, dataset_val)
 
     num_tasks, global_rank = utils.get_world_size(), utils.get_rank()
     pin_memory = args.pin_mem and torch.device(args.device).type == 'cuda'  # pinning needs an accelerator
@@ -294,7 +301,10 @@ def build_data(args: argparse.Namespace) -> Data:
 
 # ---- model ---------------------------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
-    """``timm.create_model(name, ...)`` with the SLaK arguments (kernel sizes, width, Decom, bn) for SLaK models."""
+    """``timm.create_model(name, ...)`` with the SLaK arguments (kernel sizes, width, Decom, bn) for SLaK models.
+
+    ``--input_size`` must be at least the model's total stride (``feature_info``; 32 for SLaK).
+    """
     if not timm.is_model(name):
         slak = [m for m in timm.list_models('SLaK*')]
         raise ValueError(f'--model {name!r} is not registered; SLaK models: {", ".join(slak)} '
@@ -305,15 +315,21 @@ def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
                       kernel_size=args.kernel_size, width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
         if args.conv_impl is not None:
             kwargs['conv_impl'] = args.conv_impl
-    return timm.create_model(name, **kwargs)
+    model = timm.create_model(name, **kwargs)
+    reduction = max((int(info['reduction']) for info in getattr(model, 'feature_info', None) or []), default=1)
+    if args.input_size < reduction:  # the last stage would get an empty feature map (a conv error deep in torch)
+        raise ValueError(f'--input_size {args.input_size} is too small for {name}: it downsamples by {reduction}, so '
+                         f'the minimum is {reduction}')
+    return model
 
 
 def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
     """``--finetune``: non-strict load of the first ``--model_key`` entry; a head of another class count is dropped.
 
-    ``--model_prefix P`` reads the model's weights from the checkpoint keys ``P<name>`` (as the original).
+    ``--model_prefix P`` reads the model's weights from the checkpoint keys ``P<name>`` (as the original). A checkpoint
+    that gives the model none of its weights is refused (the original trained from scratch without a word).
     """
-    checkpoint = utils.load_checkpoint_file(args.finetune)
+    checkpoint = SLaK.load_checkpoint_file(args.finetune)
     print(f'Load ckpt from {args.finetune}')
     checkpoint_model = None
     for model_key in args.model_key.split('|'):
@@ -323,16 +339,16 @@ def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
             break
     if checkpoint_model is None:
         checkpoint_model = checkpoint
-    if not args.model_prefix:  # an explicit --model_prefix names the prefix; otherwise strip module./backbone.
-        checkpoint_model = SLaK.extract_state_dict(checkpoint_model, keys=())
-    checkpoint_model = dict(checkpoint_model)
+    # an explicit --model_prefix names the prefix; otherwise module./backbone. are stripped
+    checkpoint_model = dict(SLaK.extract_state_dict(checkpoint_model, keys=(), source=args.finetune,
+                                                    strip_prefixes=not args.model_prefix))
     state_dict = model.state_dict()
     for k in ('head.weight', 'head.bias'):
         key = args.model_prefix + k
         if key in checkpoint_model and k in state_dict and checkpoint_model[key].shape != state_dict[k].shape:
             print(f'Removing key {key} from pretrained checkpoint')
             del checkpoint_model[key]
-    utils.load_state_dict(model, checkpoint_model, prefix=args.model_prefix)
+    utils.load_state_dict(model, checkpoint_model, prefix=args.model_prefix, source=f'--finetune {args.finetune}')
 
 
 def count_flops(model: torch.nn.Module, input_size: int, device: torch.device) -> Tuple[int, int]:
@@ -392,10 +408,13 @@ def build_training_objects(args: argparse.Namespace, model_without_ddp: torch.nn
 
 # ---- shared run steps (main_KD.py uses them too) -------------------------------------------------------------------
 def init_run(args: argparse.Namespace) -> Tuple[torch.device, torch.dtype]:
-    """Output folder, distributed init, per-rank seeds, cuDNN autotuning; returns (device, autocast dtype)."""
+    """Output folders (checked writable before any work), distributed init, per-rank seeds, cuDNN autotuning;
+    returns (device, autocast dtype)."""
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+        utils.make_writable_dir(args.output_dir, '--output_dir')
     utils.init_distributed_mode(args)
+    if args.log_dir is not None and utils.is_main_process():  # only the main process writes TensorBoard logs
+        utils.make_writable_dir(args.log_dir, '--log_dir')
     print(args)
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
@@ -487,15 +506,21 @@ def wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, device: torch.dev
 
 
 def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data: Data, num_steps: int, log_writer,
-               mask_state: Optional[dict], model_ema: Optional[ModelEma]) -> Optional[Masking]:
-    """``--sparse``: the prune-rate schedule and the masks (restored from ``mask_state`` when resuming)."""
+               mask_state: Optional[dict], model_ema: Optional[ModelEma], mask_source: str = '') -> Optional[Masking]:
+    """``--sparse``: the prune-rate schedule and the masks (restored from ``mask_state`` when resuming; masks that
+    do not fit the model raise ``ValueError`` naming ``mask_source``, the checkpoint they came from)."""
     if not args.sparse:
         return None
     decay = CosineDecay(args.prune_rate, T_max=int(num_steps * args.epochs), init_step=num_steps * args.start_epoch)
     mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
                    growth_mode=args.growth, redistribution_mode=args.redistribution, args=args, log_writer=log_writer,
                    prepare_copy=SLaK.for_single_pass)
-    mask.add_module(model, mask_state=mask_state)
+    try:
+        mask.add_module(model, mask_state=mask_state)
+    except ValueError as e:
+        if mask_state is None:
+            raise
+        raise ValueError(f'{mask_source}: {e}') from None
     if model_ema is not None:
         model_ema.track_masks(mask)  # a resumed run knows which positions are "newly grown" at its first update
     return mask
@@ -628,7 +653,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
 
     if mask_state is not None and not args.sparse:
         print('warning: the checkpoint holds sparse masks but --sparse is not set; training continues dense')
-    mask = build_mask(args, model, optimizer, data, num_steps, log_writer, mask_state, model_ema)
+    mask = build_mask(args, model, optimizer, data, num_steps, log_writer, mask_state, model_ema, args.resume)
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)
     print(f'number of params: {n_parameters} dense, {count_nonzero_params(model_without_ddp)} non-zero')

@@ -349,6 +349,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_kd_args(args: argparse.Namespace) -> DistillPlan:
     """Validate the distillation flags (on top of ``main.check_args``); returns the parsed ``--distill_type``."""
+    if args.eval and not (args.finetune or (args.distill_resume and args.output_dir
+                                            and utils.latest_checkpoint(args.output_dir))):
+        raise ValueError('--eval true has no student weights to evaluate (it would score a randomly initialised '
+                         'student): pass --finetune STUDENT_CHECKPOINT, or --distill_resume with the --output_dir of '
+                         'the run; to score the teacher alone run main.py --eval true --resume TEACHER_CHECKPOINT')
     main_train.check_args(args)
     plan = parse_distill_type(args.distill_type)
     if not timm.is_model(args.model_s):
@@ -394,18 +399,19 @@ def classifier_weight_name(model: nn.Module) -> Optional[str]:
 
 
 def load_teacher(teacher: nn.Module, path: str, nb_classes: int) -> None:
-    """Strictly load the teacher checkpoint (``model``, else ``module``/``state_dict``/``model_ema`` key).
+    """Strictly load the teacher checkpoint (``model``, else ``module``/``state_dict``/``model_ema`` key), read with
+    ``weights_only=True`` like every checkpoint (``SLaK.load_checkpoint_file``).
 
     A head for another number of classes is reported as such (teacher and student must predict the same classes).
     """
     if not os.path.isfile(path):
         raise ValueError(f'--resume: teacher checkpoint not found: {path}')
-    state = SLaK.extract_state_dict(utils.load_checkpoint_file(path))
+    state = SLaK.extract_state_dict(SLaK.load_checkpoint_file(path), source=f'--resume {path}')
     head = classifier_weight_name(teacher)
     if head is not None and head in state and state[head].shape[0] != nb_classes:
         raise ValueError(f'--resume {path}: the teacher head predicts {state[head].shape[0]} classes but the data set '
                          f'has {nb_classes}; distil on the classes the teacher was trained on')
-    SLaK.load_checkpoint(teacher, state, strict=True, keys=())
+    SLaK.load_checkpoint(teacher, state, strict=True, keys=(), source=f'--resume {path}')
     print(f'Loaded teacher {type(teacher).__name__} from {path}')
 
 
@@ -473,8 +479,8 @@ def resume_student(args: argparse.Namespace, student, student_without_ddp, optim
                                            optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
                                            extra={'distill_heads': heads} if heads is not None else None)
     except ValueError as e:  # e.g. FD/MGD heads added or dropped: the optimizer's parameter groups no longer match
-        raise ValueError(f'--distill_resume {student_args.resume}: {e} (resume with the --model_s, --width_factor_s, '
-                         f'--distill_type and --feature_n that wrote it)') from e
+        raise ValueError(f'--distill_resume {e} (resume with the --model_s, --width_factor_s, --distill_type and '
+                         f'--feature_n that wrote it)') from e
     if not student_args.resume:
         print(f'--distill_resume: no checkpoint-N.pth in {args.output_dir!r} yet; the student starts from scratch')
     args.student_resume = student_args.resume
@@ -543,7 +549,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         if args.eval:  # main.check_args refused --eval with --disable_eval, so a validation set exists here
             return student_stats
 
-    mask = main_train.build_mask(args, student, optimizer, data, num_steps, log_writer, mask_state, model_ema)
+    mask = main_train.build_mask(args, student, optimizer, data, num_steps, log_writer, mask_state, model_ema,
+                                 getattr(args, 'student_resume', ''))
     if mask is not None:
         print(f'student: {n_parameters} dense, {count_nonzero_params(student_without_ddp)} non-zero parameters')
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams

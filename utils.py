@@ -8,8 +8,10 @@ Differences from the original ``utils.py``, on purpose:
   (``--dist_timeout`` minutes) so a dead rank makes the others fail with a message instead of hanging forever.
 * ``cosine_scheduler`` builds the warmup when only ``warmup_steps`` is given (the original asserted, SPEC 11.15).
 * Checkpoints hold only builtins and tensors (``args`` as a dict, RNG states as tensors), so they load with
-  ``torch.load(weights_only=True)``; they also hold the sparse masks and RNG states, are written atomically, and an
-  explicit ``--resume`` wins over ``--auto_resume`` (the original let the newest ``checkpoint-N.pth`` override it).
+  ``torch.load(weights_only=True)``, the only way they are read (``SLaK.load_checkpoint_file``); they also hold the
+  sparse masks and RNG states, are written atomically (a failed write, e.g. a full disk, is one error naming the file
+  and leaves the earlier files), and an explicit ``--resume`` wins over ``--auto_resume`` (the original let the
+  newest ``checkpoint-N.pth`` override it).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict, deque
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -757,9 +760,31 @@ def restore_rng_states(states) -> None:
               f'{get_world_size()}; random streams continue from --seed + rank instead')
 
 
+class _WriteRecorder:
+    """A binary file that remembers the OSError of a failed ``write``: ``torch.save`` reports a full disk only as a
+    cryptic ``inline_container ... unexpected pos`` RuntimeError, so the real cause is kept here to be named."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write never leaves a
-    truncated checkpoint under the final name (auto-resume would pick it)."""
+    truncated checkpoint under the final name (auto-resume would pick it).
+
+    A write that fails (full disk, quota, I/O error) raises ``ValueError`` naming the path and the cause; the earlier
+    file under ``path`` is untouched and the temporary file is removed.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     for stale in glob.glob(os.path.join(glob.escape(folder), f'.{glob.escape(name)}.tmp*')):
@@ -767,10 +792,19 @@ def atomic_save(obj: Any, path: str) -> None:
     tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f'cannot write {path}: {e.strerror or e}; the files already there are untouched (free space '
+                         f'or choose another --output_dir, then resume with --auto_resume true)') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -834,19 +868,6 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return best_path
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` of a local path or URL on CPU; tries ``weights_only=True`` first (our own files), then falls
-    back to full unpickling for the original's checkpoints (they pickle an ``argparse.Namespace``)."""
-    if path.startswith('https://') or path.startswith('http://'):
-        return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True)
-    if not os.path.isfile(path):
-        raise ValueError(f'checkpoint not found: {path} (check --resume / --finetune)')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:  # noqa: BLE001 - pickle of an original SLaK checkpoint: load it fully (trusted local file)
-        return torch.load(path, map_location='cpu', weights_only=False)
-
-
 def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimizer, loss_scaler, model_ema=None,
                     extra: Optional[Dict[str, Any]] = None) -> Optional[dict]:
     """Resume from ``--resume`` or, when it is empty and ``--auto_resume`` is on, the newest ``checkpoint-N.pth``
@@ -854,7 +875,8 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
 
     Sets ``args.start_epoch`` (epoch + 1) and ``args.max_accuracy``/``args.max_accuracy_ema`` and restores the
     optimizer, loss scaler and RNG states when the checkpoint holds a training state (not with ``--eval true``). The
-    model is loaded strictly through ``SLaK.load_checkpoint`` so an architecture mismatch names the offending keys.
+    file is read by ``SLaK.load_checkpoint_file`` (``weights_only=True``) and the model loaded strictly, so an
+    architecture mismatch names the offending keys; every mismatch names the file (an auto-resumed one too).
     """
     import SLaK
     if not args.resume and args.auto_resume and args.output_dir:
@@ -864,15 +886,19 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
             print(f'Auto resume checkpoint: {latest}')
     if not args.resume:
         return None
-    checkpoint = load_checkpoint_file(args.resume)
+    checkpoint = SLaK.load_checkpoint_file(args.resume)
     print(f'Resume checkpoint {args.resume}')
-    SLaK.load_checkpoint(model_without_ddp, checkpoint, strict=True, keys=('model',))
+    SLaK.load_checkpoint(model_without_ddp, checkpoint, strict=True, keys=('model',), source=args.resume)
     # --eval needs only the weights: skipping the optimizer lets it read checkpoints of other --opt/--layer_decay runs
     if 'optimizer' in checkpoint and 'epoch' in checkpoint and not getattr(args, 'eval', False):
         if not isinstance(checkpoint['epoch'], int):
             raise ValueError(f'{args.resume} is a best-accuracy checkpoint (epoch={checkpoint["epoch"]!r}); it can be '
                              f'evaluated (--eval true) or used with --finetune, not resumed')
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except ValueError as e:
+            raise ValueError(f'{args.resume}: its optimizer state does not fit this run ({e}); resume with the flags '
+                             f'that wrote it, or take only its weights with --finetune') from None
         args.start_epoch = checkpoint['epoch'] + 1
         if 'scaler' in checkpoint:
             loss_scaler.load_state_dict(checkpoint['scaler'])
@@ -882,19 +908,26 @@ def auto_load_model(args: argparse.Namespace, model, model_without_ddp, optimize
             restore_rng_states(checkpoint['rng'])
         print('With optim & sched!')
     if model_ema is not None:
-        ema_state = checkpoint.get('model_ema', checkpoint['model'])
-        SLaK.load_checkpoint(model_ema.ema, ema_state, strict=True, keys=())
+        ema_state = checkpoint.get('model_ema', checkpoint.get('model', checkpoint))
+        SLaK.load_checkpoint(model_ema.ema, ema_state, strict=True, keys=(), source=f'{args.resume} (model_ema)')
     for key, obj in (extra or {}).items():
         if key in checkpoint:
-            obj.load_state_dict(checkpoint[key])
+            try:
+                obj.load_state_dict(checkpoint[key])
+            except (RuntimeError, ValueError) as e:  # nn.Module.load_state_dict raises a multi-line RuntimeError
+                cause = ' '.join(str(e).split())
+                raise ValueError(f'{args.resume}: its {key!r} entry does not fit this run ({cause})') from None
     return checkpoint.get('mask')
 
 
-def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str = '',
+                    source: str = 'checkpoint') -> None:
     """Non-strict load for ``--finetune`` that prints what was not initialised and what was not used.
 
     As in the original, ``prefix`` (``--model_prefix``) is the prefix of the *checkpoint's* keys: the model's
-    ``stages.0.0.gamma`` is read from ``<prefix>stages.0.0.gamma``; keys without the prefix are not used.
+    ``stages.0.0.gamma`` is read from ``<prefix>stages.0.0.gamma``; keys without the prefix are not used. A
+    checkpoint that gives the model none of its weights (conv kernels, linear layers; a matching bias alone does not
+    count) raises ``ValueError`` naming ``source`` (the original printed the lists and trained from scratch).
     """
     own = model.state_dict()
     outside = [k for k in state_dict if not k.startswith(prefix)]
@@ -905,6 +938,11 @@ def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
     missing = [k for k in own if k not in state_dict]
     unexpected = [prefix + k for k in state_dict if k not in own] + outside
     shape_mismatch = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if not any(k in state_dict and k not in shape_mismatch for k, p in model.named_parameters() if p.dim() > 1):
+        raise ValueError(f'{source} gives {type(model).__name__} none of its weights ({len(shape_mismatch)} shape '
+                         f'mismatches, e.g. {shape_mismatch[:2]}; {len(unexpected)} unknown names, e.g. '
+                         f'{unexpected[:2]}); training would start from scratch. Check --model, --kernel_size, '
+                         f'--width_factor, --Decom, --bn, --model_key and --model_prefix')
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k not in shape_mismatch},
                           strict=False)
     if missing:
@@ -913,6 +951,20 @@ def load_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
         print(f'Weights from pretrained model not used in {type(model).__name__}: {unexpected}')
     if shape_mismatch:
         print(f'Weights with a different shape, not loaded: {shape_mismatch}')
+
+
+def make_writable_dir(path: str, flag: str) -> None:
+    """Create folder ``path`` and write (and delete) a file in it, so that a ``--output_dir``/``--log_dir`` that cannot
+    hold files fails before any work starts (the original found out at its first save, after a whole epoch)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f'{flag} {path} is a file, not a folder; pass a folder path')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f'{flag} {path} is not a writable folder ({e.strerror or e}); pass a folder you can write '
+                         f'to') from None
 
 
 def append_log(output_dir: str, stats: Dict[str, Any]) -> None:

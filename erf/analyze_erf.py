@@ -7,7 +7,8 @@ t means a wider effective receptive field.
 
 Fixed against the original (SPEC §11.3 item 29): the area ratio divided by a hard-coded 1024^2 and is now relative to
 the matrix's own size; a threshold that no square reaches reports ``None`` (JSON null) instead of crashing; the
-heatmap needs only matplotlib (no seaborn) and writes the PNG with the Agg backend.
+heatmap needs only matplotlib (no seaborn) and writes the PNG with the Agg backend. A file that is not a .npy matrix
+and an output path that cannot be written end in one ``error:`` line (as in ``compare_erf.py``).
 
 Non-square matrices (e.g. from a rectangular input): the squares are centred on (h//2, w//2), which is where
 ``visualize_erf.py`` takes the central output pixel, and grow up to i = min(h, w)//2 - 1.
@@ -20,7 +21,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import matplotlib
 
@@ -31,13 +32,23 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+NPY_MAGIC = b'\x93NUMPY'  # the first bytes of every np.save file
 
 
 def load_matrix(path: str) -> np.ndarray:
-    """A 2-D contribution matrix saved with ``np.save``; a clear ValueError for anything else."""
+    """A 2-D contribution matrix saved with ``np.save``; a clear ValueError naming the file for anything else."""
     if not os.path.isfile(path):
         raise ValueError(f'{path} not found; create it with erf/visualize_erf.py --save_path {path}')
-    matrix = np.load(path)
+    with open(path, 'rb') as f:
+        is_npy = f.read(len(NPY_MAGIC)) == NPY_MAGIC
+    if not is_npy:
+        raise ValueError(f'{path} is not a .npy file (np.save format); create it with erf/visualize_erf.py '
+                         f'--save_path {path}')
+    try:
+        matrix = np.load(path)  # allow_pickle=False: an object array is refused, never unpickled
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f'{path} cannot be read as a matrix ({str(e).splitlines()[0]}); create it again with '
+                         f'erf/visualize_erf.py --save_path {path}') from None
     if matrix.ndim != 2 or min(matrix.shape) < 3:
         raise ValueError(f'{path} must hold a 2-D matrix of at least 3x3; got shape {matrix.shape}')
     if not np.isfinite(matrix).all() or (matrix < 0).any():
@@ -94,6 +105,25 @@ def format_ratios(ratios: Dict[str, Optional[dict]]) -> str:
     return '\n'.join(lines)
 
 
+def write_output(path: str, flag: str, write: Callable[[str], None]) -> None:
+    """``write(path)``; a folder that does not exist or cannot be written, or a format matplotlib does not know,
+    becomes a ValueError naming ``flag`` and ``path`` (one ``error:`` line instead of a traceback). Shared by the ERF
+    scripts."""
+    try:
+        write(path)
+    except (OSError, ValueError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ValueError(f'{flag} {path}: cannot write it ({cause})') from None
+
+
+def write_json(data, path: str, flag: str = '--json') -> None:
+    """``data`` as indented JSON at ``path`` (see :func:`write_output`)."""
+    def write(p: str) -> None:
+        with open(p, 'w') as f:
+            json.dump(data, f, indent=2)
+    write_output(path, flag, write)
+
+
 def centred_colormap(name: str) -> ListedColormap:
     """Upper half of a diverging colour map: what the original's seaborn ``heatmap(center=0)`` showed for [0, 1]."""
     return ListedColormap(plt.get_cmap(name)(np.linspace(0.5, 1, 256)), name=f'{name}_upper')
@@ -128,12 +158,13 @@ def main(args: argparse.Namespace) -> None:
     ratios = area_ratios(matrix)
     print(format_ratios(ratios))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(ratios, f, indent=2)
+        write_json(ratios, args.json)
     fig, ax = plt.subplots(figsize=(6, 6))
     draw_heatmap(ax, normalise(matrix), centred_colormap(args.cmap))
-    fig.savefig(args.heatmap_save, dpi=100, bbox_inches='tight')
-    plt.close(fig)
+    try:
+        write_output(args.heatmap_save, '--heatmap_save', lambda p: fig.savefig(p, dpi=100, bbox_inches='tight'))
+    finally:
+        plt.close(fig)
     print(f'heatmap saved to {args.heatmap_save}')
 
 

@@ -14,7 +14,6 @@ Example (Figure 3)::
         --out figure3.png --json figure3.json
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Optional
@@ -23,7 +22,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from erf.analyze_erf import THRESHOLDS, area_ratios, draw_heatmap, load_matrix, normalise, run_cli  # noqa: E402
+from erf.analyze_erf import (THRESHOLDS, area_ratios, draw_heatmap, load_matrix, normalise, run_cli,  # noqa: E402
+                             write_json, write_output)
 
 import matplotlib.pyplot as plt  # noqa: E402  (after analyze_erf, which selects the Agg backend)
 
@@ -65,15 +65,16 @@ def main(args: argparse.Namespace) -> None:
     table = {label: area_ratios(m) for label, m in zip(labels, matrices)}
     print(format_table(labels, table))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(table, f, indent=2)
+        write_json(table, args.json)
     fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 4), squeeze=False)
     for ax, label, matrix in zip(axes[0], labels, matrices):
         shown = normalise(matrix) if args.scale == 'log' else matrix / matrix.max()
         draw_heatmap(ax, shown, args.cmap, title=label)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    plt.close(fig)
+    try:
+        write_output(args.out, '--out', lambda p: fig.savefig(p, dpi=100))
+    finally:
+        plt.close(fig)
     print(f'figure saved to {args.out}')
 
 

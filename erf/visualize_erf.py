@@ -8,7 +8,9 @@ The method is RepLKNet's, used by SLaK for Figure 3; ``analyze_erf.py`` turns th
 Fixed against the original (SPEC §11.3 item 29): the SLaK wrapper returned the pooled vector (crash), so the feature
 map now comes from ``forward_intermediates``; the ``SLaK`` alias used stage-4 kernel 7 instead of the trained 13;
 the 50 images were all from the first class folder, now they are spread over the whole folder; ResNets no longer need
-a model copy and nothing is downloaded; weights load strictly with a one-line error naming mismatched keys.
+a model copy and nothing is downloaded; weights load strictly with a one-line error naming mismatched keys, and only
+with ``weights_only=True`` (``SLaK.load_checkpoint_file``: the original unpickled everything, so a crafted file ran
+code); unreadable images and an unwritable ``--save_path`` (checked before the work) are one-line errors too.
 
 Example::
 
@@ -27,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,9 @@ import torchvision  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import SLaK  # noqa: E402  (also registers the SLaK_* models with timm)
-from utils import str2bool  # noqa: E402
+from datasets import rgb_loader  # noqa: E402
+from erf.analyze_erf import run_cli, write_output  # noqa: E402
+from utils import make_writable_dir, str2bool  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -202,8 +205,7 @@ def load_images(paths: Sequence[str], input_size: int) -> Iterable[torch.Tensor]
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     for path in paths:
-        with Image.open(path) as img:
-            yield transform(img.convert('RGB'))
+        yield transform(rgb_loader(path))  # an unreadable image is a ValueError naming it
 
 
 # ---- contribution scores --------------------------------------------------------------------------------------------
@@ -263,6 +265,7 @@ def main(args: argparse.Namespace) -> None:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError('--device cuda requested but no GPU is available; use --device cpu')
     device = torch.device(args.device)
+    make_writable_dir(os.path.dirname(os.path.abspath(args.save_path)), "--save_path's folder")  # before the work
     paths = select_images(args.data_path, args.num_images)
     torch.manual_seed(args.seed)
     model, feature_fn = build_model(args)
@@ -272,11 +275,9 @@ def main(args: argparse.Namespace) -> None:
         mean_map, used = aggregate_contributions(feature_fn, load_images(paths, args.input_size), device, len(paths))
     except ValueError as e:
         raise ValueError(f'model {args.model}: {e}') from e
-    os.makedirs(os.path.dirname(os.path.abspath(args.save_path)), exist_ok=True)
-    np.save(args.save_path, mean_map.astype(np.float32))
+    write_output(args.save_path, '--save_path', lambda path: np.save(path, mean_map.astype(np.float32)))
     print(f'saved the mean of {used} contribution maps {mean_map.shape} to {args.save_path}')
 
 
 if __name__ == '__main__':
-    from erf.analyze_erf import run_cli
     sys.exit(run_cli(main, get_args_parser()))

@@ -16,6 +16,8 @@ Fixes relative to the original downstream ``slak.py`` (SPEC 11.26-28):
 * A missing ``kernel_size`` warns (the original silently fell back to ``[31, 29, 27, 13, 3]``, which does not match
   the published 51x51 checkpoints).
 * No debug printing of every bias.
+* Checkpoints (paths and http(s)/file URLs) are read by ``SLaK.load_checkpoint_file`` with ``weights_only=True``: a
+  file cannot run code when loaded (the original unpickled everything).
 * How a sparse checkpoint keeps its sparsity (see :meth:`SLaK.keep_sparsity`): pruned weights get zero gradients
   instead of being re-masked before every forward.
 """
@@ -29,7 +31,6 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from mmengine.runner import CheckpointLoader
 
 import SLaK as slak_model
 
@@ -122,7 +123,9 @@ class SLaK(slak_model.SLaK, BaseModule):
         self._is_init = True
 
     def load_classification_checkpoint(self, checkpoint, checkpoint_key: str = 'model') -> Tuple[List[str], List[str]]:
-        """Load a classification checkpoint (path or dict) into the backbone; returns (missing, unexpected).
+        """Load a classification checkpoint (path, http(s)/file URL or dict) into the backbone; returns (missing,
+        unexpected). Paths and URLs are read by ``SLaK.load_checkpoint_file`` (``weights_only=True``: a file that needs
+        more is refused with the command that converts a trusted one).
 
         The classifier's ``norm.*``/``head.*`` are dropped and ``norm0..3`` stay at their init (ones/zeros), as in
         the original; any other missing or unexpected key, or any shape mismatch, raises ``ValueError`` naming it
@@ -132,20 +135,15 @@ class SLaK(slak_model.SLaK, BaseModule):
         if checkpoint_key not in ('model', 'model_ema'):
             raise ValueError(f'backbone init_cfg checkpoint_key must be "model" or "model_ema"; got {checkpoint_key!r}')
         source = checkpoint if isinstance(checkpoint, str) else 'checkpoint'
-        if isinstance(checkpoint, str) and '://' in checkpoint:
-            checkpoint = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-        elif isinstance(checkpoint, str):
-            if not os.path.isfile(checkpoint):
+        if isinstance(checkpoint, str):
+            if '://' not in checkpoint and not os.path.isfile(checkpoint):
                 raise ValueError(f'backbone init_cfg checkpoint file not found: {checkpoint!r}; set it with '
                                  f'--cfg-options model.backbone.init_cfg.checkpoint=/path/to/checkpoint.pth')
-            # The published SLaK checkpoints pickle an argparse.Namespace under 'args', which torch >= 2.6's default
-            # weights_only=True load (mmengine's local loader) rejects; a local file is trusted, as by
-            # SLaK.load_checkpoint.
-            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
+            checkpoint = slak_model.load_checkpoint_file(checkpoint)
         if isinstance(checkpoint, dict) and checkpoint_key == 'model_ema' and 'model_ema' not in checkpoint:
             raise ValueError(f'{source} has no "model_ema" entry (keys: {sorted(checkpoint)}); '
                              f'use checkpoint_key="model"')
-        sd = slak_model.extract_state_dict(checkpoint, (checkpoint_key, 'state_dict', 'module'))
+        sd = slak_model.extract_state_dict(checkpoint, (checkpoint_key, 'state_dict', 'module'), source=source)
         if any(k.startswith('backbone.') for k in sd):  # a whole segmentor/detector: take its backbone
             sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
         own = self.state_dict()

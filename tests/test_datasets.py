@@ -56,6 +56,19 @@ def test_image_folder_class_count_must_match(mini):
         datasets.build_dataset(False, _args(data_set='image_folder', data_path=root, nb_classes=10))
 
 
+def test_val_classes_must_be_the_train_classes_in_the_same_order():
+    def named(*classes):
+        return argparse.Namespace(classes=list(classes), root='/data/' + ''.join(classes))
+    datasets.check_same_classes(named('a', 'b'), named('a', 'b'))
+    with pytest.raises(ValueError, match=r"the val classes differ from the train classes \(2 in /data/ac, 2 in "
+                                         r"/data/ab\): only in train \['b'\], only in val \['c'\]"):
+        datasets.check_same_classes(named('a', 'b'), named('a', 'c'))
+    with pytest.raises(ValueError, match=r"\(1 in /data/a, 2 in /data/ab\): only in train \['b'\], only in val \[\]"):
+        datasets.check_same_classes(named('a', 'b'), named('a'))
+    with pytest.raises(ValueError, match=r'the val classes \(/data/ba\) are the train classes \(/data/ab\) in another'):
+        datasets.check_same_classes(named('a', 'b'), named('b', 'a'))
+
+
 def test_missing_folders_and_cifar_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r'--data_path .* does not exist'):
         datasets.build_dataset(True, _args(data_path=str(tmp_path / 'nope')))

@@ -239,3 +239,58 @@ def test_visualize_main_writes_matrix_and_cli_reports_errors(tmp_path):
     assert wrong.stderr.startswith('error: ') and 'conv1.weight' in wrong.stderr and 'downsample_layers.0.0.weight' \
         in wrong.stderr
     assert 'Traceback' not in wrong.stderr
+
+
+def test_garbage_input_and_unwritable_outputs_give_one_error_line(tmp_path, monkeypatch, capsys):
+    """Each of the three scripts, in process (as their command lines run them): bad matrices, weights, images and
+    output paths end in one ``error:`` line naming the file, and nothing is computed for a bad --save_path."""
+    from erf import analyze_erf, compare_erf, visualize_erf
+
+    def cli(module, *argv):
+        monkeypatch.setattr(sys, 'argv', [module.__name__, *argv])
+        code = analyze_erf.run_cli(module.main, module.get_args_parser())
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count('error: ') == 1 and 'Traceback' not in err, err
+        last = err.splitlines()[-1]  # after visualize_erf's progress bar, if any
+        assert last.startswith('error: '), err
+        return last
+
+    good = tmp_path / 'm.npy'
+    np.save(good, np.ones((9, 9)))
+    (tmp_path / 'text.npy').write_text('not a matrix')
+    with open(good, 'rb') as f:
+        (tmp_path / 'cut.npy').write_bytes(f.read()[:40])
+    np.save(tmp_path / 'objects.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    (tmp_path / 'file').write_text('a file, not a folder')
+    assert cli(analyze_erf, '--source', str(tmp_path / 'text.npy')) == (
+        f'error: {tmp_path / "text.npy"} is not a .npy file (np.save format); create it with erf/visualize_erf.py '
+        f'--save_path {tmp_path / "text.npy"}')
+    assert cli(analyze_erf, '--source', str(tmp_path / 'cut.npy')).startswith(
+        f'error: {tmp_path / "cut.npy"} cannot be read as a matrix (EOF: reading array header')
+    assert 'Object arrays cannot be loaded' in cli(compare_erf, str(good), str(tmp_path / 'objects.npy'))
+    assert cli(analyze_erf, '--source', str(good), '--heatmap_save', str(tmp_path / 'no' / 'h.png')) == (
+        f'error: --heatmap_save {tmp_path / "no" / "h.png"}: cannot write it (No such file or directory)')
+    assert cli(analyze_erf, '--source', str(good), '--heatmap_save', str(tmp_path / 'h.xyz')).startswith(
+        f"error: --heatmap_save {tmp_path / 'h.xyz'}: cannot write it (Format 'xyz' is not supported")
+    assert cli(analyze_erf, '--source', str(good), '--heatmap_save', str(tmp_path / 'h.png'), '--json',
+               str(tmp_path / 'file' / 'r.json')) == (
+        f'error: --json {tmp_path / "file" / "r.json"}: cannot write it (Not a directory)')
+    assert cli(compare_erf, str(good), '--out', str(tmp_path / 'file' / 'f.png')).startswith(
+        f'error: --out {tmp_path / "file" / "f.png"}: cannot write it (Not a directory)')
+
+    tiny = ['--model', 'SLaK_tiny', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5', '3',
+            '--input_size', '32', '--device', 'cpu', '--save_path', str(tmp_path / 'erf.npy')]
+    assert cli(visualize_erf, *tiny, '--weights', str(tmp_path / 'text.npy')).startswith(
+        f"error: {tmp_path / 'text.npy'} is a text file, not a checkpoint (it begins 'not a matrix')")
+    write_images(str(tmp_path / 'imgs'), ['a/x.png'])
+    (tmp_path / 'imgs' / 'a' / 'y.png').write_bytes(b'\x89PNG broken')
+    assert cli(visualize_erf, *tiny, '--data_path', str(tmp_path / 'imgs')) == (
+        f'error: model SLaK_tiny: cannot read image file {tmp_path / "imgs" / "a" / "y.png"}: not an image file PIL '
+        f'can decode; remove or replace it')
+
+    def no_work(*args, **kwargs):
+        raise AssertionError('work started before the output path was checked')
+    monkeypatch.setattr(visualize_erf, 'select_images', no_work)
+    assert cli(visualize_erf, *tiny[:-1], str(tmp_path / 'file' / 'erf.npy')) == (
+        f"error: --save_path's folder {tmp_path / 'file'} is a file, not a folder; pass a folder path")
+    assert sorted(os.listdir(tmp_path / 'imgs' / 'a')) == ['x.png', 'y.png'] and not (tmp_path / 'erf.npy').exists()

@@ -337,7 +337,7 @@ def test_distillation_run_writes_student_checkpoints_and_resumes_the_student(dig
                              '--distill_resume', '--model_ema', 'true')) == 0
     printed = capsys.readouterr().out
     assert 'Teacher accuracy on 10 test images' in printed and 'Student accuracy on 10 test images' in printed
-    ckpt = main_KD.utils.load_checkpoint_file(str(out / 'checkpoint-0.pth'))
+    ckpt = main_KD.SLaK.load_checkpoint_file(str(out / 'checkpoint-0.pth'))
     args = _parse(_argv(digits, teacher_ckpt, str(out)))
     args.nb_classes = 10
     student = main_KD.build_student(args)
@@ -380,7 +380,7 @@ def test_distillation_run_writes_student_checkpoints_and_resumes_the_student(dig
     lines = _log_lines(out)
     assert [x['epoch'] for x in lines] == [0, 1]
     assert {'train_nkd_target', 'train_nkd_non_target', 'train_feature', 'train_mgd'} <= set(lines[1])
-    ckpt1 = main_KD.utils.load_checkpoint_file(str(out / 'checkpoint-1.pth'))
+    ckpt1 = main_KD.SLaK.load_checkpoint_file(str(out / 'checkpoint-1.pth'))
     assert ckpt1['epoch'] == 1 and list(ckpt1['model']) == list(student.state_dict())
 
 
@@ -397,6 +397,9 @@ def test_errors_are_one_clear_line(digits, teacher_ckpt, tmp_path, capsys):
 
     assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--finetune', 'https://example.com/s.pth')) == 2
     assert 'error: --finetune must be a local checkpoint file' in capsys.readouterr().err
+
+    assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--eval', 'true')) == 2
+    assert capsys.readouterr().err.startswith('error: --eval true has no student weights to evaluate')
 
     no_teacher = [a for a in argv if a not in ('--resume', str(tmp_path / 'missing.pth'))]
     assert main_KD.run(no_teacher) == 2

@@ -202,6 +202,9 @@ def run_cli(argv, capsys):
     (['--sparse_init', 'bogus'], "--sparse_init must be one of"),
     (['--batch_size', '31', '--mixup', '0.8'], '--batch_size 31 is odd; Mixup/CutMix needs an even batch'),
     (['--save_ckpt_num', '0'], '--save_ckpt_freq and --save_ckpt_num must be >= 1'),
+    (['--input_size', '16'], '--input_size 16 is too small for SLaK_tiny: it downsamples by 32, so the minimum is 32'),
+    (['--eval', 'true'], '--eval true has no weights to evaluate (it would score a randomly initialised model): pass '
+                         '--resume CHECKPOINT'),
 ])
 def test_user_errors_are_one_line(extra, needle, data_dir, capsys, tmp_path):
     argv = TINY + ['--epochs', '1', '--data_path', data_dir, '--output_dir', str(tmp_path)] + extra
@@ -217,6 +220,98 @@ def test_wrong_architecture_checkpoint_names_keys(trained, data_dir, capsys, tmp
     code, err = run_cli(argv, capsys)
     assert code == 2 and 'does not match the model' in err and 'shape mismatches' in err
     assert 'downsample_layers.0.0.weight' in err
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError('the run started working before refusing its arguments')
+
+
+def test_unwritable_output_and_log_dir_fail_before_any_work(data_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(main, 'build_data', _no_work)
+    blocker = tmp_path / 'file'
+    blocker.write_text('keep me')
+    base = TINY + ['--epochs', '1', '--data_path', data_dir]
+    code, err = run_cli(base + ['--output_dir', str(blocker)], capsys)
+    assert code == 2 and err == f'error: --output_dir {blocker} is a file, not a folder; pass a folder path'
+    code, err = run_cli(base + ['--output_dir', str(blocker / 'run')], capsys)
+    assert code == 2 and err == (f'error: --output_dir {blocker / "run"} is not a writable folder (Not a directory); '
+                                 f'pass a folder you can write to')
+    code, err = run_cli(base + ['--output_dir', str(tmp_path / 'out'), '--log_dir', str(blocker / 'tb')], capsys)
+    assert code == 2 and err.startswith(f'error: --log_dir {blocker / "tb"} is not a writable folder')
+    assert blocker.read_text() == 'keep me' and os.listdir(tmp_path / 'out') == []
+
+
+def test_read_only_output_dir_fails_before_any_work(data_dir, capsys, tmp_path, monkeypatch):
+    """A read-only mount (simulated: root, which runs CI here, ignores permission bits)."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(main, 'build_data', _no_work)
+    monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
+    code, err = run_cli(TINY + ['--data_path', data_dir, '--output_dir', str(tmp_path)], capsys)
+    assert code == 2 and err == (f'error: --output_dir {tmp_path} is not a writable folder (Read-only file system); '
+                                 f'pass a folder you can write to')
+
+
+def test_finetune_that_loads_nothing_is_refused(data_dir, capsys, tmp_path):
+    import timm
+    other = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.25, kernel_size=[7, 7, 5, 5, 3], Decom=True)
+    torch.save({'model': other.state_dict()}, tmp_path / 'wide.pth')
+    argv = TINY + ['--epochs', '1', '--data_path', data_dir, '--finetune', str(tmp_path / 'wide.pth')]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and '\n' not in err
+    assert err.startswith(f'error: --finetune {tmp_path / "wide.pth"} gives SLaK none of its weights (')
+    assert 'training would start from scratch' in err and "'downsample_layers.0.0.weight'" in err
+
+
+def test_val_classes_other_than_train_classes_are_refused(data_dir, capsys, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(data_dir, data)
+    os.rename(data / 'val' / '9', data / 'val' / 'nine')  # same count, other name: labels would be permuted
+    code, err = run_cli(TINY + ['--epochs', '1', '--data_path', str(data)], capsys)
+    assert code == 2 and '\n' not in err
+    assert err.startswith(f'error: the val classes differ from the train classes (10 in {data / "val"}, 10 in '
+                          f'{data / "train"}): only in train [\'9\'], only in val [\'nine\']')
+
+
+def test_auto_resume_mismatches_name_the_file(trained, data_dir, capsys, tmp_path):
+    shutil.copy(os.path.join(trained, 'checkpoint-1.pth'), tmp_path / 'checkpoint-1.pth')
+    argv = TINY + SPARSE + ['--epochs', '3', '--data_path', data_dir, '--output_dir', str(tmp_path)]
+    wide = argv[:]
+    wide[wide.index('--width_factor') + 1] = '0.25'
+    code, err = run_cli(wide, capsys)
+    assert code == 2 and err.startswith(f'error: {tmp_path / "checkpoint-1.pth"} does not match the model (SLaK)')
+    code, err = run_cli(argv + ['--layer_decay', '0.9'], capsys)  # other optimizer parameter groups
+    assert code == 2 and err.startswith(f'error: {tmp_path / "checkpoint-1.pth"}: its optimizer state does not fit '
+                                        f'this run')
+    code, err = run_cli(argv + ['--only-L'], capsys)  # the masks of other layers
+    assert code == 2 and err.startswith(f'error: {tmp_path / "checkpoint-1.pth"}: saved masks for parameters')
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-1.pth']
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(data_dir, capsys, tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing checkpoint-1: one error line naming it; checkpoint-0 and the log intact."""
+    import errno
+    import io
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def open_on_full_disk(path, mode='r', *args, **kwargs):
+        return FullDisk(path, mode) if 'checkpoint-1' in path else open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(utils, 'open', open_on_full_disk, raising=False)
+    code, err = run_cli(TINY + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path),
+                                '--disable_eval', 'true'], capsys)
+    assert code == 2 and err == (f'error: cannot write {tmp_path / "checkpoint-1.pth"}: No space left on device; the '
+                                 f'files already there are untouched (free space or choose another --output_dir, then '
+                                 f'resume with --auto_resume true)')
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth', 'log.txt']  # no temporary file left
+    assert torch.load(tmp_path / 'checkpoint-0.pth', weights_only=True)['epoch'] == 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, capsys, tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """segmentation/: the SLaK backbone, the layer-decay optimizer constructor, the mmcv-lite stand-in, UperNet configs."""
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
 import itertools
@@ -109,8 +108,8 @@ def test_loads_main_py_checkpoint(tmp_path):
     sd = _classification_state_dict()
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
     path = tmp_path / 'checkpoint-best.pth'
-    # 'args' as the original's save_model wrote it (an argparse.Namespace, refused by a weights_only load)
-    torch.save({'model': sd, 'model_ema': ema, 'epoch': 3, 'args': argparse.Namespace(lr=4e-3)}, path)
+    # as main.py writes it ('args' as a plain dict; the original's argparse.Namespace is refused: test_safe_load.py)
+    torch.save({'model': sd, 'model_ema': ema, 'epoch': 3, 'args': {'lr': 4e-3}}, path)
     model = _backbone(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     missing, unexpected = model.load_classification_checkpoint(str(path))
     assert sorted(missing) == sorted(f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))

@@ -174,6 +174,44 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     assert torch.load(path, weights_only=True)['a'].item() == 1
 
 
+@pytest.mark.parametrize('fails_in', ['write', 'fsync'])
+def test_atomic_save_reports_a_full_disk_and_keeps_the_old_file(fails_in, tmp_path, monkeypatch):
+    """torch.save turns an ENOSPC in write() into a cryptic 'unexpected pos' RuntimeError; fsync can fail too. Both
+    end in one ValueError naming the path and the cause; the old file is intact and no temporary file is left."""
+    import errno
+    import io
+    path = tmp_path / 'checkpoint-0.pth'
+    utils.atomic_save({'a': torch.ones(1)}, str(path))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            return full() if self.tell() + len(data) > 1000 else super().write(data)
+    if fails_in == 'write':
+        monkeypatch.setattr(utils, 'open', lambda p, mode: FullDisk(p, mode), raising=False)
+    else:
+        monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(ValueError) as info:
+        utils.atomic_save({'a': torch.zeros(10000)}, str(path))
+    assert str(info.value).startswith(f'cannot write {path}: No space left on device; the files already there are '
+                                      f'untouched')
+    assert os.listdir(tmp_path) == ['checkpoint-0.pth']
+    assert torch.load(path, weights_only=True)['a'].item() == 1
+
+
+def test_make_writable_dir_creates_the_folder_and_refuses_files(tmp_path):
+    utils.make_writable_dir(str(tmp_path / 'a' / 'b'), '--output_dir')
+    assert os.listdir(tmp_path / 'a' / 'b') == []  # the probe file is gone
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(ValueError, match=r'--log_dir .*/f is a file, not a folder; pass a folder path'):
+        utils.make_writable_dir(str(tmp_path / 'f'), '--log_dir')
+    with pytest.raises(ValueError, match=r'--log_dir .*/f/tb is not a writable folder \(Not a directory\)'):
+        utils.make_writable_dir(str(tmp_path / 'f' / 'tb'), '--log_dir')
+    assert (tmp_path / 'f').read_text() == 'x'
+
+
 def test_atomic_save_removes_temp_files_of_killed_writers(tmp_path):
     stale = tmp_path / '.checkpoint-3.pth.tmp4242'  # what a SIGKILL during torch.save leaves behind
     stale.write_bytes(b'partial')
