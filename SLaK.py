@@ -464,7 +464,7 @@ class Block(nn.Module):
         mode = self.PAD_POINTWISE
         if not (x.is_cuda if mode == 'auto' else bool(mode)):
             return False
-        # Under a TorchDispatchMode (FlopCounterMode in main.count_flops) keep nn.Linear: FLOPs are counted without
+        # Under a TorchDispatchMode (FlopCounterMode in main.count_macs) keep nn.Linear: FLOPs are counted without
         # the padding and per module (the sparse count scales each Linear by its density).
         return _no_dispatch_mode()
 
