@@ -43,7 +43,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -222,7 +222,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Interval(NamedTuple):
+@dataclass(frozen=True)
+class Interval:
     """The meaningful values of a numeric flag; ``str()`` writes it in interval notation, e.g. ``(0, 1]``."""
     low: float
     high: float = math.inf
