@@ -598,3 +598,25 @@ def test_resume_two_processes_on_one_keeps_the_prune_rate_on_the_new_run(data_di
     state = torch.load(tmp_path / 'checkpoint-1.pth', weights_only=True)['mask']
     assert state['prune_rate_decay']['T_max'] == state['prune_rate_decay']['last_epoch'] == 12
     assert state['prune_rate'] == pytest.approx(0.005, abs=1e-12) and state['steps'] == 9
+
+
+def test_resumed_schedule_keeps_an_unchanged_decay_and_follows_a_longer_run(capsys):
+    """--epochs doubled on resume at step 30 of 60: the decay continues over the new 120 steps to its floor."""
+    from sparse_core import CosineDecay
+    saved = CosineDecay(0.3, T_max=60, init_step=30)
+    state = {'prune_rate_decay': saved.state_dict(), 'prune_rate': saved.get_dr(), 'density': 0.6}
+    assert main.resumed_schedule(state, CosineDecay(0.3, T_max=60, init_step=30)) is state
+    assert capsys.readouterr().out == ''
+    longer = CosineDecay(0.3, T_max=120, init_step=30)
+    resumed = main.resumed_schedule(state, longer)
+    assert resumed['prune_rate_decay'] == longer.state_dict() and resumed['prune_rate'] == longer.get_dr()
+    assert resumed['density'] == 0.6 and state['prune_rate_decay'] == saved.state_dict()  # the checkpoint's untouched
+    assert 'over 60 optimizer steps (now at 30); this run\'s goes from 0.3 over 120 steps and is at 30' in \
+        capsys.readouterr().out
+    restored = CosineDecay(0.3, T_max=1)
+    restored.load_state_dict(resumed['prune_rate_decay'])
+    rates = []
+    for _ in range(90):
+        restored.step()
+        rates.append(restored.get_dr())
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.005, abs=1e-15)
