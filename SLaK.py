@@ -214,7 +214,8 @@ def _branch_inputs(x: torch.Tensor, n: int) -> List[torch.Tensor]:
     fp32 as before (same values: each conv sees the copy autocast would have made for it).
     """
     device = x.device.type
-    if SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+    if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and device != 'meta'  # (main.count_macs)
+            and torch.is_autocast_enabled(device)):
         return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device)))
     return [x] * n
 
@@ -490,7 +491,7 @@ class Block(nn.Module):
         mode = self.PAD_POINTWISE
         if not (x.is_cuda if mode == 'auto' else bool(mode)):
             return False
-        # Under a TorchDispatchMode (FlopCounterMode in main.count_flops) keep nn.Linear: FLOPs are counted without
+        # Under a TorchDispatchMode (FlopCounterMode in main.count_macs) keep nn.Linear: FLOPs are counted without
         # the padding and per module (the sparse count scales each Linear by its density).
         return _no_dispatch_mode()
 

@@ -24,16 +24,26 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   with one ``error: ...`` line and exit code 2 instead of a traceback. Checked before any work: a writable
   ``--output_dir``/``--log_dir``, ``--input_size`` of at least the model's stride, ``--eval`` with weights to
   evaluate, validation classes equal to the training classes; a ``--finetune`` checkpoint that gives the model no
-  weight is refused (the original trained from scratch), and a full disk during a save names the file.
+  weight is refused (the original trained from scratch), and a full disk during a save names the file. Every rate,
+  fraction and probability flag is checked against its range (``FLAG_RANGES``) before anything starts.
 * Checkpoints are read with ``torch.load(weights_only=True)`` only (``SLaK.load_checkpoint_file``): no file can run
   code when loaded; ``tools/convert_checkpoint.py`` converts a trusted checkpoint of the original code.
+* Resuming with another world size, ``--update_freq``, ``--epochs`` or ``--prune_rate`` rebuilds the prune-rate
+  schedule for this run's steps, as the original did at every start, so it ends at its floor on the last step; a
+  changed effective batch is said in one line; another ``--sparsity`` than the checkpoint's is refused.
+* The console is for a person: the model and its parameter groups go to ``--output_dir`` (``model.txt``,
+  ``param_groups.json``; ``--verbose`` prints them), the per-layer mask densities to ``sparsity.txt`` with one
+  console line per prune/grow; sizes are printed in the paper's units (non-zero parameters, multiply-accumulates).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import inspect
+import json
+import math
 import os
 import random
 import sys
@@ -207,7 +217,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'as in the original).')
     parser.add_argument('--prune_rate', type=float, default=0.3, help='The pruning rate / death rate.')
     parser.add_argument('--sparsity', type=float, default=0.4, help='The sparsity of the overall sparse network.')
-    parser.add_argument('--verbose', action='store_true', help='Prints verbose status of pruning/growth algorithms.')
+    parser.add_argument('--verbose', type=str2bool, nargs='?', const=True, default=False,
+                        help='also print the model, its parameter groups and the per-layer mask densities (they '
+                             'always go to files in --output_dir); "--verbose" alone means true')
     parser.add_argument('--fix', action='store_true', help='static masks: no prune/grow (masks still applied)')
     parser.add_argument('--sparse_init', type=str, default='snip', help=f'sparse initialization: {SPARSE_INITS}')
     parser.add_argument('-u', '--update-frequency', type=int, default=100, metavar='N', dest='update_frequency',
@@ -218,8 +230,75 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The meaningful values of a numeric flag; ``str()`` writes it in interval notation, e.g. ``(0, 1]``."""
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below  # NaN is in no interval
+
+    def __str__(self) -> str:
+        return f'{"(" if self.low_open else "["}{self.low:g}, {self.high:g}{")" if self.high_open else "]"}'
+
+
+PROBABILITY = Interval(0, 1)
+FRACTION_BELOW_ONE = Interval(0, 1, high_open=True)
+NON_NEGATIVE = Interval(0, high_open=True)
+POSITIVE = Interval(0, low_open=True, high_open=True)
+# Every rate, fraction and probability flag of main.py (main_KD.py adds its own): flag -> (range, what it is).
+# Out of range they would fail deep inside torch/timm or, worse, train something else without a word
+# (--prune_rate 2 zeroes every sparse weight, a negative one trains static masks).
+FLAG_RANGES: Dict[str, Tuple[Interval, str]] = {
+    '--epochs': (Interval(1, high_open=True), 'number of training epochs'),
+    '--lr': (POSITIVE, 'learning rate'),
+    '--min_lr': (NON_NEGATIVE, 'final learning rate'),
+    '--weight_decay': (NON_NEGATIVE, 'weight decay'),
+    '--weight_decay_end': (NON_NEGATIVE, 'final weight decay'),
+    '--layer_decay': (Interval(0, 1, low_open=True), 'per-layer lr decay; 1.0 turns it off'),
+    '--momentum': (FRACTION_BELOW_ONE, 'SGD momentum'),
+    '--opt_betas': (FRACTION_BELOW_ONE, 'Adam betas'),
+    '--clip_grad': (NON_NEGATIVE, 'gradient-norm clipping; 0 or unset turns it off'),
+    '--model_ema_decay': (PROBABILITY, 'EMA decay per optimizer step'),
+    '--drop_path': (FRACTION_BELOW_ONE, 'stochastic-depth rate of the last block; 1 would always drop it'),
+    '--smoothing': (FRACTION_BELOW_ONE, 'label smoothing'),
+    '--color_jitter': (NON_NEGATIVE, 'color jitter strength'),
+    '--hflip': (PROBABILITY, 'horizontal-flip probability'),
+    '--reprob': (PROBABILITY, 'random-erasing probability'),
+    '--mixup': (NON_NEGATIVE, 'mixup Beta(alpha, alpha); 0 turns mixup off'),
+    '--cutmix': (NON_NEGATIVE, 'cutmix Beta(alpha, alpha); 0 turns cutmix off'),
+    '--cutmix_minmax': (Interval(0, 1, low_open=True), 'cutmix box-size ratio bounds'),
+    '--mixup_prob': (PROBABILITY, 'probability of mixing a batch'),
+    '--mixup_switch_prob': (PROBABILITY, 'probability of cutmix instead of mixup'),
+    '--crop_pct': (Interval(0, 1, low_open=True), 'evaluation center-crop fraction'),
+    '--sparsity': (FRACTION_BELOW_ONE, 'fraction of the 2-D/4-D weights that are zero'),
+    '--prune_rate': (Interval(0, 1, low_open=True, high_open=True), 'fraction of the active weights pruned and '
+                   'regrown at each prune/grow update; --fix keeps the masks static'),
+    '--update-frequency': (Interval(1, high_open=True), 'optimizer steps between prune/grow updates'),
+}
+
+
+def check_ranges(args: argparse.Namespace, ranges: Dict[str, Tuple[Interval, str]]) -> None:
+    """Every flag of ``ranges`` (keyed by its spelling) that is set must lie in its interval (each list entry too)."""
+    for flag, (interval, what) in ranges.items():
+        value = getattr(args, flag.lstrip('-').replace('-', '_'), None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in interval:
+                raise ValueError(f'{flag} must be in {interval} ({what}); got {item:g}')
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Reject flag combinations that would otherwise fail deep inside torch or silently do the wrong thing."""
+    """Reject flag values and combinations that would otherwise fail deep inside torch, or silently train something
+    else, before any work starts."""
+    check_ranges(args, FLAG_RANGES)
+    if args.cutmix_minmax is not None and (len(args.cutmix_minmax) != 2 or
+                                           args.cutmix_minmax[0] >= args.cutmix_minmax[1]):
+        raise ValueError(f'--cutmix_minmax takes two ratios, min < max; got {args.cutmix_minmax}')
     if args.sparse_init not in SPARSE_INITS:
         raise ValueError(f'--sparse_init must be one of {SPARSE_INITS}; got {args.sparse_init!r}')
     if args.update_freq < 1:
@@ -231,8 +310,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.save_ckpt_freq < 1 or args.save_ckpt_num < 1:  # 0 would divide by zero / delete the file just written
         raise ValueError(f'--save_ckpt_freq and --save_ckpt_num must be >= 1 (got {args.save_ckpt_freq}, '
                          f'{args.save_ckpt_num}); use --save_ckpt false to save nothing')
-    if not 0 <= args.sparsity < 1:
-        raise ValueError(f'--sparsity must be in [0, 1); got {args.sparsity}')
     if args.eval and args.disable_eval:
         raise ValueError('--eval true needs the validation set; drop --disable_eval true')
     if args.eval and not (args.resume or args.finetune or (args.auto_resume and args.output_dir
@@ -269,7 +346,6 @@ def build_data(args: argparse.Namespace) -> Data:
     pin_memory = args.pin_mem and torch.device(args.device).type == 'cuda'  # pinning needs an accelerator
     sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
                                                         shuffle=True, seed=args.seed)
-    print(f'Sampler_train = {sampler_train}')
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=False)
@@ -351,18 +427,19 @@ def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
     utils.load_state_dict(model, checkpoint_model, prefix=args.model_prefix, source=f'--finetune {args.finetune}')
 
 
-def count_flops(model: torch.nn.Module, input_size: int, device: torch.device) -> Tuple[int, int]:
-    """(dense, sparse) forward FLOPs of one image at ``input_size`` with ``FlopCounterMode``.
+def count_macs(model: torch.nn.Module, input_size: int) -> Tuple[int, int]:
+    """(dense, sparse) multiply-accumulates of one forward pass of one image at ``input_size``.
 
-    Forward only: FlopCounterMode over-counts the backward of depthwise convs by ~C (it ignores ``groups``). The
-    sparse count scales each conv/linear layer's FLOPs by the density (non-zero fraction) of its weight.
+    MACs are what the paper's "FLOPs" column counts (SLaK-T 5.0G, ConvNeXt-T 4.5G): ``FlopCounterMode``'s FLOPs are 2
+    per multiply-accumulate of every conv and matmul. Forward only: FlopCounterMode over-counts the backward of
+    depthwise convs by ~C (it ignores ``groups``). The sparse count scales each conv/linear layer by the density
+    (non-zero fraction) of its weight. The pass runs on a copy on the meta device (``SLaK.for_single_pass``: plain
+    convolutions), so on a GPU it compiles no kernel for an input size and dtype training never uses.
     """
-    was_training = model.training
-    model.eval()
+    shadow = SLaK.for_single_pass(copy.deepcopy(model)).to('meta').eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, input_size, input_size, device=device))
-    model.train(was_training)
+        shadow(torch.zeros(1, 3, input_size, input_size, device='meta'))
     per_module = counter.get_flop_counts()
     root = type(model).__name__
     dense = counter.get_total_flops()
@@ -372,7 +449,45 @@ def count_flops(model: torch.nn.Module, input_size: int, device: torch.device) -
             flops = sum(per_module.get(f'{root}.{name}', {}).values())
             density = (module.weight != 0).float().mean().item()
             saved += flops * (1.0 - density)
-    return int(dense), int(dense - saved)
+    return int(dense) // 2, round((dense - saved) / 2)
+
+
+def print_model_size(model: torch.nn.Module, n_parameters: int, input_size: int, sparse: bool,
+                     name: str = 'model') -> None:
+    """Parameters and multiply-accumulates in the units of the paper's table, said in words.
+
+    Its "#params" of a sparse model counts the non-zero weights (SLaK-T: 30M of 50.7M), its "FLOPs" are MACs.
+    """
+    dense_macs, sparse_macs = count_macs(model, input_size)
+    if sparse:
+        print(f'{name}: {si(count_nonzero_params(model))} non-zero parameters of {si(n_parameters)}; '
+              f'{si(sparse_macs)} multiply-accumulates (MACs) per {input_size}x{input_size} image with the sparse '
+              f'masks, {si(dense_macs)} dense (the paper\'s "#params" and "FLOPs" columns count the non-zeros and '
+              f'MACs)')
+    else:
+        print(f'{name}: {si(n_parameters)} parameters; {si(dense_macs)} multiply-accumulates (MACs, the paper\'s '
+              f'"FLOPs") per {input_size}x{input_size} image')
+
+
+def si(count: float) -> str:
+    """``count`` with an SI prefix and two decimals, the way the paper's tables write sizes: '30.43 M', '5.06 G'."""
+    for factor, prefix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+        if count >= factor:
+            return f'{count / factor:.2f} {prefix}'
+    return str(count)
+
+
+def save_run_text(args: argparse.Namespace, filename: str, title: str, text: str) -> None:
+    """A long start-up dump (model structure, parameter groups) goes to ``--output_dir/filename`` with one line on
+    the console; ``--verbose`` prints it in full (the original always printed it)."""
+    path = os.path.join(args.output_dir, filename) if args.output_dir else ''
+    if path and utils.is_main_process():
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text + '\n')
+    if args.verbose:
+        print(f'{title} = {text}')
+    elif path:
+        print(f'{title}: {path}')
 
 
 def build_criterion(args: argparse.Namespace, mixup_fn: Optional[Mixup]) -> torch.nn.Module:
@@ -389,9 +504,12 @@ def build_training_objects(args: argparse.Namespace, model_without_ddp: torch.nn
     assigner = build_layer_decay_assigner(args.model, args.layer_decay)
     if assigner is not None:
         print(f'Assigned values = {assigner.values}')
+    group_names: Dict[str, dict] = {}
     optimizer = create_optimizer(args, model_without_ddp, skip_list=None,
                                  get_num_layer=assigner.get_layer_id if assigner is not None else None,
-                                 get_layer_scale=assigner.get_scale if assigner is not None else None)
+                                 get_layer_scale=assigner.get_scale if assigner is not None else None,
+                                 group_names=group_names)
+    save_run_text(args, 'param_groups.json', 'Param groups', json.dumps(group_names, indent=2))
     device_type = torch.device(args.device).type
     loss_scaler = NativeScaler(device_type, enabled=args.use_amp and args.amp_dtype == 'float16')
 
@@ -475,11 +593,9 @@ def steps_per_epoch(args: argparse.Namespace, data: Data) -> int:
     if steps == 0 and not args.eval:
         raise ValueError(f'effective batch {total_batch_size} (batch_size x update_freq x world_size) exceeds the '
                          f'{len(data.dataset_train)} training images; lower --batch_size or --update_freq')
-    print(f'LR = {args.lr:.8f}')
-    print(f'Batch size = {total_batch_size}')
-    print(f'Update frequent = {args.update_freq}')
-    print(f'Number of training examples = {len(data.dataset_train)}')
-    print(f'Number of training training per epoch = {steps}')
+    print(f'{len(data.dataset_train)} training images, effective batch {total_batch_size} (--batch_size '
+          f'{args.batch_size} x --update_freq {args.update_freq} x {utils.get_world_size()} processes): {steps} '
+          f'optimizer steps per epoch at --lr {args.lr:g}')
     return steps
 
 
@@ -505,16 +621,72 @@ def wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, device: torch.dev
         **ddp_options(model))
 
 
+class SavedArgs(dict):
+    """The flags a resumed checkpoint was written with (its ``args`` entry, read through the ``extra`` hook of
+    ``utils.auto_load_model``); empty when nothing was resumed."""
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update(state)
+
+
+def check_resume(args: argparse.Namespace, path: str, saved_args: SavedArgs, mask_state: Optional[dict]) -> None:
+    """After resuming from ``path``: refuse a ``--sparsity`` other than the checkpoint's (its masks are restored), and
+    say in one line when the effective batch changed (the world size, ``--batch_size`` or ``--update_freq``).
+
+    The original rescaled nothing: ``--lr`` stays as given, and the lr, wd and prune-rate schedules are rebuilt for
+    this run's steps per epoch (see :func:`build_mask`).
+    """
+    if args.sparse and mask_state is not None:
+        saved_sparsity = 1 - mask_state['density']
+        if not math.isclose(saved_sparsity, args.sparsity, abs_tol=1e-9):
+            raise ValueError(f'--sparsity {args.sparsity:g}, but {path} was trained at sparsity '
+                             f'{saved_sparsity:g} and resuming restores its masks; pass --sparsity {saved_sparsity:g}, '
+                             f'or sparsify its weights anew in a new run (--finetune {path}, another '
+                             f'--output_dir)')
+    if not saved_args:
+        return
+    saved_world = saved_args.get('world_size', 1) if saved_args.get('distributed') else 1
+    before = (saved_world, saved_args.get('batch_size'), saved_args.get('update_freq'))
+    now = (utils.get_world_size(), args.batch_size, args.update_freq)
+    if before != now:
+        print(f'effective batch changed: {before[0]} processes x --batch_size {before[1]} x --update_freq '
+              f'{before[2]} = {math.prod(before)} images per optimizer step when {path} was written, now '
+              f'{now[0]} x {now[1]} x {now[2]} = {math.prod(now)}, at the same --lr {args.lr:g} (not rescaled); the '
+              f'schedules follow this run\'s steps')
+
+
+def resumed_schedule(mask_state: dict, decay: CosineDecay) -> dict:
+    """``mask_state`` with this run's prune-rate schedule ``decay`` instead of the checkpoint's, when they differ.
+
+    The checkpoint's schedule spans the steps of the run that wrote it; after a change of world size,
+    ``--update_freq``, ``--epochs`` or ``--prune_rate`` it would run past its end (the cosine rises again) or stop
+    short. The original rebuilt the schedule from the flags at every start, as ``decay`` is; an unchanged resume keeps
+    the saved one (the same values, bit for bit).
+    """
+    saved = mask_state.get('prune_rate_decay')
+    if saved is None or saved == decay.state_dict():
+        return mask_state
+    print(f'prune-rate schedule: the checkpoint\'s went from {saved["prune_rate"]:g} to {saved["eta_min"]:g} '
+          f'over {saved["T_max"]} optimizer steps (now at {saved["last_epoch"]}); this run\'s goes from '
+          f'{decay.prune_rate:g} over {decay.T_max} steps and is at {decay.last_epoch}: the prune rate continues at '
+          f'{decay.get_dr():.4f} and reaches {decay.eta_min:g} at the last step')
+    return {**mask_state, 'prune_rate_decay': decay.state_dict(), 'prune_rate': decay.get_dr()}
+
+
 def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data: Data, num_steps: int, log_writer,
                mask_state: Optional[dict], model_ema: Optional[ModelEma], mask_source: str = '') -> Optional[Masking]:
-    """``--sparse``: the prune-rate schedule and the masks (restored from ``mask_state`` when resuming; masks that
-    do not fit the model raise ``ValueError`` naming ``mask_source``, the checkpoint they came from)."""
+    """``--sparse``: the prune-rate schedule over this run's steps and the masks (restored from ``mask_state`` when
+    resuming; masks that do not fit the model raise ``ValueError`` naming ``mask_source``, the checkpoint they came
+    from). The per-layer densities go to ``--output_dir/sparsity.txt`` (and the console with ``--verbose``)."""
     if not args.sparse:
         return None
     decay = CosineDecay(args.prune_rate, T_max=int(num_steps * args.epochs), init_step=num_steps * args.start_epoch)
+    if mask_state is not None:
+        mask_state = resumed_schedule(mask_state, decay)
+    report_path = os.path.join(args.output_dir, 'sparsity.txt') if args.output_dir and utils.is_main_process() else None
     mask = Masking(optimizer, train_loader=data.data_loader_train, prune_rate_decay=decay, prune_mode=args.prune,
-                   growth_mode=args.growth, redistribution_mode=args.redistribution, args=args, log_writer=log_writer,
-                   prepare_copy=SLaK.for_single_pass)
+                   growth_mode=args.growth, redistribution_mode=args.redistribution, verbose=args.verbose, args=args,
+                   log_writer=log_writer, report_path=report_path, prepare_copy=SLaK.for_single_pass)
     try:
         mask.add_module(model, mask_state=mask_state)
     except ValueError as e:
@@ -628,8 +800,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     model_ema = build_ema(args, model)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'Model = {model_without_ddp}')
-    print(f'number of params: {n_parameters}')
+    save_run_text(args, 'model.txt', 'Model', str(model_without_ddp))
     num_steps = steps_per_epoch(args, data)
     model = wrap_ddp(args, model, device)
 
@@ -639,8 +810,10 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     print(f'criterion = {criterion}')
 
     args.max_accuracy, args.max_accuracy_ema = 0.0, 0.0
+    saved_args = SavedArgs()
     mask_state = utils.auto_load_model(args=args, model=model, model_without_ddp=model_without_ddp,
-                                       optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema)
+                                       optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
+                                       extra={'args': saved_args})
     resumed_rng = utils.get_rng_state() if args.resume else None
 
     if args.eval:
@@ -651,15 +824,13 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
         return test_stats
 
+    check_resume(args, args.resume, saved_args, mask_state)
     if mask_state is not None and not args.sparse:
         print('warning: the checkpoint holds sparse masks but --sparse is not set; training continues dense')
     mask = build_mask(args, model, optimizer, data, num_steps, log_writer, mask_state, model_ema, args.resume)
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)
-    print(f'number of params: {n_parameters} dense, {count_nonzero_params(model_without_ddp)} non-zero')
-    dense_flops, sparse_flops = count_flops(model_without_ddp, args.input_size, device)
-    print(f'FLOPs at {args.input_size}x{args.input_size} (forward, one image): dense {dense_flops / 1e9:.4f} G, '
-          f'sparse {sparse_flops / 1e9:.4f} G')
+    print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=mask is not None)
     if args.compile:
         model.compile()
     if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's

@@ -44,7 +44,6 @@ import main as main_train
 import utils
 from engine import evaluate
 from optim_factory import SLAK_MODELS, get_parameter_groups
-from sparse_core import count_nonzero_params
 
 DISTILL_TOKENS = ('NKD', 'KD', 'FD', 'MGD')
 
@@ -347,6 +346,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The distillation weights, temperatures and probabilities (main.FLAG_RANGES holds the others).
+KD_FLAG_RANGES = {
+    '--T': (main_train.POSITIVE, 'KD temperature'),
+    '--nkd_temp': (main_train.POSITIVE, 'NKD temperature'),
+    '--alpha': (main_train.PROBABILITY, 'KD soft-loss weight; the hard loss gets 1 - alpha'),
+    '--nkd_alpha': (main_train.NON_NEGATIVE, 'NKD non-target weight'),
+    '--lr_fd': (main_train.NON_NEGATIVE, 'feature-distillation loss weight'),
+    '--alpha_mgd': (main_train.NON_NEGATIVE, 'MGD loss weight'),
+    '--lambda_mgd': (main_train.PROBABILITY, 'MGD probability of masking a channel'),
+}
+
+
 def check_kd_args(args: argparse.Namespace) -> DistillPlan:
     """Validate the distillation flags (on top of ``main.check_args``); returns the parsed ``--distill_type``."""
     if args.eval and not (args.finetune or (args.distill_resume and args.output_dir
@@ -355,6 +366,7 @@ def check_kd_args(args: argparse.Namespace) -> DistillPlan:
                          'student): pass --finetune STUDENT_CHECKPOINT, or --distill_resume with the --output_dir of '
                          'the run; to score the teacher alone run main.py --eval true --resume TEACHER_CHECKPOINT')
     main_train.check_args(args)
+    main_train.check_ranges(args, KD_FLAG_RANGES)
     plan = parse_distill_type(args.distill_type)
     if not timm.is_model(args.model_s):
         raise ValueError(f'--model_s {args.model_s!r} is not a registered model; use SLaK_tiny/SLaK_small/... or a '
@@ -368,10 +380,6 @@ def check_kd_args(args: argparse.Namespace) -> DistillPlan:
     if args.finetune and not os.path.isfile(args.finetune):
         raise ValueError(f'--finetune must be a local checkpoint file for the student (distillation never downloads '
                          f'weights); not found: {args.finetune}')
-    if args.T <= 0 or (args.nkd_temp is not None and args.nkd_temp <= 0):
-        raise ValueError('--T and --nkd_temp must be > 0')
-    if not 0 <= args.lambda_mgd <= 1:
-        raise ValueError(f'--lambda_mgd must be in [0, 1]; got {args.lambda_mgd}')
     return plan
 
 
@@ -461,10 +469,11 @@ def make_compute_loss(plan: DistillPlan, args: argparse.Namespace, student: nn.M
 
 
 def resume_student(args: argparse.Namespace, student, student_without_ddp, optimizer, loss_scaler, model_ema,
-                   heads: Optional[nn.Module]) -> Optional[dict]:
+                   heads: Optional[nn.Module], saved_args: Optional[main_train.SavedArgs] = None) -> Optional[dict]:
     """``--distill_resume``: the newest ``checkpoint-N.pth`` of ``--output_dir``, never the teacher's ``--resume``.
 
-    Returns the saved mask state (or None). Sets ``args.start_epoch`` and the best accuracies so far.
+    Returns the saved mask state (or None) and fills ``saved_args`` (if given) with the checkpoint's flags. Sets
+    ``args.start_epoch`` and the best accuracies so far.
     """
     args.max_accuracy, args.max_accuracy_ema = 0.0, 0.0
     if not args.distill_resume:
@@ -474,10 +483,13 @@ def resume_student(args: argparse.Namespace, student, student_without_ddp, optim
         return None
     student_args = copy.copy(args)
     student_args.resume, student_args.auto_resume = '', True
+    extra = {'args': saved_args} if saved_args is not None else {}
+    if heads is not None:
+        extra['distill_heads'] = heads
     try:
         mask_state = utils.auto_load_model(args=student_args, model=student, model_without_ddp=student_without_ddp,
                                            optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
-                                           extra={'distill_heads': heads} if heads is not None else None)
+                                           extra=extra)
     except ValueError as e:  # e.g. FD/MGD heads added or dropped: the optimizer's parameter groups no longer match
         raise ValueError(f'--distill_resume {e} (resume with the --model_s, --width_factor_s, --distill_type and '
                          f'--feature_n that wrote it)') from e
@@ -510,8 +522,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
 
     student_without_ddp = student
     n_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    print(f'Student = {student_without_ddp}')
-    print(f'number of params (student): {n_parameters}')
+    main_train.save_run_text(args, 'model.txt', 'Student', str(student_without_ddp))
     if teacher is not None:
         print(f'number of params (teacher, frozen): {sum(p.numel() for p in teacher.parameters())}')
     if heads is not None:
@@ -534,7 +545,10 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     criterion = main_train.build_criterion(args, data.mixup_fn)
     print(f'criterion = {criterion}, distillation = {plan}')
 
-    mask_state = resume_student(args, student, student_without_ddp, optimizer, loss_scaler, model_ema, heads)
+    saved_args = main_train.SavedArgs()
+    mask_state = resume_student(args, student, student_without_ddp, optimizer, loss_scaler, model_ema, heads,
+                                saved_args)
+    main_train.check_resume(args, getattr(args, 'student_resume', ''), saved_args, mask_state)
     resumed_rng = utils.get_rng_state() if getattr(args, 'student_resume', '') else None
 
     eval_kwargs = dict(use_amp=args.use_amp, amp_dtype=amp_dtype, channels_last=args.channels_last)
@@ -551,8 +565,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
 
     mask = main_train.build_mask(args, student, optimizer, data, num_steps, log_writer, mask_state, model_ema,
                                  getattr(args, 'student_resume', ''))
-    if mask is not None:
-        print(f'student: {n_parameters} dense, {count_nonzero_params(student_without_ddp)} non-zero parameters')
+    main_train.print_model_size(student_without_ddp, n_parameters, args.input_size, sparse=mask is not None,
+                                name='student')
     if resumed_rng is not None:  # mask set-up may draw random numbers; a resumed run continues the saved streams
         utils.set_rng_state(resumed_rng)
     if args.compile:

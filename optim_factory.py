@@ -9,7 +9,6 @@ asserted).
 """
 from __future__ import annotations
 
-import json
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -73,14 +72,16 @@ def build_layer_decay_assigner(model_name: str, layer_decay: float,
 
 def get_parameter_groups(model: torch.nn.Module, weight_decay: float = 1e-5, skip_list: Sequence[str] = (),
                          get_num_layer: Optional[Callable[[str], int]] = None,
-                         get_layer_scale: Optional[Callable[[int], float]] = None) -> List[Dict]:
+                         get_layer_scale: Optional[Callable[[int], float]] = None,
+                         group_names: Optional[Dict[str, Dict]] = None) -> List[Dict]:
     """Weight-decay (and layer) groups: 1-D tensors, ``*.bias`` and ``skip_list`` names get no weight decay.
 
     Group names are ``decay``/``no_decay`` or ``layer_{id}_{decay|no_decay}``; each group carries ``weight_decay``,
-    ``params`` and ``lr_scale`` (used by the per-step lr update in ``engine.py``).
+    ``params`` and ``lr_scale`` (used by the per-step lr update in ``engine.py``). ``group_names``, if given, is filled
+    with the same groups holding parameter names (the JSON the original printed; main.py writes it to a file).
     """
     groups: Dict[str, Dict] = {}
-    names: Dict[str, Dict] = {}
+    names: Dict[str, Dict] = {} if group_names is None else group_names
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -99,7 +100,6 @@ def get_parameter_groups(model: torch.nn.Module, weight_decay: float = 1e-5, ski
             names[group_name] = {'weight_decay': this_weight_decay, 'params': [], 'lr_scale': scale}
         groups[group_name]['params'].append(param)
         names[group_name]['params'].append(name)
-    print(f'Param groups = {json.dumps(names, indent=2)}')
     return list(groups.values())
 
 
@@ -114,18 +114,20 @@ def _check_optimizer_name(opt: str) -> None:
 
 def create_optimizer(args, model: torch.nn.Module, get_num_layer: Optional[Callable[[str], int]] = None,
                      get_layer_scale: Optional[Callable[[int], float]] = None, filter_bias_and_bn: bool = True,
-                     skip_list: Optional[Sequence[str]] = None) -> torch.optim.Optimizer:
+                     skip_list: Optional[Sequence[str]] = None,
+                     group_names: Optional[Dict[str, Dict]] = None) -> torch.optim.Optimizer:
     """The optimizer named by ``args.opt`` over the parameter groups of ``model`` (SPEC 4.6).
 
     Uses ``args.lr``, ``args.weight_decay``, ``args.opt_eps``, ``args.opt_betas``, ``args.momentum``. With
     ``filter_bias_and_bn`` (or layer decay) the per-group weight decay rules and the optimizer's own default is 0;
-    unlike the original, layer decay also applies when ``--weight_decay 0``.
+    unlike the original, layer decay also applies when ``--weight_decay 0``. ``group_names``: see
+    :func:`get_parameter_groups`.
     """
     _check_optimizer_name(args.opt)
     weight_decay = args.weight_decay
     if filter_bias_and_bn or get_num_layer is not None:
         skip = set(skip_list) if skip_list is not None else set(getattr(model, 'no_weight_decay', lambda: ())())
-        parameters = get_parameter_groups(model, weight_decay, skip, get_num_layer, get_layer_scale)
+        parameters = get_parameter_groups(model, weight_decay, skip, get_num_layer, get_layer_scale, group_names)
         weight_decay = 0.
     else:
         parameters = [{'params': [p for p in model.parameters() if p.requires_grad], 'lr_scale': 1.0,

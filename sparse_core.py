@@ -19,9 +19,19 @@ Differences from the original, all deliberate fixes (SPEC section 11.1):
   mode turns on exactly as many inactive positions, so each layer's non-zero count never drifts. Grown (and pruned)
   positions restart with zero weight and zero optimizer state. ``SET`` is implemented; ``global_magnitude``,
   ``random_unfired``, ``mix`` and ``global_momentum_growth`` are refused with a clear error (items 4, 5).
-* Masks are ``torch.bool`` and identical on all ranks by construction (a generator seeded with ``args.seed``, the same
-  on every rank) plus one broadcast from rank 0 after init and after every prune/grow, instead of a broadcast after
-  every optimizer step (item 17).
+* Masks are ``torch.bool`` and identical on all ranks by construction plus one broadcast from rank 0 after init and
+  after every prune/grow, instead of a broadcast after every optimizer step (item 17). Every random draw of the masks
+  (uniform, ERK and SNIP positions, random growth) comes from one ``torch.Generator`` on the parameters' device,
+  seeded with ``args.seed`` (the same on every rank, not ``seed + rank``) and saved in checkpoints: float32
+  ``torch.rand`` of each tensor's shape, tensors in parameter order.
+* What to prune and grow is ranked in the parameter's own dtype, ties going to the lower index as with a stable sort
+  (the original sorted), and SNIP's threshold is the keep-th largest score in the scores' dtype: a float64 run
+  follows the original's masks exactly (apart from the fixes listed here).
+* SNIP when more than the asked sparsity of the scores are exactly 0 (norm layers that start at zero scale): the
+  original's strict ``score > threshold`` kept none of them (~99 % sparsity for timm's ResNets); the rest of the
+  budget is spread evenly over them, with one line that says so.
+* One console line at init and per prune/grow (overall density, prune rate, time); the per-layer table goes to
+  ``report_path`` (and the console with ``verbose``).
 * ``--fix`` no longer mutates ``args``; ``--only-L`` without ``large_kernel.LoRA`` parameters raises (item 4).
 * The EMA learns which positions were grown from :attr:`Masking.grown` instead of guessing from ``EMA == 0``
   (item 16), and restarts them at their live value once the optimizer has moved them from 0.
@@ -120,16 +130,19 @@ def erk_densities(shapes: Dict[str, Tuple[int, ...]], density: float, erk_power_
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: (sum(shape) / numel[name]) ** erk_power_scale for name, shape in shapes.items()}
     dense: List[str] = []
-    while True:
-        free = [name for name in shapes if name not in dense]
-        if not free:
-            break
-        rhs = sum(numel[n] * density for n in free) - sum(numel[n] * (1 - density) for n in dense)
-        epsilon = rhs / sum(raw[n] * numel[n] for n in free)
-        max_raw = max(raw[n] for n in free)
+    while len(dense) < len(shapes):
+        rhs = divisor = 0.0
+        for name in shapes:  # one pass in layer order, as the original: the same float rounding, bit for bit
+            if name in dense:
+                rhs -= numel[name] * (1 - density)
+            else:
+                rhs += numel[name] * density
+                divisor += raw[name] * numel[name]
+        epsilon = rhs / divisor
+        max_raw = max(raw[n] for n in shapes if n not in dense)
         if max_raw * epsilon <= 1:
             break
-        dense.extend(n for n in free if raw[n] == max_raw)
+        dense.extend(n for n in shapes if n not in dense and raw[n] == max_raw)
     densities = {name: 1.0 if name in dense else epsilon * raw[name] for name in shapes}
     return densities, dense
 
@@ -154,7 +167,8 @@ class Masking:
         growth_mode: 'random', 'gradient', 'momentum' or 'momentum_neuron'.
         redistribution_mode: 'none', 'momentum', 'nonzero' or 'magnitude'. Accepted for compatibility, but as in the
             original no redistribution is applied: every layer keeps its own non-zero count.
-        verbose: also print each layer's number of pruned (= regrown) weights at every prune/grow step.
+        verbose: also print the per-layer table (:meth:`layer_table`) at init and every prune/grow step; otherwise
+            each of them prints one line (overall density, prune rate, time).
         fp16: legacy apex flag of the original; native AMP keeps fp32 parameters, so it changes nothing.
         args: namespace with ``sparse_init``, ``sparsity``, ``update_frequency``, ``fix``, ``only_L``, ``seed`` (the
             fields ``prune``, ``growth``, ``redistribution``, ``prune_rate`` reach here through the arguments above;
@@ -164,6 +178,8 @@ class Masking:
             step, i.e. micro-batches like ``loss/*`` and ``opt/*``, so a prune/grow lines up with the loss curve).
             Receives ``sparsity/overall``, ``sparsity/prune_rate`` and ``sparsity/<layer>`` densities at init and
             every update.
+        report_path: optional text file the per-layer table is appended to at init and every prune/grow step (main.py:
+            ``<output_dir>/sparsity.txt`` on the main process).
         prepare_copy: optional; applied to SNIP's throw-away copy of the model before its scoring pass (``main.py``
             passes ``SLaK.for_single_pass``: plain convolutions and eager block tails, nothing compiled for one batch).
     """
@@ -172,7 +188,7 @@ class Masking:
                  prune_rate_decay: Optional[CosineDecay] = None, prune_rate: float = 0.5,
                  prune_mode: str = 'magnitude', growth_mode: str = 'random', redistribution_mode: str = 'momentum',
                  verbose: bool = False, fp16: bool = False, args: Any = None, log_writer: Any = None,
-                 prepare_copy: Optional[Callable[[nn.Module], Any]] = None):
+                 report_path: Optional[str] = None, prepare_copy: Optional[Callable[[nn.Module], Any]] = None):
         self.prune_func: Callable = _resolve('--prune', prune_mode, _PRUNE_FUNCS)
         self.growth_func: Callable = _resolve('--growth', growth_mode, _GROWTH_FUNCS)
         if redistribution_mode not in REDISTRIBUTION_MODES:
@@ -186,6 +202,7 @@ class Masking:
         self.fp16 = fp16
         self.args = args
         self.log_writer = log_writer
+        self.report_path = report_path
         self.prepare_copy = prepare_copy
 
         self.sparse_init: str = getattr(args, 'sparse_init', 'snip')
@@ -248,7 +265,6 @@ class Masking:
             self.load_state_dict(mask_state)
         else:
             self.init(mode=self.sparse_init, density=1.0 - self.sparsity)
-        print(f'Total number of parameters are {count_nonzero_params(module)}')
 
     @torch.no_grad()
     def init(self, mode: str = 'ERK', density: float = 0.05, erk_power_scale: float = 1.0) -> None:
@@ -266,50 +282,52 @@ class Masking:
         elif mode == 'resume':
             for name, p in self.params.items():
                 masks[name] = p != 0
-                print(f'{name}: {int(masks[name].sum())} non-zeros of {p.numel()}')
-        elif mode == 'ERK':
+        elif mode == 'ERK':  # layers ERK makes dense show up as "dense" in the per-layer table
             shapes = {name: tuple(p.shape) for name, p in self.params.items()}
-            densities, dense = erk_densities(shapes, density, erk_power_scale)
-            for name in dense:
-                print(f'Sparsity of var:{name} had to be set to 0.')
-            total = sum(p.numel() for p in self.params.values())
+            densities, _ = erk_densities(shapes, density, erk_power_scale)
             for name, p in self.params.items():
-                print(f'layer: {name}, shape: {list(p.shape)}, density: {densities[name]}')
                 masks[name] = torch.rand(p.shape, generator=gen, device=p.device) < densities[name]
-            overall = sum(densities[n] * p.numel() for n, p in self.params.items()) / total
-            print(f'Overall density {overall}')
         else:
             scores = self._snip_scores()
             flat = torch.cat([s.flatten() for s in scores.values()])
             keep = int(flat.numel() * density)
             if keep < 1:
                 raise ValueError(f'--sparsity {self.sparsity} keeps no weight at all; lower it')
-            # tau = keep-th largest score; a position survives only if strictly greater (original semantics).
-            tau = torch.kthvalue(flat.float().cpu(), flat.numel() - keep + 1).values.item()
+            # tau = the keep-th largest score in the scores' own dtype (the original's topk); a position counts as
+            # kept only if its score is strictly greater (original semantics)
+            tau = _kth_largest(flat, keep)
+            zero_share = _zero_score_share(flat, keep, tau, density)
             for name, p in self.params.items():
                 above = scores[name] > tau
                 if mode == 'snip_topk':
                     masks[name] = above
-                else:  # original quirk: SNIP only decides the layer's density, positions are uniformly random
-                    layer_density = above.float().mean().item()
-                    masks[name] = torch.rand(p.shape, generator=gen, device=p.device) < layer_density
+                    if zero_share:
+                        draw = torch.rand(p.shape, generator=gen, device=p.device)
+                        masks[name] |= (scores[name] == 0) & (draw < zero_share)
+                    continue
+                # original quirk: SNIP only decides the layer's density, positions are uniformly random; the density
+                # is the original's Python-float 1 - (mask == 0).sum() / numel, so the draws compare alike
+                layer_density = 1 - int((~above).sum()) / p.numel()
+                if zero_share:
+                    layer_density += zero_share * int((scores[name] == 0).sum()) / p.numel()
+                masks[name] = torch.rand(p.shape, generator=gen, device=p.device) < layer_density
         self._broadcast_from_rank0(list(masks.values()))
         self.masks, self.grown = {}, {}
         for name, mask in masks.items():
-            layer_density = mask.float().mean().item()
-            print(f'Density of layer {name} with tensor {list(mask.shape)} is {layer_density}')
-            if layer_density >= DENSE_LAYER_DENSITY:
-                print(f'pop out layer {name}: density {layer_density:.4f} >= {DENSE_LAYER_DENSITY}, it stays dense')
+            if int(mask.sum()) / mask.numel() >= DENSE_LAYER_DENSITY:  # popped: dense and unmasked for the whole run
                 continue
             # contiguous even for channels_last weights (masks from `p != 0` or scores inherit their layout):
             # prune/grow index masks through flat views
             self.masks[name] = mask.contiguous()
         self._refresh_lists()
-        kept = sum(int(m.sum()) for m in masks.values())
-        print(f'Final sparsity level of {1 - density}: {1 - kept / max(sum(m.numel() for m in masks.values()), 1)}')
         self.apply_mask()
         self.mask_version += 1
-        self._log_densities()
+        kept = sum(int(m.sum()) for m in masks.values())
+        dense = len(masks) - len(self.masks)
+        self._report(f'sparse masks ({mode}): {len(self.masks)} sparse layers'
+                     f'{f" ({dense} more stay dense: >= {DENSE_LAYER_DENSITY} after init)" if dense else ""}, '
+                     f'sparsity {1 - kept / sum(m.numel() for m in masks.values()):.4f} of the eligible weights '
+                     f'(asked {1 - density:.4f})')
 
     def _snip_scores(self) -> Dict[str, torch.Tensor]:
         """|w * dL/dw| for every registered tensor, from one batch on a deep copy (the live model is untouched).
@@ -366,15 +384,15 @@ class Masking:
         self.steps += 1
         self.grown = {}  # the EMA took them at the update after their prune/grow; the optimizer has now moved them
         if self.update_frequency is not None and self.steps % self.update_frequency == 0:
-            print('*' * 30 + ' Dynamic Sparsity ' + '*' * 30)
             start = time.perf_counter()
             self.truncate_weights()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # update steps may sync: the timing below is then the real cost
             self.update_seconds.append(time.perf_counter() - start)
-            self.print_nonzero_counts()
-            self._log_densities()
-            print(f'prune/grow update took {1000 * self.update_seconds[-1]:.1f} ms')
+            moved = sum(self.name2removed.values())
+            self._report(f'prune/grow at step {self.steps}: {moved} of {sum(self.name2nonzeros.values())} active '
+                         f'weights moved (prune rate {self.prune_rate:.4f}), density {self.overall_density():.4f}, '
+                         f'{1000 * self.update_seconds[-1]:.1f} ms')
 
     @torch.no_grad()
     def apply_mask(self) -> None:
@@ -401,8 +419,6 @@ class Masking:
             pruned_mask = self.prune_func(self, mask, weight, name)
             removed = nonzeros - int(pruned_mask.sum())
             self.name2removed[name] = removed
-            if self.verbose:
-                print(f'{name}: pruned and regrew {removed} of {nonzeros} weights')
             grown = self.growth_func(self, name, pruned_mask, removed, weight)
             reset = (mask & ~pruned_mask) | grown
             codes.append((pruned_mask | grown).to(torch.uint8) + 2 * reset.to(torch.uint8))
@@ -437,11 +453,25 @@ class Masking:
         return weight.grad.clone()
 
     # ---- reporting ------------------------------------------------------------------------------------------------
+    def layer_table(self) -> List[str]:
+        """One line per eligible tensor: name, shape, non-zeros, density and the weights the last prune/grow moved;
+        tensors outside the mask set (popped after init) are marked dense."""
+        lines = []
+        width = max(len(name) for name in self.params)
+        for name, param in self.params.items():
+            shape = 'x'.join(str(s) for s in param.shape)
+            if name not in self.masks:
+                lines.append(f'{name:<{width}}  {shape:>16}  {param.numel():>10} / {param.numel():<10}  dense')
+                continue
+            nonzeros = int(self.masks[name].sum())
+            moved = f'  moved {self.name2removed[name]}' if name in self.name2removed else ''
+            lines.append(f'{name:<{width}}  {shape:>16}  {nonzeros:>10} / {param.numel():<10}  '
+                         f'density {nonzeros / param.numel():.4f}{moved}')
+        return lines
+
     def print_nonzero_counts(self) -> None:
-        """Per layer "name: <non-zeros before> -> <non-zeros now>, density", then the prune rate."""
-        for name, mask in self.masks.items():
-            now = int(mask.sum())
-            print(f'{name}: {self.name2nonzeros.get(name, now)}->{now}, density: {now / mask.numel():.3f}')
+        """The per-layer table (:meth:`layer_table`), then the prune rate (the original's per-layer print)."""
+        print('\n'.join(self.layer_table()))
         print(f'Prune rate: {self.prune_rate}')
 
     def overall_density(self) -> float:
@@ -449,12 +479,19 @@ class Masking:
         total = sum(m.numel() for m in self.masks.values())
         return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
 
-    def _log_densities(self) -> None:
-        """Overall density to stdout; overall, prune rate and per-layer densities to the log writer if any."""
-        layers = {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
-        print(f'Overall density of the {len(layers)} sparse layers: {self.overall_density():.4f} (step {self.steps})')
+    def _report(self, headline: str) -> None:
+        """``headline`` on the console (one line); the per-layer table appended to ``report_path`` (and printed with
+        ``verbose``); overall density, prune rate and per-layer densities to the log writer."""
+        table = self.layer_table()
+        if self.verbose:
+            print('\n'.join(table))
+        if self.report_path:
+            with open(self.report_path, 'a', encoding='utf-8') as f:
+                f.write('\n'.join([headline, *table, '', '']))
+        print(headline)
         if self.log_writer is None:
             return
+        layers = {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
         scalars = {'overall': self.overall_density(), 'prune_rate': self.prune_rate, **layers}
         if hasattr(self.log_writer, 'add_scalar'):
             for key, value in scalars.items():
@@ -547,6 +584,26 @@ def _recompute_in_backward(model: nn.Module) -> None:
         pass
 
 
+def _zero_score_share(scores: torch.Tensor, keep: int, tau: torch.Tensor, density: float) -> float:
+    """Fraction of the SNIP scores equal to 0 to keep at random, so that ``keep`` weights survive (0.0 normally).
+
+    When fewer than ``keep`` scores are positive, the threshold is 0 and the original's strict ``score > tau`` keeps
+    none of the zero-scored weights: a model whose norm layers start at zero scale (timm's ``zero_init_last``: no
+    gradient reaches the convs of its residual branches) ends near 99 % sparsity whatever ``--sparsity`` asks. Here
+    the rest of the budget is spread evenly over the zero-scored weights (SNIP cannot rank them), and it is said.
+    """
+    if tau.item() != 0:
+        return 0.0
+    positive = int((scores > 0).sum())
+    zeros = int((scores == 0).sum())
+    share = (keep - positive) / zeros
+    print(f'SNIP: {zeros} of the {scores.numel()} weights score exactly 0 (no gradient reaches them, e.g. behind a '
+          f'norm layer that starts at zero scale); the original keeps none of them and would end at sparsity '
+          f'{1 - positive / scores.numel():.4f}; here each is kept with probability {share:.4f} to reach the asked '
+          f'{1 - density:.4f}')
+    return share
+
+
 def _resolve(flag: str, mode: str, registry: Dict[str, Callable]) -> Callable:
     if mode in registry:
         return registry[mode]
@@ -559,22 +616,40 @@ def _num_to_remove(masking: Masking, mask: torch.Tensor) -> Tuple[int, int]:
     return nonzeros, min(math.ceil(masking.prune_rate * nonzeros), nonzeros)
 
 
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of a 1-D tensor, in its own dtype: ``torch.topk(values, k).values[-1]``, the
+    original's SNIP threshold. On CPU through ``kthvalue`` (linear time, no k-sized copy); elsewhere through an unsorted
+    ``topk`` (CUDA's ``kthvalue`` scans a 1-D tensor with a single thread block)."""
+    if values.device.type == 'cpu':
+        return torch.kthvalue(values, values.numel() - k + 1).values
+    return torch.topk(values, k, sorted=False).values.amin()
+
+
+def _select_ranked(candidates: torch.Tensor, scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Bool tensor marking the ``k`` candidates of highest (``largest``) or lowest ``scores``.
+
+    Ranked in the scores' own dtype, ties going to the lower flat index: exactly the first ``k`` candidates of a stable
+    ``torch.sort`` of the scores, which is how the original chose what to prune and grow. No sort is needed: every
+    candidate strictly better than the k-th score is taken, and the slots left go to the candidates equal to it, in
+    index order. (Negating the scores to rank the lowest is exact.)
+    """
+    chosen = torch.zeros_like(candidates, dtype=torch.bool)
+    k = min(k, int(candidates.sum()))
+    if k <= 0:
+        return chosen
+    flat = scores.detach().flatten()
+    inside = candidates.flatten()
+    ranked = (flat if largest else -flat).masked_fill(~inside, float('-inf'))
+    kth = _kth_largest(ranked, k)
+    better = ranked > kth
+    tied = (ranked == kth) & inside
+    chosen.view(-1).copy_(better | (tied & (torch.cumsum(tied, 0) <= k - better.sum())))
+    return chosen
+
+
 def _remove_lowest(mask: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     """Copy of ``mask`` with the ``k`` active positions of lowest ``scores`` switched off."""
-    new = mask.clone()
-    if k > 0:
-        flat_scores = scores.flatten().float().masked_fill(~mask.flatten(), float('inf'))
-        new.view(-1)[torch.topk(flat_scores, k, largest=False).indices] = False
-    return new
-
-
-def _choose_highest(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor with exactly ``k`` of the ``candidates`` set: those with the highest ``scores``."""
-    chosen = torch.zeros_like(candidates)
-    if k > 0:
-        flat_scores = scores.flatten().float().masked_fill(~candidates.flatten(), -float('inf'))
-        chosen.view(-1)[torch.topk(flat_scores, k).indices] = True
-    return chosen
+    return mask & ~_select_ranked(mask, scores, k, largest=False)
 
 
 def magnitude_prune(masking: Masking, mask: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -596,19 +671,21 @@ def random_growth(masking: Masking, name: str, mask: torch.Tensor, total_regrowt
                   weight: torch.Tensor) -> torch.Tensor:
     """Exactly ``total_regrowth`` inactive positions, uniformly at random (generator shared by all ranks)."""
     scores = torch.rand(mask.shape, generator=masking.generator, device=mask.device)
-    return _choose_highest(~mask, scores, total_regrowth)
+    return _select_ranked(~mask, scores, total_regrowth, largest=True)
 
 
 def gradient_growth(masking: Masking, name: str, mask: torch.Tensor, total_regrowth: int,
                     weight: torch.Tensor) -> torch.Tensor:
     """The inactive positions with the largest |gradient| of the step that just happened."""
-    return _choose_highest(~mask, masking.get_gradient_for_weights(weight).abs(), total_regrowth)
+    scores = masking.get_gradient_for_weights(weight).abs()
+    return _select_ranked(~mask, scores, total_regrowth, largest=True)
 
 
 def momentum_growth(masking: Masking, name: str, mask: torch.Tensor, total_regrowth: int,
                     weight: torch.Tensor) -> torch.Tensor:
     """The inactive positions with the largest |momentum| (Adam: exp_avg / sqrt(exp_avg_sq))."""
-    return _choose_highest(~mask, masking.get_momentum_for_weight(weight).abs(), total_regrowth)
+    scores = masking.get_momentum_for_weight(weight).abs()
+    return _select_ranked(~mask, scores, total_regrowth, largest=True)
 
 
 def momentum_neuron_growth(masking: Masking, name: str, mask: torch.Tensor, total_regrowth: int,
@@ -618,19 +695,20 @@ def momentum_neuron_growth(masking: Masking, name: str, mask: torch.Tensor, tota
     The original floored each neuron's share and skipped neurons with < 10 slots or a zero threshold, so it regrew
     fewer weights than it pruned. Here each neuron gets floor(share), capped by its free slots, and the remainder
     goes to the best remaining inactive positions of the whole layer, so exactly ``total_regrowth`` are grown.
+    Positions are ranked in the momentum's dtype, ties to the lower index (as :func:`_select_ranked`).
     """
-    momentum = masking.get_momentum_for_weight(weight).abs().float().reshape(mask.shape[0], -1)
+    momentum = masking.get_momentum_for_weight(weight).abs().reshape(mask.shape[0], -1)
     free = ~mask.reshape(mask.shape[0], -1)
-    share = momentum.mean(dim=1)
+    share = momentum.double().mean(dim=1)
     share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / share.numel())
     quota = torch.minimum(torch.floor(share * total_regrowth).long(), free.sum(dim=1))
     scores = momentum.masked_fill(~free, -float('inf'))
-    order = torch.argsort(scores, dim=1, descending=True)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     grown = (ranks < quota[:, None]) & free
     remainder = total_regrowth - int(grown.sum())
-    grown |= _choose_highest(free & ~grown, momentum, remainder)
+    grown |= _select_ranked(free & ~grown, momentum, remainder, largest=True)
     return grown.view(mask.shape)
 
 

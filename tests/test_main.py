@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from mnist_mini import REPO, make_mini_mnist
+from mnist_mini import REPO, make_mini_mnist, run_files
 from _gloo import finish_worker
 
 import main
@@ -288,7 +289,7 @@ def test_auto_resume_mismatches_name_the_file(trained, data_dir, capsys, tmp_pat
                                         f'this run')
     code, err = run_cli(argv + ['--only-L'], capsys)  # the masks of other layers
     assert code == 2 and err.startswith(f'error: {tmp_path / "checkpoint-1.pth"}: saved masks for parameters')
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint-1.pth']
+    assert run_files(tmp_path) == ['checkpoint-1.pth']
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(data_dir, capsys, tmp_path, monkeypatch):
@@ -310,7 +311,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(data_dir, capsys,
     assert code == 2 and err == (f'error: cannot write {tmp_path / "checkpoint-1.pth"}: No space left on device; the '
                                  f'files already there are untouched (free space or choose another --output_dir, then '
                                  f'resume with --auto_resume true)')
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth', 'log.txt']  # no temporary file left
+    assert run_files(tmp_path) == ['checkpoint-0.pth', 'log.txt']  # no temporary file left
     assert torch.load(tmp_path / 'checkpoint-0.pth', weights_only=True)['epoch'] == 0
 
 
@@ -515,8 +516,8 @@ def test_finetune_model_prefix_reads_prefixed_checkpoint_keys(tmp_path, capsys):
         main.load_finetune(parse(['--finetune', str(tmp_path / 'pre.pth'), '--model_prefix', 'backbone.']), model)
 
 
-def test_count_flops_dense_and_sparse_against_layer_hooks():
-    """FLOPs = 2 x multiply-adds of every conv and linear layer; the sparse count scales each by its weight density."""
+def test_count_macs_dense_and_sparse_against_layer_hooks():
+    """MACs = multiply-adds of every conv and linear layer; the sparse count scales each by its weight density."""
     import timm
     torch.manual_seed(0)
     model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3],
@@ -533,7 +534,7 @@ def test_count_flops_dense_and_sparse_against_layer_hooks():
             macs = output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
         else:
             macs = output.numel() * w.shape[1]
-        per_layer.append((2 * macs, (w != 0).float().mean().item()))
+        per_layer.append((macs, (w != 0).float().mean().item()))
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     model.eval()
@@ -542,10 +543,28 @@ def test_count_flops_dense_and_sparse_against_layer_hooks():
     for h in handles:
         h.remove()
     model.train()
-    dense, sparse = main.count_flops(model, 32, torch.device('cpu'))
+    dense, sparse = main.count_macs(model, 32)
     assert dense == sum(f for f, _ in per_layer)
     assert sparse == pytest.approx(sum(f * d for f, d in per_layer), rel=1e-6)
     assert sparse < 0.95 * dense and model.training
+
+
+def test_model_size_line_in_the_papers_units_by_hand(capsys):
+    """Conv 3->8 (3x3), depthwise 3x3, linear 8->10 at 12x12, half of the first conv's weights zero."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    with torch.no_grad():
+        model[0].weight[:4] = 0  # 108 of its 216 weights
+    macs = {'conv': 144 * 8 * 3 * 3 * 3, 'depthwise': 144 * 8 * 1 * 3 * 3, 'linear': 8 * 10}  # 31104, 10368, 80
+    params = (216 + 8) + (72 + 8) + (80 + 10)
+    assert main.count_macs(model, 12) == (sum(macs.values()), sum(macs.values()) - 31104 // 2)
+    main.print_model_size(model, params, 12, sparse=True)
+    assert capsys.readouterr().out.strip() == (
+        'model: 286 non-zero parameters of 394; 26.00 k multiply-accumulates (MACs) per 12x12 image with the sparse '
+        'masks, 41.55 k dense (the paper\'s "#params" and "FLOPs" columns count the non-zeros and MACs)')
+    main.print_model_size(model, params, 12, sparse=False)
+    assert '394 parameters; 41.55 k multiply-accumulates' in capsys.readouterr().out
 
 
 def _ema_worker(rank: int, init_file: str, out: str) -> None:
@@ -568,3 +587,131 @@ def test_ema_starts_identical_on_every_rank(tmp_path):
     mp.spawn(_ema_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f'ema-{r}.pth') for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- flag ranges ----------------------------------------------------------------------------------------------------
+def _outside(interval):
+    """Values outside ``interval`` at each finite end: the bound itself where the end is open, else one beyond."""
+    values = [interval.low if interval.low_open else interval.low - 1]
+    if math.isfinite(interval.high):
+        values.append(interval.high if interval.high_open else interval.high + 1)
+    return values
+
+
+@pytest.mark.parametrize('flag, value', [(flag, v) for flag, (interval, _) in main.FLAG_RANGES.items()
+                                         for v in _outside(interval)])
+def test_every_rate_flag_out_of_range_is_one_error_line_before_any_work(flag, value, capsys, tmp_path):
+    out = tmp_path / 'out'
+    argv = ['--data_path', '/nonexistent', '--output_dir', str(out), '--device', 'cpu', flag, str(value)]
+    if flag in ('--opt_betas', '--cutmix_minmax'):
+        argv.append('0.9' if flag == '--opt_betas' else '1.0')  # two values; the first is the bad one
+        if flag == '--cutmix_minmax' and value > 1:
+            argv[-2:] = ['0.5', str(value)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith(f'error: {flag} must be in ') and '\n' not in err
+    assert not out.exists()  # refused before the output folder, data or model were touched
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['--prune_rate', '2'], '--prune_rate must be in (0, 1) (fraction of the active weights pruned'),
+    (['--prune_rate', '-0.1'], '--prune_rate must be in (0, 1)'),
+    (['--sparsity', '1'], '--sparsity must be in [0, 1)'),
+    (['--drop_path', '1'], '--drop_path must be in [0, 1)'),
+    (['--smoothing', '1.0'], '--smoothing must be in [0, 1)'),
+    (['--mixup_prob', '1.5'], '--mixup_prob must be in [0, 1]'),
+    (['--reprob', 'nan'], '--reprob must be in [0, 1] (random-erasing probability); got nan'),
+    (['--model_ema_decay', '1.01'], '--model_ema_decay must be in [0, 1]'),
+    (['-u', '0'], '--update-frequency must be in [1, inf)'),
+    (['--opt_betas', '0.9', '1.0'], '--opt_betas must be in [0, 1) (Adam betas); got 1'),
+    (['--cutmix_minmax', '0.4'], '--cutmix_minmax takes two ratios, min < max; got [0.4]'),
+    (['--cutmix_minmax', '0.8', '0.4'], '--cutmix_minmax takes two ratios, min < max'),
+])
+def test_rate_flags_named_in_the_issue(argv, needle, capsys, tmp_path):
+    code, err = run_cli(['--data_path', '/nonexistent', '--device', 'cpu', '--output_dir', str(tmp_path / 'o')] + argv,
+                        capsys)
+    assert code == 2 and needle in err and err.startswith('error: ')
+
+
+def test_flag_ranges_name_real_flags_and_accept_the_readme_recipe():
+    defaults = vars(parse([]))
+    assert all(flag.lstrip('-').replace('-', '_') in defaults for flag in main.FLAG_RANGES)
+    for command in README_COMMANDS:
+        args = parse(command.split())
+        args.device = 'cpu'
+        main.check_args(args)  # the published recipes and the defaults pass
+    main.check_args(parse(['--device', 'cpu', '--prune_rate', '0.5', '--sparsity', '0', '--opt_betas', '0.9', '0.999',
+                           '--cutmix_minmax', '0.2', '0.8', '--drop_path', '0.5', '--smoothing', '0']))
+
+
+# ---- resuming with other flags ---------------------------------------------------------------------------------------
+def test_resume_with_another_sparsity_is_refused(trained, data_dir, capsys, tmp_path):
+    shutil.copy(os.path.join(trained, 'checkpoint-0.pth'), tmp_path / 'checkpoint-0.pth')
+    argv = TINY + SPARSE + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path)]
+    argv[argv.index('--sparsity') + 1] = '0.5'
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and '\n' not in err
+    assert err.startswith(f'error: --sparsity 0.5, but {tmp_path / "checkpoint-0.pth"} was trained at sparsity 0.4 '
+                          f'and resuming restores its masks; pass --sparsity 0.4')
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth', 'model.txt', 'param_groups.json']
+
+
+def _run_main(argv, world_size):
+    """main.py in ``world_size`` gloo processes (torchrun's environment variables); returns rank 0's output."""
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        if world_size == 1:
+            env = {k: v for k, v in env.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+        procs.append(subprocess.Popen([sys.executable, 'main.py'] + argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world_size, outs[0][-3000:]
+    return outs[0]
+
+
+@pytest.mark.distributed
+def test_resume_two_processes_on_one_keeps_the_prune_rate_on_the_new_run(data_dir, tmp_path):
+    """Trained on 2 gloo processes (3 steps per epoch), resumed on 1 (6 steps per epoch) after epoch 0: the prune
+    rate follows the new run's 12 steps down to its floor at the last one, and the batch change is said."""
+    argv = TINY + SPARSE + ['--epochs', '2', '--data_path', data_dir, '--output_dir', str(tmp_path), '-u', '1',
+                            '--disable_eval', 'true', '--dist_timeout', '2']
+    first = _run_main(argv, world_size=2)
+    assert 'optimizer steps per epoch' in first and ': 3 optimizer steps per epoch' in first
+    os.remove(tmp_path / 'checkpoint-1.pth')
+    second = _run_main(argv, world_size=1)
+    assert ('effective batch changed: 2 processes x --batch_size 32 x --update_freq 1 = 64 images per optimizer step '
+            f'when {tmp_path / "checkpoint-0.pth"} was written, now 1 x 32 x 1 = 32, at the same --lr 0.004') in second
+    assert ("prune-rate schedule: the checkpoint's went from 0.3 to 0.005 over 6 optimizer steps (now at 3); this "
+            "run's goes from 0.3 over 12 steps and is at 6") in second
+    headlines = [line for line in second.splitlines() if line.startswith('prune/grow at step')]
+    rates = [float(line.split('(prune rate ')[1].split(')')[0]) for line in headlines]
+    assert len(rates) == 6 and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == 0.005
+    # the same updates, in the table file the resumed run appended to
+    assert [b.splitlines()[0] for b in (tmp_path / 'sparsity.txt').read_text().strip().split('\n\n')][-6:] == headlines
+    state = torch.load(tmp_path / 'checkpoint-1.pth', weights_only=True)['mask']
+    assert state['prune_rate_decay']['T_max'] == state['prune_rate_decay']['last_epoch'] == 12
+    assert state['prune_rate'] == pytest.approx(0.005, abs=1e-12) and state['steps'] == 9
+
+
+def test_resumed_schedule_keeps_an_unchanged_decay_and_follows_a_longer_run(capsys):
+    """--epochs doubled on resume at step 30 of 60: the decay continues over the new 120 steps to its floor."""
+    from sparse_core import CosineDecay
+    saved = CosineDecay(0.3, T_max=60, init_step=30)
+    state = {'prune_rate_decay': saved.state_dict(), 'prune_rate': saved.get_dr(), 'density': 0.6}
+    assert main.resumed_schedule(state, CosineDecay(0.3, T_max=60, init_step=30)) is state
+    assert capsys.readouterr().out == ''
+    longer = CosineDecay(0.3, T_max=120, init_step=30)
+    resumed = main.resumed_schedule(state, longer)
+    assert resumed['prune_rate_decay'] == longer.state_dict() and resumed['prune_rate'] == longer.get_dr()
+    assert resumed['density'] == 0.6 and state['prune_rate_decay'] == saved.state_dict()  # the checkpoint's untouched
+    assert 'over 60 optimizer steps (now at 30); this run\'s goes from 0.3 over 120 steps and is at 30' in \
+        capsys.readouterr().out
+    restored = CosineDecay(0.3, T_max=1)
+    restored.load_state_dict(resumed['prune_rate_decay'])
+    rates = []
+    for _ in range(90):
+        restored.step()
+        rates.append(restored.get_dr())
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.005, abs=1e-15)

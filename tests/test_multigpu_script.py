@@ -17,10 +17,10 @@ def progress(i, total, seconds, rate):
 
 LOG = '\n'.join([
     progress(0, 60, 13.9865, 4.6),
-    'prune/grow update took 161.1 ms',
-    'prune/grow update took 120.0 ms',
+    'prune/grow at step 5: 7064 of 24425 active weights moved (prune rate 0.2888), density 0.5037, 161.1 ms',
+    'prune/grow at step 10: 7064 of 24425 active weights moved (prune rate 0.2888), density 0.5037, 120.0 ms',
     '[rank 1] checksum weights 1.1614688993e+07 masks 1.3493343073e+10',
-    'prune/grow update took 140.0 ms',
+    'prune/grow at step 15: 7064 of 24425 active weights moved (prune rate 0.2888), density 0.5037, 140.0 ms',
     progress(59, 60, 0.1261, 507.3),
     '[rank 0] checksum weights 1.1614688993e+07 masks 1.3493343073e+10',
 ])

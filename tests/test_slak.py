@@ -494,7 +494,7 @@ def test_padded_pointwise_mlp_equals_plain(dim, monkeypatch):
 
 
 def test_padded_pointwise_is_off_under_flop_counter(monkeypatch):
-    """main.count_flops must see the unpadded nn.Linear calls: exact FLOPs, attributed to pwconv1/pwconv2."""
+    """main.count_macs must see the unpadded nn.Linear calls: exact FLOPs, attributed to pwconv1/pwconv2."""
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setattr(SLaK.Block, 'PAD_POINTWISE', True)
     dim, hw = 13, 6 * 5
