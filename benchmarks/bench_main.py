@@ -115,8 +115,8 @@ IPS = re.compile(r'img/s: ([\d.]+)')
 MEM = re.compile(r'max mem: (\d+)')
 PHASES = {  # first log line of each start-up phase (main.py's order)
     'data_ready': re.compile(r'^(Mixup is activated|number of params|Model = )'),
-    'masks_ready': re.compile(r'^(Total number of parameters are|Masks ready)'),
-    'flops_counted': re.compile(r'^(FLOPs|MACs) at'),
+    'masks_ready': re.compile(r'^sparse masks'),
+    'flops_counted': re.compile(r'^model: '),
     'training_starts': re.compile(r'^Start training'),
 }
 
@@ -151,7 +151,7 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
     epoch_end_t = None
     update_in_window = False
     for t, line in lines:
-        if 'Dynamic Sparsity' in line:
+        if line.startswith('prune/grow at step'):
             update_in_window = True
         step = STEP_LINE.search(line)
         if step and out['first_step_s'] is None:
