@@ -196,11 +196,12 @@ def _branch_inputs(x: torch.Tensor, n: int) -> List[torch.Tensor]:
     forward, and backward as many casts back plus fp32 sums of the input gradients (about 1.9 ms of memory traffic
     per SLaK-T training step at batch 64). The branches share one cast instead, and their gradients are summed in
     fp32 as before (same values: each conv sees the copy autocast would have made for it). A scripted model
-    (TorchScript) takes the plain list.
+    (TorchScript) takes the plain list, and so do meta tensors (no autocast for them; timm's cfg tests run there).
     """
     if not torch.jit.is_scripting():
         device = x.device.type
-        if SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and not x.is_meta
+                and torch.is_autocast_enabled(device)):
             return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device)))
     return [x] * n
 
@@ -748,27 +749,25 @@ class SLaK(nn.Module):
             indices: stage indices to return (default all); an int n means the last n stages.
             norm: accepted for timm compatibility; SLaK has no norm on feature maps (its ``norm`` follows the pooling,
                 as ConvNeXt's head norm), so the maps are the same either way.
-            stop_early: stop after the last requested stage (implied by ``intermediates_only``; not in TorchScript).
+            stop_early: stop after the last requested stage (implied by ``intermediates_only``).
             output_fmt: 'NCHW' (the only layout).
             intermediates_only: return only the list of feature maps; otherwise ``(final, intermediates)`` with
                 ``final`` the last-stage feature map (:meth:`forward_features`).
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f'output_fmt must be NCHW; got {output_fmt!r}')
+            raise ValueError(f"output_fmt must be NCHW; got '{output_fmt}'")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if torch.jit.is_scripting() or not (stop_early or intermediates_only):
-            downsample_layers, stages = self.downsample_layers, self.stages
-        else:
-            downsample_layers, stages = self.downsample_layers[:max_index + 1], self.stages[:max_index + 1]
+        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
         intermediates = []
-        for i, (downsample, stage) in enumerate(zip(downsample_layers, stages)):
-            x = downsample(x)
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            if i <= last:  # (TorchScript unrolls this loop and allows no break in it)
+                x = downsample(x)
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    x = checkpoint_seq(stage, x, use_reentrant=False)
+                else:
+                    x = stage(x)
+                if i in take_indices:
+                    intermediates.append(x)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -814,12 +813,13 @@ class SLaK(nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's hook for ``pretrained_cfg_overlay=dict(file=...)`` (the cfgs set ``custom_load``): the checkpoint's
-        ``model`` entry (not ``model_ema``, which timm's generic loader would prefer) loaded strictly, as
-        ``--resume`` does; the classifier is skipped when ``num_classes`` differs from the cfg's."""
-        checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)  # the one file read
-        skip_head = self.num_classes != self.pretrained_cfg.get('num_classes', self.num_classes)
-        load_checkpoint(self, checkpoint, strict=True, ignore=('head.',) if skip_head else ())
+        """timm's hook (``custom_load``) for ``pretrained_cfg_overlay=dict(file=...)``: the checkpoint's ``model``
+        entry (not ``model_ema``, which timm's generic loader would prefer) loaded strictly, as ``--resume`` does; a
+        classifier for another number of classes is skipped (timm's ``num_classes`` convention)."""
+        state = extract_state_dict(torch.load(checkpoint_path, map_location='cpu', weights_only=True))  # the one read
+        own = self.state_dict()
+        other_head = any(k.startswith('head.') and (k not in own or v.shape != own[k].shape) for k, v in state.items())
+        load_checkpoint(self, state, strict=True, ignore=('head.',) if other_head else ())
 
     # ---- inference folding ----------------------------------------------------------------------------------------
     def reparameterize(self, decomposed: bool = False) -> 'SLaK':
@@ -836,7 +836,7 @@ def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
     if pool_type not in GLOBAL_POOLS:
         raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}; got {pool_type!r} (pooling that widens the '
                          f'features, such as catavgmax, does not fit the norm)')
-    return SelectAdaptivePool2d(pool_type=f'fast{pool_type}' if pool_type else '', flatten=True)
+    return SelectAdaptivePool2d(pool_type=f'fast{pool_type}' if pool_type else '', flatten=bool(pool_type))
 
 
 def _strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -908,12 +908,11 @@ _IGNORED_KWARGS = ('in_22k', 'args', 'flag', 'gru')
 
 def _cfg(**kwargs) -> dict:
     """The original's evaluation setup (224 px, resize 256 + centre crop, bicubic, ImageNet mean/std). No weights are
-    shipped (the original's were on Google Drive / SURFdrive); ``custom_load``: a local file goes through
-    :meth:`SLaK.load_pretrained`."""
+    shipped (the original's were on Google Drive / SURFdrive)."""
     return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv='downsample_layers.0.0', classifier='head', custom_load=True, license='mit',
-                paper_ids='arXiv:2207.03620', origin_url='https://github.com/VITA-Group/SLaK', **kwargs)
+                first_conv='downsample_layers.0.0', classifier='head', license='mit', paper_ids='arXiv:2207.03620',
+                origin_url='https://github.com/VITA-Group/SLaK', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({name: _cfg() for name in ('SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large')})
@@ -926,8 +925,11 @@ def _checkpoint_filter_fn(state_dict: dict, model: SLaK) -> dict:
 
 def _create(variant: str, pretrained: bool, depths: List[int], dims: List[int], /, **kwargs) -> SLaK:
     if pretrained:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+                                     pretrained_cfg_overlay=overlay)
+        if overlay.get('file'):  # through SLaK.load_pretrained: timm's own file loader would prefer 'model_ema'
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=overlay.get('custom_load', True))
         if not (cfg.has_weights or cfg.state_dict):
             raise ValueError(f'{variant} has no downloadable weights; give a local checkpoint (the original\'s or one '
                              f'of main.py\'s) with timm.create_model({variant!r}, pretrained=True, '
