@@ -734,7 +734,7 @@ class SLaK(nn.Module):
         if global_pool is not None:
             self.global_pool = _global_pool(global_pool).train(self.training)
         if reset_other:
-            self.norm = nn.Identity()
+            self.norm = nn.Identity().train(self.training)
         self.num_classes = num_classes
         self.head = (nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0
                      else nn.Identity()).train(self.training)
