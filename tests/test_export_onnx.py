@@ -66,7 +66,7 @@ def test_triton_convs_export_as_the_plain_convolution(tmp_path):
     model.reparameterize()
     assert type(model.stages[0][0].large_kernel.lkb_reparam).__name__ == 'DepthWiseConv2dImplicitGEMM'
     images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), pytest.warns(UserWarning, match='falling back to F.conv2d'):  # no GPU here
+    with torch.no_grad():  # (without a GPU the module computes with F.conv2d: the same convolution)
         expected = model(images)
     path = str(tmp_path / 'slak.onnx')
     export_onnx.export_onnx(model, path, 64)
