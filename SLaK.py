@@ -13,10 +13,11 @@ What differs from the original, on purpose (see README "Differences from the ori
 * BatchNorm is ``nn.BatchNorm2d`` (same keys as the original's hard-wired ``SyncBatchNorm``); ``main.py`` converts it
   to SyncBatchNorm in distributed runs.
 * Inference folding works for every layout (the original's ``merge_kernel`` fails for ``Decom`` and ``bn=False``).
-* timm >= 0.6 passes ``pretrained_cfg`` & co. into entry points; the original crashed on them, the entry points here
-  drop them.
+* timm's model interface: the models are built by timm's builder with registered pretrained cfgs (no weights are
+  shipped: ``pretrained=True`` loads ``pretrained_cfg_overlay=dict(file=...)``), ``forward_features`` returns the
+  last stage's NCHW map (the original returned the pooled, normed vector: ``forward_head(forward_features(x),
+  pre_logits=True)``), ``features_only=True`` works, and the model scripts (``torch.jit.script``) and FX-traces.
 """
-from __future__ import annotations
 
 import importlib.util
 import logging
@@ -31,9 +32,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
-from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, SelectAdaptivePool2d, get_device_dtype, is_exportable, is_scriptable, trunc_normal_
+from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model,
+                         register_notrace_module, resolve_pretrained_cfg)
+from timm.models._features import feature_take_indices
 
 __all__ = [
     'SLaK', 'Block', 'LayerNorm', 'ReparamLargeKernelConv', 'get_conv2d', 'conv_bn', 'fuse_bn',
@@ -46,6 +49,7 @@ _logger = logging.getLogger(__name__)
 _REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONV_IMPLS = ('auto', 'cutlass', 'torch')
 _DWCONV_MODULE_NAME = 'depthwise_conv2d_implicit_gemm'
+GLOBAL_POOLS = ('avg', 'max', 'avgmax', '')
 
 
 def _env_switch(name: str) -> Union[str, bool]:
@@ -85,9 +89,11 @@ def _resolve_conv_impl(impl: Optional[str]) -> str:
     """Decide which depthwise implementation to build: ``'cutlass'`` or ``'torch'``.
 
     Priority: the explicit ``impl`` argument, then the ``LARGE_KERNEL_CONV_IMPL`` environment variable, then ``auto``.
-    ``auto`` takes the fast kernel when CUDA is available and it imports; ``cutlass`` insists on it (error if it
-    cannot be imported); ``torch`` always uses ``nn.Conv2d``. A folder path in the environment variable selects the
-    kernel file in that folder (compatible with RepLKNet/SLaK instructions).
+    ``auto`` takes the fast kernel when CUDA is available and it imports, except for models built to be scripted or
+    exported (``timm.create_model(..., scriptable=True)`` or ``exportable=True``: the Triton module's forward is
+    neither), which get ``nn.Conv2d``; ``cutlass`` insists on it (error if it cannot be imported); ``torch`` always
+    uses ``nn.Conv2d``. A folder path in the environment variable selects the kernel file in that folder (compatible
+    with RepLKNet/SLaK instructions).
     """
     choice = impl if impl is not None else os.environ.get('LARGE_KERNEL_CONV_IMPL', 'auto')
     choice = choice.strip()
@@ -98,7 +104,7 @@ def _resolve_conv_impl(impl: Optional[str]) -> str:
         else:
             raise ValueError(f'conv_impl / LARGE_KERNEL_CONV_IMPL must be one of {CONV_IMPLS} or a folder holding '
                              f'{_DWCONV_MODULE_NAME}.py; got {choice!r}')
-    if choice == 'torch':
+    if choice == 'torch' or (choice == 'auto' and (is_scriptable() or is_exportable())):
         return 'torch'
     fast = _load_fast_dwconv(path)
     if choice == 'cutlass':
@@ -110,7 +116,8 @@ def _resolve_conv_impl(impl: Optional[str]) -> str:
 
 
 def get_conv2d(in_channels: int, out_channels: int, kernel_size: Union[int, Tuple[int, int]], stride: int,
-               padding, dilation: int, groups: int, bias: bool, impl: Optional[str] = None) -> nn.Conv2d:
+               padding, dilation: int, groups: int, bias: bool, impl: Optional[str] = None, *,
+               device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> nn.Conv2d:
     """The one place that decides how a (depthwise) large-kernel convolution is computed.
 
     Like the original, only ``in_channels``, ``kernel_size`` and ``bias`` really matter for the depthwise case: the
@@ -119,15 +126,17 @@ def get_conv2d(in_channels: int, out_channels: int, kernel_size: Union[int, Tupl
     signature compatibility. Non-depthwise requests get a plain ``nn.Conv2d`` with the arguments as given.
 
     Both implementations are ``nn.Conv2d`` subclasses with a ``(C, 1, kh, kw)`` weight, so keys, init and FLOP hooks
-    are identical whichever runs.
+    are identical whichever runs. ``device``/``dtype``: where the parameters are created (timm's factory kwargs).
     """
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dd = dict(device=device, dtype=dtype)
     if not (in_channels == out_channels == groups):
-        return nn.Conv2d(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups, bias)
+        return nn.Conv2d(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups, bias, **dd)
     if _resolve_conv_impl(impl) == 'cutlass':
-        return _load_fast_dwconv()(in_channels, (kh, kw), bias=bias)
+        conv = _load_fast_dwconv()(in_channels, (kh, kw), bias=bias)  # the original's signature: no factory kwargs
+        return conv.to(**dd) if device is not None or dtype is not None else conv
     return nn.Conv2d(in_channels, in_channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=in_channels,
-                     bias=bias)
+                     bias=bias, **dd)
 
 
 def for_single_pass(model: nn.Module) -> nn.Module:
@@ -153,13 +162,14 @@ def for_single_pass(model: nn.Module) -> nn.Module:
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size, stride: int, padding, groups: int, dilation: int = 1,
-            bn: bool = True, impl: Optional[str] = None) -> nn.Sequential:
+            bn: bool = True, impl: Optional[str] = None, *, device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None) -> nn.Sequential:
     """``conv`` (no bias) followed, when ``bn``, by ``bn``: the original's child names (checkpoint keys)."""
     result = nn.Sequential()
     result.add_module('conv', get_conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                         bias=False, impl=impl))
+                                         bias=False, impl=impl, device=device, dtype=dtype))
     if bn:
-        result.add_module('bn', nn.BatchNorm2d(out_channels))
+        result.add_module('bn', nn.BatchNorm2d(out_channels, device=device, dtype=dtype))
     return result
 
 
@@ -211,12 +221,14 @@ def _branch_inputs(x: torch.Tensor, n: int) -> List[torch.Tensor]:
     Under autocast every conv would cast the fp32 residual stream to half precision on its own: per block 2-3 casts
     forward, and backward as many casts back plus fp32 sums of the input gradients (about 1.9 ms of memory traffic
     per SLaK-T training step at batch 64). The branches share one cast instead, and their gradients are summed in
-    fp32 as before (same values: each conv sees the copy autocast would have made for it).
+    fp32 as before (same values: each conv sees the copy autocast would have made for it). A scripted model
+    (TorchScript) takes the plain list, and so do meta tensors (no autocast for them; timm's cfg tests run there).
     """
-    device = x.device.type
-    if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and device != 'meta'  # (main.count_macs)
-            and torch.is_autocast_enabled(device)):
-        return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device)))
+    if not torch.jit.is_scripting():
+        device = x.device.type
+        if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and not x.is_meta
+                and torch.is_autocast_enabled(device)):
+            return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device)))
     return [x] * n
 
 
@@ -246,41 +258,61 @@ class ReparamLargeKernelConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
                  small_kernel: Optional[int], small_kernel_merged: bool = False, Decom: bool = False, bn: bool = True,
-                 *, conv_impl: Optional[str] = None):
+                 *, conv_impl: Optional[str] = None, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
         self.Decom = Decom
         self.conv_impl = conv_impl
         padding = kernel_size // 2  # only for signature compatibility; get_conv2d pads per axis
+        conv_kwargs = dict(impl=conv_impl, device=device, dtype=dtype)
         if small_kernel_merged:
             self.lkb_reparam = get_conv2d(in_channels, out_channels, kernel_size, stride, padding, 1, groups, True,
-                                          impl=conv_impl)
+                                          **conv_kwargs)
         else:
             if self.Decom:
                 self.LoRA1 = conv_bn(in_channels, out_channels, (kernel_size, small_kernel), stride, padding, groups,
-                                     bn=bn, impl=conv_impl)
+                                     bn=bn, **conv_kwargs)
                 self.LoRA2 = conv_bn(in_channels, out_channels, (small_kernel, kernel_size), stride, padding, groups,
-                                     bn=bn, impl=conv_impl)
+                                     bn=bn, **conv_kwargs)
             else:
                 self.lkb_origin = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups, bn=bn,
-                                          impl=conv_impl)
+                                          **conv_kwargs)
             if small_kernel is not None and small_kernel < kernel_size:
                 self.small_conv = conv_bn(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups,
-                                          bn=bn, impl=conv_impl)
+                                          bn=bn, **conv_kwargs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if hasattr(self, 'lkb_reparam'):
             return self.lkb_reparam(inputs)
         if hasattr(self, 'lkb_decomposed'):
-            return _sum_parts(*self.forward_parts(inputs))
-        branches = [self.LoRA1, self.LoRA2] if self.Decom else [self.lkb_origin]
+            return _sum_parts(self._decomposed_parts(inputs), self.lkb_bias)
+        n = (2 if hasattr(self, 'LoRA1') else 1) + int(hasattr(self, 'small_conv'))
+        xs = _branch_inputs(inputs, n)
+        if not torch.jit.is_scripting():
+            out = self._fused_branch_sum(xs)
+            if out is not None:
+                return out
+        # branch by branch, submodules by name (TorchScript resolves each hasattr when it compiles)
+        if hasattr(self, 'LoRA1'):
+            out = self.LoRA1(xs[0]) + self.LoRA2(xs[1])
+        else:
+            out = self.lkb_origin(xs[0])
+        if hasattr(self, 'small_conv'):
+            out = out + self.small_conv(xs[n - 1])
+        return out
+
+    def _fused_branch_sum(self, xs: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The sum of the branches with their BatchNorms applied together, or None where that does not apply.
+
+        With the fast conv, its module sums training-mode BatchNorms in fused kernels (None when that does not
+        apply). A BN class may also normalise all branches at once itself (utils.SyncBatchNormWithoutHostSync: one
+        collective per pass for the block instead of one per BN), handing the fast kernels its process group.
+        """
+        branches = [self.LoRA1, self.LoRA2] if hasattr(self, 'LoRA1') else [self.lkb_origin]
         if hasattr(self, 'small_conv'):
             branches.append(self.small_conv)
-        inputs = _branch_inputs(inputs, len(branches))
-        # With the fast conv, its module sums training-mode BatchNorms in fused kernels (None when that does not
-        # apply). A BN class may also normalise all branches at once itself (utils.SyncBatchNormWithoutHostSync:
-        # one collective per pass for the block instead of one per BN), handing the fast kernels its process group.
         fast = sys.modules.get(_DWCONV_MODULE_NAME)
         fast_sum = None
         if self.training and fast is not None and isinstance(getattr(branches[0], 'conv', None),
@@ -288,25 +320,22 @@ class ReparamLargeKernelConv(nn.Module):
             fast_sum = fast.branch_bn_sum
         fused = getattr(getattr(branches[0], 'bn', None), 'sum_of_branches', None)
         if fused is not None:
-            out = fused(inputs, branches, fast_sum=fast_sum)
+            out = fused(xs, branches, fast_sum=fast_sum)
             if out is not None:
                 return out
-        if fast_sum is not None:
-            out = fast_sum(inputs, branches)
-            if out is not None:
-                return out
-        out = branches[0](inputs[0])
-        for branch, x in zip(branches[1:], inputs[1:]):
-            out = out + branch(x)
-        return out
+        return fast_sum(xs, branches) if fast_sum is not None else None
+
+    def _decomposed_parts(self, inputs: torch.Tensor) -> List[torch.Tensor]:
+        """The two conv outputs of the folded decomposed form (without ``lkb_bias``)."""
+        xs = _branch_inputs(inputs, 2)
+        return [self.lkb_decomposed['tall'](xs[0]), self.lkb_decomposed['wide'](xs[1])]
 
     def forward_parts(self, inputs: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """(tensors, bias) whose sum (bias per channel) is :meth:`forward`'s output, so that a caller can fuse the
         sum into what follows (``Block``'s compiled tail): the folded decomposed form returns its two conv outputs
         and bias, every other form its output alone."""
         if hasattr(self, 'lkb_decomposed'):
-            tall, wide = _branch_inputs(inputs, 2)
-            return [self.lkb_decomposed['tall'](tall), self.lkb_decomposed['wide'](wide)], self.lkb_bias
+            return self._decomposed_parts(inputs), self.lkb_bias
         return [self(inputs)], None
 
     def _branches(self) -> Dict[str, nn.Sequential]:
@@ -390,10 +419,11 @@ class LayerNorm(nn.Module):
     it is correct for any memory format, including ``torch.channels_last``.
     """
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = 'channels_last'):
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = 'channels_last', *,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.weight = nn.Parameter(torch.ones(normalized_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype))
         self.eps = eps
         self.data_format = data_format
         if self.data_format not in ('channels_last', 'channels_first'):
@@ -409,6 +439,7 @@ class LayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+@register_notrace_module
 class Block(nn.Module):
     """SLaK block: large-kernel depthwise conv -> LayerNorm -> Linear -> GELU -> Linear -> gamma -> residual.
 
@@ -429,27 +460,34 @@ class Block(nn.Module):
     shape, on first use; same maths. ``COMPILE_TAIL`` ('auto': on CUDA; True, False; environment variable
     ``SLAK_COMPILE_TAIL=0`` turns it off) switches it; FLOP counting, forward hooks on the tail's modules and a model
     compiled as a whole take the plain path, and a failing compiler gives one warning and the plain path.
+
+    A scripted model (``torch.jit.script``) runs the plain maths; timm's FX tracing keeps the block as one leaf
+    (``register_notrace_module``), so a traced graph runs each block's ``forward`` as here, fast paths included.
     """
 
     PAD_POINTWISE: Union[str, bool] = 'auto'
     COMPILE_TAIL: Union[str, bool] = _env_switch('SLAK_COMPILE_TAIL')
 
     def __init__(self, dim: int, drop_path: float = 0., layer_scale_init_value: float = 1e-6, kernel_size=(7, 7),
-                 Decom=None, bn: bool = True, *, conv_impl: Optional[str] = None):
+                 Decom=None, bn: bool = True, *, conv_impl: Optional[str] = None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.large_kernel = ReparamLargeKernelConv(in_channels=dim, out_channels=dim, kernel_size=kernel_size[0],
                                                    stride=1, groups=dim, small_kernel=kernel_size[1],
-                                                   small_kernel_merged=False, Decom=Decom, bn=bn, conv_impl=conv_impl)
-        self.norm = LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
+                                                   small_kernel_merged=False, Decom=Decom, bn=bn, conv_impl=conv_impl,
+                                                   **dd)
+        self.norm = LayerNorm(dim, eps=1e-6, **dd)
+        self.pwconv1 = nn.Linear(dim, 4 * dim, **dd)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+        self.pwconv2 = nn.Linear(4 * dim, dim, **dd)
+        self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim, **dd)) if layer_scale_init_value > 0
+                      else None)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        if self._use_compiled_tail(x):
+        if not torch.jit.is_scripting() and self._use_compiled_tail(x):
             parts, bias = self.large_kernel.forward_parts(x)
             return _run_tail(parts, bias, shortcut, self.norm.weight, self.norm.bias, self.pwconv1.weight,
                              self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
@@ -457,7 +495,7 @@ class Block(nn.Module):
         x = self.large_kernel(x)
         x = x.permute(0, 2, 3, 1)
         x = self.norm(x)
-        if self._pad_pointwise(x):
+        if not torch.jit.is_scripting() and self._pad_pointwise(x):
             x = self._padded_mlp(x)
         else:
             x = self.pwconv2(self.act(self.pwconv1(x)))
@@ -466,6 +504,7 @@ class Block(nn.Module):
         x = x.permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
 
+    @torch.jit.unused
     def _use_compiled_tail(self, x: torch.Tensor) -> bool:
         mode = self.COMPILE_TAIL
         if not mode or _TAIL_STATE['broken'] or not _no_dispatch_mode() or torch.compiler.is_compiling():
@@ -484,6 +523,7 @@ class Block(nn.Module):
         scale = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
         return scale.div_(keep) if keep > 0. and getattr(self.drop_path, 'scale_by_keep', True) else scale
 
+    @torch.jit.unused
     def _pad_pointwise(self, x: torch.Tensor) -> bool:
         dim = self.pwconv1.in_features
         if dim % 8 == 0 and self.pwconv1.out_features % 8 == 0:
@@ -624,17 +664,22 @@ class SLaK(nn.Module):
     Args are the original's, with the same defaults. ``width_factor`` scales every entry of ``dims`` with truncation
     (``int(d * width_factor)``: 1.3 gives 124/249/499/998). ``kernel_size`` = 4 stage kernels + 1 small kernel.
     Keyword-only extras: ``conv_impl`` ('auto' | 'cutlass' | 'torch', default: env ``LARGE_KERNEL_CONV_IMPL`` or
-    'auto') chooses the depthwise implementation (see :func:`get_conv2d`).
+    'auto') chooses the depthwise implementation (see :func:`get_conv2d`); ``global_pool`` ('avg' as the original,
+    'max', 'avgmax' or '' for none) is the head's pooling; ``device``/``dtype`` place the parameters (timm's factory
+    kwargs).
 
-    ``forward_features`` returns the pooled, normed (N, C3) vector as the original does; stage feature maps come from
-    :meth:`forward_intermediates` (used by segmentation, detection, ERF and feature distillation).
+    timm's interface: :meth:`forward_features` returns the last stage's (N, C3, H/32, W/32) map and
+    :meth:`forward_head` pools it, applies ``norm`` and ``head``. The original's ``forward_features`` (the pooled,
+    normed vector) is ``forward_head(forward_features(x), pre_logits=True)``. Stage feature maps come from
+    :meth:`forward_intermediates`, the one feature API (``features_only=True``, segmentation, detection, ERF).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (3, 3, 9, 3),
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.,
                  layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.,
                  kernel_size: Sequence[int] = (51, 49, 47, 13, 5), width_factor: float = 1.0, Decom=None,
-                 bn: bool = True, *, conv_impl: Optional[str] = None):
+                 bn: bool = True, *, conv_impl: Optional[str] = None, global_pool: str = 'avg',
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not width_factor > 0:
             raise ValueError(f'width_factor must be > 0; got {width_factor!r}')
@@ -644,22 +689,24 @@ class SLaK(nn.Module):
         dims = [int(x * width_factor) for x in dims]
         if min(dims) < 1:
             raise ValueError(f'width_factor={width_factor} makes a stage with 0 channels: {dims}')
+        dd = dict(device=device, dtype=dtype)
         self.dims = dims
         self.depths = list(depths)
         self.kernel_size = kernel_size
+        self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = dims[-1]
+        self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
         self.conv_impl = _resolve_conv_impl(conv_impl)
 
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
-            LayerNorm(dims[0], eps=1e-6, data_format='channels_first')))
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
+            LayerNorm(dims[0], eps=1e-6, data_format='channels_first', **dd)))
         for i in range(3):
             self.downsample_layers.append(nn.Sequential(
-                LayerNorm(dims[i], eps=1e-6, data_format='channels_first'),
-                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+                LayerNorm(dims[i], eps=1e-6, data_format='channels_first', **dd),
+                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2, **dd)))
 
         self.stages = nn.ModuleList()
         dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]
@@ -667,15 +714,18 @@ class SLaK(nn.Module):
         for i in range(4):
             self.stages.append(nn.Sequential(*[
                 Block(dim=dims[i], drop_path=dp_rates[cur + j], layer_scale_init_value=layer_scale_init_value,
-                      kernel_size=(kernel_size[i], kernel_size[-1]), Decom=Decom, bn=bn, conv_impl=self.conv_impl)
+                      kernel_size=(kernel_size[i], kernel_size[-1]), Decom=Decom, bn=bn, conv_impl=self.conv_impl,
+                      **dd)
                 for j in range(depths[i])]))
             cur += depths[i]
 
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
+        self.global_pool = _global_pool(global_pool)
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6, **dd)
+        self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self.head.weight.data.mul_(head_init_scale)
-        self.head.bias.data.mul_(head_init_scale)
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}') for i in range(4)]
         _logger.info('SLaK: depthwise large-kernel conv implementation = %s', self.conv_impl)
 
@@ -687,6 +737,23 @@ class SLaK(nn.Module):
 
     # ---- timm-style interface -----------------------------------------------------------------------------------
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Parameter groups for timm's layer decay and optimizer factory: the stem, then each stage's downsampling
+        with its blocks (coarse) or block by block; ``norm``/``head`` form the last group."""
+        return dict(
+            stem=r'^downsample_layers\.0\.',
+            blocks=r'^(?:downsample_layers|stages)\.(\d+)' if coarse else [
+                (r'^downsample_layers\.(\d+)', (0,)),
+                (r'^stages\.(\d+)\.(\d+)', None),
+            ])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of parameters exempt from weight decay beyond the usual 1-D ones: none (norms, biases and the layer
+        scales ``gamma`` are 1-D, which the optimizer factories already exempt, as in the original)."""
+        return set()
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
@@ -695,62 +762,99 @@ class SLaK(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new (untrained) ``head`` for ``num_classes`` (0: none); ``global_pool`` replaces the pooling when given;
+        ``reset_other`` also drops ``norm`` (as pruning does: the head then sits on the bare feature map)."""
+        dd = get_device_dtype(self)
+        if global_pool is not None:
+            self.global_pool = _global_pool(global_pool).train(self.training)
+        if reset_other:
+            self.norm = nn.Identity().train(self.training)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0
+                     else nn.Identity()).train(self.training)
 
-    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in self.stages[i]:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.stages[i](x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Stage outputs (NCHW, before any extra norm) — the one feature API of the project.
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (NCHW) — the one feature API of the project, with timm's signature.
 
         Args:
-            indices: stage indices to return (default all four); an int n means the last n stages.
-            norm: accepted for timm compatibility; SLaK has no norm on feature maps, so it must be False.
+            indices: stage indices to return (default all); an int n means the last n stages.
+            norm: accepted for timm compatibility; SLaK has no norm on feature maps (its ``norm`` follows the pooling,
+                as ConvNeXt's head norm), so the maps are the same either way.
             stop_early: stop after the last requested stage (implied by ``intermediates_only``).
+            output_fmt: 'NCHW' (the only layout).
             intermediates_only: return only the list of feature maps; otherwise ``(final, intermediates)`` with
-                ``final`` the last-stage feature map.
+                ``final`` the last-stage feature map (:meth:`forward_features`).
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f'output_fmt must be NCHW; got {output_fmt!r}')
-        if norm:
-            raise ValueError('SLaK has no norm for spatial feature maps; use norm=False')
-        if indices is None:
-            take = [0, 1, 2, 3]
-        elif isinstance(indices, int):
-            take = list(range(4 - indices, 4))
-        else:
-            take = sorted(int(i) % 4 for i in indices)
-        last = max(take) if (stop_early or intermediates_only) else 3
+            raise ValueError(f"output_fmt must be NCHW; got '{output_fmt}'")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
         intermediates = []
-        for i in range(last + 1):
-            x = self._run_stage(i, x)
-            if i in take:
-                intermediates.append(x)
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            if i <= last:  # (TorchScript unrolls this loop and allows no break in it)
+                x = downsample(x)
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    x = checkpoint_seq(stage, x, use_reentrant=False)
+                else:
+                    x = stage(x)
+                if i in take_indices:
+                    intermediates.append(x)
         if intermediates_only:
             return intermediates
         return x, intermediates
 
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and, with ``prune_head`` or when stages go, the pooling,
+        ``norm`` and ``head``); returns the absolute indices. ``prune_norm`` has nothing to prune: no norm acts on the
+        feature maps. timm's ``features_only`` wrapper calls this."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.downsample_layers = self.downsample_layers[:max_index + 1]
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled and normed (N, C3) features, as the original (global average pool, then ``norm``)."""
-        for i in range(4):
-            x = self._run_stage(i, x)
-        return self.norm(x.mean([-2, -1]))
+        """The last stage's (N, C, H, W) feature map (timm convention). The original's ``forward_features``, the
+        pooled and normed vector, is ``forward_head(forward_features(x), pre_logits=True)``."""
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = downsample(x)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Classifier on the output of :meth:`forward_features`."""
+        """Pool (``global_pool``), ``norm``, then ``head`` unless ``pre_logits``. Without pooling (``global_pool=''``)
+        the norm and the classifier act on every pixel and the output stays (N, C, H, W)."""
+        x = self.global_pool(x)
+        if self.global_pool.is_identity():
+            x = self.norm(x.permute(0, 2, 3, 1))
+            return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
+        x = self.norm(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook (``custom_load``) for ``pretrained_cfg_overlay=dict(file=...)``: the checkpoint's ``model``
+        entry (not ``model_ema``, which timm's generic loader would prefer) loaded strictly, as ``--resume`` does; a
+        classifier for another number of classes is skipped (timm's ``num_classes`` convention)."""
+        state = extract_state_dict(load_checkpoint_file(checkpoint_path))
+        own = self.state_dict()
+        other_head = any(k.startswith('head.') and (k not in own or v.shape != own[k].shape) for k, v in state.items())
+        load_checkpoint(self, state, strict=True, ignore=('head.',) if other_head else ())
 
     # ---- inference folding ----------------------------------------------------------------------------------------
     def reparameterize(self, decomposed: bool = False) -> 'SLaK':
@@ -759,6 +863,15 @@ class SLaK(nn.Module):
             if isinstance(m, ReparamLargeKernelConv):
                 m.merge_kernel(decomposed=decomposed)
         return self
+
+
+def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's pooling for ``global_pool``, in its mean/amax form (``x.mean((2, 3))``: the original's pooling, bit for
+    bit); '' keeps the map."""
+    if pool_type not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}; got {pool_type!r} (pooling that widens the '
+                         f'features, such as catavgmax, does not fit the norm)')
+    return SelectAdaptivePool2d(pool_type=f'fast{pool_type}' if pool_type else '', flatten=bool(pool_type))
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
@@ -930,37 +1043,65 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True,
 
 
 # ---- timm registry ------------------------------------------------------------------------------------------------
-# timm >= 0.6 passes pretrained_cfg / pretrained_cfg_overlay / cache_dir into entry points; the KD scripts of the
-# original pass args / flag / gru to students. None of them configure the network, so they are dropped here.
-_IGNORED_KWARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'in_22k', 'args', 'flag', 'gru')
+# The KD scripts of the original pass args / flag / gru to students, and its convnext entry points in_22k; none of
+# them configures the network, so they are dropped here.
+_IGNORED_KWARGS = ('in_22k', 'args', 'flag', 'gru')
 
 
-def _create(depths, dims, pretrained: bool, kwargs) -> SLaK:
+def _cfg(**kwargs) -> dict:
+    """The original's evaluation setup (224 px, resize 256 + centre crop, bicubic, ImageNet mean/std). No weights are
+    shipped (the original's were on Google Drive / SURFdrive)."""
+    return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv='downsample_layers.0.0', classifier='head', license='mit', paper_ids='arXiv:2207.03620',
+                origin_url='https://github.com/VITA-Group/SLaK', **kwargs)
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in ('SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large')})
+
+
+def _checkpoint_filter_fn(state_dict: dict, model: SLaK) -> dict:
+    """``pretrained_cfg_overlay=dict(state_dict=...)``: a whole checkpoint dict works too (its ``model`` entry)."""
+    return extract_state_dict(state_dict)
+
+
+def _create(variant: str, pretrained: bool, depths: List[int], dims: List[int], /, **kwargs) -> SLaK:
     if pretrained:
-        raise ValueError('SLaK has no downloadable weights; load a local checkpoint with SLaK.load_checkpoint '
-                         '(or --resume / --finetune)')
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=overlay)
+        if overlay.get('file'):  # through SLaK.load_pretrained: timm's own file loader would prefer 'model_ema'
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, custom_load=overlay.get('custom_load', True))
+        if not (cfg.has_weights or cfg.state_dict):
+            raise ValueError(f'{variant} has no downloadable weights; give a local checkpoint (the original\'s or one '
+                             f'of main.py\'s) with timm.create_model({variant!r}, pretrained=True, '
+                             f'pretrained_cfg_overlay=dict(file=\'checkpoint.pth\'), ...) and the kernel_size, '
+                             f'width_factor and Decom it was trained with')
     for key in _IGNORED_KWARGS:
         kwargs.pop(key, None)
     kwargs.setdefault('depths', depths)  # overridable (tests, small research variants)
     kwargs.setdefault('dims', dims)
-    return SLaK(**kwargs)
+    # SLaK's children are no single sequence (downsample_layers[i] and stages[i] take turns), so features_only wraps
+    # forward_intermediates (timm's 'getter') rather than rewriting the module tree.
+    return build_model_with_cfg(SLaK, variant, pretrained, pretrained_filter_fn=_checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'), **kwargs)
 
 
 @register_model
 def SLaK_tiny(pretrained: bool = False, **kwargs) -> SLaK:
-    return _create([3, 3, 9, 3], [96, 192, 384, 768], pretrained, kwargs)
+    return _create('SLaK_tiny', pretrained, [3, 3, 9, 3], [96, 192, 384, 768], **kwargs)
 
 
 @register_model
 def SLaK_small(pretrained: bool = False, **kwargs) -> SLaK:
-    return _create([3, 3, 27, 3], [96, 192, 384, 768], pretrained, kwargs)
+    return _create('SLaK_small', pretrained, [3, 3, 27, 3], [96, 192, 384, 768], **kwargs)
 
 
 @register_model
 def SLaK_base(pretrained: bool = False, **kwargs) -> SLaK:
-    return _create([3, 3, 27, 3], [128, 256, 512, 1024], pretrained, kwargs)
+    return _create('SLaK_base', pretrained, [3, 3, 27, 3], [128, 256, 512, 1024], **kwargs)
 
 
 @register_model
 def SLaK_large(pretrained: bool = False, **kwargs) -> SLaK:
-    return _create([3, 3, 27, 3], [192, 384, 768, 1536], pretrained, kwargs)
+    return _create('SLaK_large', pretrained, [3, 3, 27, 3], [192, 384, 768, 1536], **kwargs)

@@ -5,8 +5,9 @@ image's map is the ReLU of ds/dx summed over the batch and the input channels. T
 ``--num_images`` images (images whose map holds NaN/Inf are skipped with a message) and saved with ``np.save``.
 The method is RepLKNet's, used by SLaK for Figure 3; ``analyze_erf.py`` turns the matrix into area ratios and a heatmap.
 
-Fixed against the original (SPEC §11.3 item 29): the SLaK wrapper returned the pooled vector (crash), so the feature
-map now comes from ``forward_intermediates``; the ``SLaK`` alias used stage-4 kernel 7 instead of the trained 13;
+Fixed against the original (SPEC §11.3 item 29): the SLaK wrapper returned the pooled vector (crash); the feature
+map now comes from SLaK's ``forward_features`` (timm's convention: the stage-4 map) and, for other timm models, from
+``forward_intermediates``; the ``SLaK`` alias used stage-4 kernel 7 instead of the trained 13;
 the 50 images were all from the first class folder, now they are spread over the whole folder; ResNets no longer need
 a model copy and nothing is downloaded; weights load strictly with a one-line error naming mismatched keys, and only
 with ``weights_only=True`` (``SLaK.load_checkpoint_file``: the original unpickled everything, so a crafted file ran
@@ -101,7 +102,8 @@ def resnet_feature_map(model: torchvision.models.ResNet, x: torch.Tensor) -> tor
 
 
 def last_intermediate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Last entry of timm's ``forward_intermediates`` (SLaK: the stage-4 map before any norm)."""
+    """Last entry of timm's ``forward_intermediates``: an NCHW map for CNNs and ViTs alike (whose
+    ``forward_features`` returns tokens)."""
     try:
         return model.forward_intermediates(x, intermediates_only=True)[-1]
     except NotImplementedError as e:
@@ -133,7 +135,7 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, FeatureFn]:
     if is_slak:
         model = timm.create_model(name, pretrained=False, drop_path_rate=0.,
                                   layer_scale_init_value=args.layer_scale_init_value, bn=args.bn, **slak_cfg)
-        feature_fn = functools.partial(last_intermediate, model)
+        feature_fn = model.forward_features  # timm convention: the stage-4 map, before pooling and norm
     elif _is_torchvision_resnet(name):
         model = torchvision.models.get_model(name, weights=None)
         feature_fn = functools.partial(resnet_feature_map, model)

@@ -4,8 +4,8 @@ This module needs only mmengine (not mmseg, not mmdet): ``segmentation/slak.py``
 ``mmseg.registry.MODELS`` and ``detection/slak.py`` into ``mmdet.registry.MODELS``.
 
 The backbone *is* the classification model of ``SLaK.py`` (subclass, same parameter names
-``downsample_layers.*`` / ``stages.*``), minus the classifier ``norm``/``head``, plus one channels_first LayerNorm
-``norm{i}`` per returned stage, as the original downstream code. Feature maps come from
+``downsample_layers.*`` / ``stages.*``), minus the classifier (``global_pool``, ``norm``, ``head``), plus one
+channels_first LayerNorm ``norm{i}`` per returned stage, as the original downstream code. Feature maps come from
 :meth:`SLaK.SLaK.forward_intermediates`, the project's one feature API.
 
 Fixes relative to the original downstream ``slak.py`` (SPEC 11.26-28):
@@ -102,7 +102,7 @@ class SLaK(slak_model.SLaK, BaseModule):
                          head_init_scale=head_init_scale, kernel_size=kernel_size, width_factor=width_factor,
                          Decom=decom, bn=bn, conv_impl=conv_impl)
         self.init_cfg = dict(init_cfg) if init_cfg is not None else None
-        del self.norm, self.head
+        del self.global_pool, self.norm, self.head
         self.out_indices = sorted(out_indices)
         for i in self.out_indices:
             self.add_module(f'norm{i}', slak_model.LayerNorm(self.dims[i], eps=1e-6, data_format='channels_first'))

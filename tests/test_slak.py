@@ -362,10 +362,11 @@ def test_forward_intermediates_and_interface():
     assert [tuple(f.shape) for f in feats] == [(2, 12, 16, 16), (2, 24, 8, 8), (2, 48, 4, 4), (2, 96, 2, 2)]
     final, inter = m.forward_intermediates(x, indices=[1, 3])
     assert len(inter) == 2 and torch.equal(final, inter[-1]) and torch.equal(inter[0], feats[1])
-    pooled = m.forward_features(x)
+    assert torch.equal(m.forward_features(x), feats[-1])  # timm: the map; the original's vector is pre_logits
+    pooled = m.forward_head(m.forward_features(x), pre_logits=True)
     assert pooled.shape == (2, 96)
     torch.testing.assert_close(pooled, m.norm(feats[-1].mean((2, 3))))
-    torch.testing.assert_close(m.forward_head(pooled), m(x))
+    torch.testing.assert_close(m.head(pooled), m(x))
     assert m.get_classifier() is m.head
     m.reset_classifier(11)
     assert m(x).shape == (2, 11)
