@@ -25,6 +25,7 @@ NOT_OURS = {
     'tools/dist_train.sh': "MMSegmentation's / MMDetection's own tools, run from their clones",
     'tools/dist_test.sh': "MMSegmentation's / MMDetection's own tools, run from their clones",
     '__init__.py': 'cutlass/ has none on purpose (the README says so)',
+    'tests/test_models.py': "timm's own model tests, in timm's source distribution (RESULTS: timm's model test suite)",
 }
 LINK = re.compile(r'\]\(([^)\s]+)\)')
 REPO_PATH = re.compile(r'(?<![\w/.-])(?:\$SLAK/)?((?:%s)/[\w./*-]*[\w*])' % '|'.join(map(re.escape, TOP_DIRS)))
