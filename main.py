@@ -16,7 +16,7 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
 * New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
-  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``; ``--sparse_init`` also accepts ``snip_topk``.
+  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``; ``--sparse_init`` also accepts ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
@@ -175,6 +175,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
     parser.add_argument('--eval', type=str2bool, default=False, help='Perform evaluation only')
+    parser.add_argument('--eval_folded', type=str2bool, default=True,
+                        help='evaluate SLaK models folded (branches and BatchNorms merged into one or two kernels per '
+                             'block, on a copy): same predictions, faster; false evaluates the training form')
     parser.add_argument('--dist_eval', type=str2bool, default=True, help='Enabling distributed evaluation')
     parser.add_argument('--disable_eval', type=str2bool, default=False,
                         help='Disabling evaluation during training')
@@ -698,6 +701,19 @@ def build_mask(args: argparse.Namespace, model: torch.nn.Module, optimizer, data
     return mask
 
 
+def inference_model(args: argparse.Namespace, model: torch.nn.Module) -> torch.nn.Module:
+    """What to evaluate: for SLaK models (``--eval_folded``, the default) a folded copy, every block's branches and
+    BatchNorms merged (``reparameterize(decomposed=True)``: the two rectangular kernels of a Decom block, one K x K
+    kernel otherwise), which computes the same function in fewer passes; else ``model`` itself. The copy leaves the
+    weights being trained, their optimizer state and every checkpoint untouched."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not args.eval_folded or args.compile or not isinstance(inner, SLaK.SLaK):  # (--compile: evaluated as compiled)
+        return model
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):  # the folded convs' initialisation must not move training's RNG
+        return copy.deepcopy(inner).eval().reparameterize(decomposed=True).requires_grad_(False)
+
+
 def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                        data: Data, criterion: torch.nn.Module, optimizer, loss_scaler, lr_schedule_values,
                        wd_schedule_values, num_steps: int, device: torch.device, amp_dtype: torch.dtype,
@@ -736,7 +752,7 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
 
         log_stats = {f'train_{k}': v for k, v in train_stats.items()}
         if data.data_loader_val is not None:
-            test_stats = evaluate(data.data_loader_val, model, device, **eval_kwargs)
+            test_stats = evaluate(data.data_loader_val, inference_model(args, model), device, **eval_kwargs)
             print(f'Accuracy of the {name} on the {len(data.dataset_val)} test images: {test_stats["acc1"]:.1f}%')
             if max_accuracy < test_stats['acc1']:
                 max_accuracy = test_stats['acc1']
@@ -749,7 +765,8 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
                 log_writer.update(test_loss=test_stats['loss'], head='perf', step=epoch)
             log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
             if model_ema is not None and args.model_ema_eval:
-                test_stats_ema = evaluate(data.data_loader_val, model_ema.ema, device, **eval_kwargs)
+                test_stats_ema = evaluate(data.data_loader_val, inference_model(args, model_ema.ema), device,
+                                          **eval_kwargs)
                 print(f'Accuracy of the {name} EMA on {len(data.dataset_val)} test images: '
                       f'{test_stats_ema["acc1"]:.1f}%')
                 if max_accuracy_ema < test_stats_ema['acc1']:
@@ -819,8 +836,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if args.eval:
         for name, param in model_without_ddp.named_parameters():
             print(f'{name} density is {(param != 0).float().mean().item()}')
-        test_stats = evaluate(data.data_loader_val, model, device, use_amp=args.use_amp, amp_dtype=amp_dtype,
-                              channels_last=args.channels_last)
+        test_stats = evaluate(data.data_loader_val, inference_model(args, model), device, use_amp=args.use_amp,
+                              amp_dtype=amp_dtype, channels_last=args.channels_last)
         print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
         return test_stats
 

@@ -424,7 +424,9 @@ def load_teacher(teacher: nn.Module, path: str, nb_classes: int) -> None:
 
 
 def build_teacher(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """``--model`` with the SLaK flags, loaded from ``--resume``, frozen and in eval mode (never in DDP)."""
+    """``--model`` with the SLaK flags, loaded from ``--resume``, frozen and in eval mode (never in DDP); a SLaK
+    teacher runs folded (``--eval_folded``, the default: ``main.inference_model``), the same function in fewer
+    passes (it is never trained or saved)."""
     teacher = main_train.build_model(args, args.model)
     load_teacher(teacher, args.resume, args.nb_classes)
     teacher.eval()
@@ -432,7 +434,7 @@ def build_teacher(args: argparse.Namespace, device: torch.device) -> nn.Module:
     teacher.to(device)
     if args.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    return teacher
+    return main_train.inference_model(args, teacher)
 
 
 def make_compute_loss(plan: DistillPlan, args: argparse.Namespace, student: nn.Module, teacher: Optional[nn.Module],

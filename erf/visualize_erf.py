@@ -85,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--Decom', default=None, type=str2bool,
                         help='SLaK models: decomposed LoRA kernels (default false)')
     parser.add_argument('--bn', default=True, type=str2bool, help='SLaK models: BN after each conv branch')
+    parser.add_argument('--eval_folded', default=True, type=str2bool,
+                        help='SLaK models: run folded (branches and BNs merged into one or two kernels per block; the '
+                             'same function, faster); false runs the training form')
     parser.add_argument('--layer_scale_init_value', default=1e-6, type=float,
                         help='SLaK models: initial layer scale; irrelevant with --weights. Randomly initialised '
                              'blocks are near-identity with 1e-6, so use 1.0 to see a random net\'s kernel sizes')
@@ -152,6 +155,8 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, FeatureFn]:
         SLaK.load_checkpoint(model, args.weights, strict=True, keys=('model', 'state_dict', 'model_ema'),
                              ignore=('head.', 'fc.'))
     model.eval()
+    if is_slak and args.eval_folded:
+        model.reparameterize(decomposed=True)  # in place: feature_fn is bound to this model
     model.requires_grad_(False)  # only the input's gradient is needed
     return model, feature_fn
 

@@ -176,6 +176,21 @@ def test_resnet_feature_map_is_layer4_of_the_torchvision_model():
     torch.testing.assert_close(model.fc(features.mean((2, 3))), model(x))
 
 
+def test_slak_runs_folded_by_default_with_the_same_contribution_map():
+    """--eval_folded (default): the folded model's feature map, and so its ERF, equals the training form's."""
+    base = ['--model', 'SLaK_tiny', '--width_factor', '0.125', '--kernel_size', '9', '7', '5', '5', '3', '--Decom',
+            'true', '--layer_scale_init_value', '1']
+    maps = {}
+    for folded in ('true', 'false'):
+        torch.manual_seed(0)
+        model, feature_fn = build_model(get_args_parser().parse_args(base + ['--eval_folded', folded]))
+        block = model.stages[0][0].large_kernel
+        assert hasattr(block, 'lkb_decomposed' if folded == 'true' else 'LoRA1')
+        torch.manual_seed(1)
+        maps[folded] = contribution_map(feature_fn, torch.rand(1, 3, 64, 64))
+    assert ((maps['true'] - maps['false']).norm() / maps['false'].norm()).item() < 1e-4
+
+
 def test_larger_kernels_give_wider_erf():
     """Random-init tiny SLaK on the bundled photos: 31-29-27-13 (decomposed) spreads wider than 3-3-3-3.
 
@@ -230,7 +245,8 @@ def test_visualize_main_writes_matrix_and_cli_reports_errors(tmp_path):
     slak = SLaK.SLaK(width_factor=0.125, kernel_size=[7, 7, 5, 5, 3], num_classes=10)
     torch.save({'model': slak.state_dict()}, tmp_path / 'slak.pth')
     # a 10-class checkpoint loads into the 1000-class ERF model: the classifier is skipped, everything else is loaded
-    loaded, _ = build_model(get_args_parser().parse_args([*tiny, '--weights', str(tmp_path / 'slak.pth')]))
+    loaded, _ = build_model(get_args_parser().parse_args([*tiny, '--weights', str(tmp_path / 'slak.pth'),
+                                                           '--eval_folded', 'false']))
     own = loaded.state_dict()
     assert all(torch.equal(own[k], v) for k, v in slak.state_dict().items() if not k.startswith('head.'))
     wrong = run_script('visualize_erf.py', '--model', 'resnet18', '--weights', str(tmp_path / 'slak.pth'),

@@ -300,6 +300,14 @@ def test_teacher_is_frozen_and_gradients_reach_student_and_heads(digits, teacher
     teacher = main_KD.build_teacher(args, torch.device('cpu'))
     student = main_KD.build_student(args)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert hasattr(teacher.stages[0][0].large_kernel, 'lkb_decomposed')  # runs folded (--eval_folded default)
+    args.eval_folded = False
+    unfolded = main_KD.build_teacher(args, torch.device('cpu'))
+    assert hasattr(unfolded.stages[0][0].large_kernel, 'LoRA1')
+    probe = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = unfolded(probe)
+        assert ((teacher(probe) - ref).norm() / ref.norm()).item() < 1e-4
     assert student.dims == [24, 48, 96, 192] and hasattr(student.stages[0][0].large_kernel, 'lkb_origin')
     s_stages, t_stages = main_KD.StageOutputs(student, 2, '--model_s'), main_KD.StageOutputs(teacher, 2, '--model')
     assert (s_stages.channels, t_stages.channels) == ([96, 192], [48, 96])

@@ -190,6 +190,69 @@ def test_eval_reproduces_logged_accuracy(trained, data_dir, capsys):
     assert main.main(args)['acc1'] == pytest.approx(read_log(trained)[1]['test_acc1_ema'])
 
 
+@pytest.mark.parametrize('decom,sparse', [(True, True), (False, False)])
+def test_inference_model_is_a_folded_copy_with_the_same_logits(decom, sparse):
+    """--eval_folded: a folded copy (Decom: the two rectangular kernels; else one K x K) gives the training form's
+    eval-mode logits (fp32, 1e-4 relative), dense and with sparse zeros; the model itself is not touched."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3],
+                              Decom=decom)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # statistics and affine parameters away from the identity
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        if sparse:
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.mul_((torch.rand_like(p) < 0.6).to(p.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.train()
+    folded = main.inference_model(parse(['--eval_folded', 'true']), model)
+    assert folded is not model and not folded.training and model.training
+    kind = 'lkb_decomposed' if decom else 'lkb_reparam'
+    assert all(hasattr(b.large_kernel, kind) for stage in folded.stages for b in stage)
+    with torch.no_grad():
+        out = folded(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert main.inference_model(parse(['--eval_folded', 'false']), model) is model
+
+
+def test_folded_evaluation_leaves_training_and_checkpoints_bit_identical(data_dir, tmp_path):
+    """A sparse run with EMA evaluated folded and one evaluated in training form write the same checkpoints (every
+    tensor: weights, EMA, optimizer state, masks) and log nearly the same validation loss."""
+    runs = {}
+    for folded in ('true', 'false'):
+        out = str(tmp_path / folded)
+        main.main(parse(TINY + SPARSE + ['--epochs', '1', '--data_path', data_dir, '--output_dir', out,
+                                         '--model_ema', 'true', '--model_ema_eval', 'true', '--eval_folded', folded]))
+        runs[folded] = (torch.load(os.path.join(out, 'checkpoint-0.pth'), weights_only=True), read_log(out)[0])
+
+    def tensors(obj, prefix=''):
+        if isinstance(obj, torch.Tensor):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f'{prefix}/{k}')
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f'{prefix}/{i}')
+    a, b = dict(tensors(runs['true'][0])), dict(tensors(runs['false'][0]))
+    assert a.keys() == b.keys() and any('/mask' in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    for key in ('test_loss', 'test_loss_ema'):
+        assert runs['true'][1][key] == pytest.approx(runs['false'][1][key], rel=1e-4)
+
+
 def run_cli(argv, capsys):
     code = main.run(argv)
     return code, capsys.readouterr().err.strip()
