@@ -567,8 +567,8 @@ def prepare_model(args: argparse.Namespace, model: torch.nn.Module, device: torc
         model = utils.convert_sync_batchnorm(model)  # SyncBatchNorm without a host sync per BN (utils.py)
     if (device.type == 'cuda' and SLaK.Block.COMPILE_TAIL and not args.compile
             and any(isinstance(m, SLaK.Block) for m in model.modules())):
-        print('SLaK blocks: their tails run through torch.compile, compiled on first use (the first steps take '
-              '30-60 s longer); SLAK_COMPILE_TAIL=0 turns it off')
+        print('SLaK blocks: their tails run through torch.compile, compiled on first use and cached on disk (on a '
+              'fresh machine the first steps wait for it, a second run reuses it); SLAK_COMPILE_TAIL=0 turns it off')
     return model
 
 
