@@ -16,7 +16,8 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
 * New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
-  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``; ``--sparse_init`` also accepts ``snip_topk``.
+  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``; ``--sparse_init`` also
+  accepts ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).

@@ -28,7 +28,6 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 

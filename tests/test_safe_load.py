@@ -26,7 +26,6 @@ from test_main import SPARSE, TINY, parse
 import SLaK
 import main
 import main_KD
-import utils
 
 CONVERTER = os.path.join(REPO, 'tools', 'convert_checkpoint.py')
 
