@@ -1,4 +1,4 @@
-"""Datasets and transforms (SPEC 4.3): ImageNet-style folders, any image folder, CIFAR-100.
+"""Datasets and transforms: ImageNet-style folders, any image folder, CIFAR-100.
 
 Differences from the original ``datasets.py``, on purpose:
 
@@ -141,7 +141,7 @@ def _auto_augment(aa):
 
 
 def build_transform(is_train: bool, args: argparse.Namespace) -> transforms.Compose:
-    """timm training transform / resize-crop evaluation transform of the original (SPEC 4.3)."""
+    """timm training transform / resize-crop evaluation transform of the original."""
     resize_im = args.input_size > 32
     imagenet_default_mean_and_std = args.imagenet_default_mean_and_std
     mean = IMAGENET_DEFAULT_MEAN if imagenet_default_mean_and_std else IMAGENET_INCEPTION_MEAN

@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass (SPEC 3), shared by ``main.py`` and ``main_KD.py``.
+"""One training epoch and one evaluation pass, shared by ``main.py`` and ``main_KD.py``.
 
 Differences from the original ``engine.py``, on purpose:
 

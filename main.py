@@ -337,7 +337,7 @@ class Data:
 
 
 def build_data(args: argparse.Namespace) -> Data:
-    """Datasets, samplers and loaders (SPEC 4.4); sets ``args.nb_classes`` from the training set."""
+    """Datasets, samplers and loaders; sets ``args.nb_classes`` from the training set."""
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     if args.disable_eval:
         args.dist_eval = False
@@ -504,7 +504,7 @@ def build_criterion(args: argparse.Namespace, mixup_fn: Optional[Mixup]) -> torc
 
 def build_training_objects(args: argparse.Namespace, model_without_ddp: torch.nn.Module,
                            num_training_steps_per_epoch: int):
-    """(optimizer, loss_scaler, lr_schedule_values, wd_schedule_values) as in the original (SPEC 4.6-4.7)."""
+    """(optimizer, loss_scaler, lr_schedule_values, wd_schedule_values) as in the original."""
     assigner = build_layer_decay_assigner(args.model, args.layer_decay)
     if assigner is not None:
         print(f'Assigned values = {assigner.values}')
@@ -721,7 +721,7 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
                        model_ema: Optional[ModelEma], mask: Optional[Masking], log_writer, wandb_logger,
                        n_parameters: int, compute_loss=None, extra: Optional[dict] = None,
                        name: str = 'model', clip_parameters=None, sync_modules=()) -> Optional[dict]:
-    """The epoch loop of SPEC 4.11: train, evaluate (raw and EMA), keep best checkpoints, log; returns the last log.
+    """The original's epoch loop: train, evaluate (raw and EMA), keep best checkpoints, log; returns the last log.
 
     Periodic checkpoints are written after the epoch's evaluation, so they carry the best accuracy so far and the
     RNG state the next epoch starts from (``--auto_resume`` is then bit-identical to an uninterrupted run).

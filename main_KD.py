@@ -4,25 +4,25 @@ The ICML 2023 add-on of SLaK ("Are Large Kernels Better Teachers than Transforme
 is not distillation (data, augmentation, optimizer, schedules, AMP, EMA, sparse masks, checkpoints, logging,
 distributed) is ``main.py``'s, reused as is; this file adds the teacher, the losses and the student wiring.
 
-Distillation types (``--distill_type``, SPEC 5.4): ``None`` (student alone), or ``KD`` / ``NKD`` (at most one logit
+Distillation types (``--distill_type``): ``None`` (student alone), or ``KD`` / ``NKD`` (at most one logit
 loss) combined with ``FD`` (feature distillation) and/or ``MGD`` (masked generative distillation), joined with ``+``
 (``KD+FD``, ``NKD+MGD``) or concatenated as in the original (``KDFD``).
 
-What differs from the original, on purpose (SPEC 11.2):
+What differs from the original, on purpose:
 
-* The SLaK student is built without the ``args``/``flag``/``gru`` keywords the released model rejected (11.18);
+* The SLaK student is built without the ``args``/``flag``/``gru`` keywords the released model rejected;
   ``--flag`` is accepted for command compatibility and has no effect.
 * ``--distill_resume`` resumes only the student from the newest ``checkpoint-N.pth`` in ``--output_dir``; the teacher
-  checkpoint (``--resume``) is never loaded into the student (11.20).
+  checkpoint (``--resume``) is never loaded into the student.
 * NKD takes ``--nkd_temp`` / ``--nkd_alpha`` (defaults: the original's fixed 1.0 / 1.0); ``--T`` and ``--alpha`` stay
-  KD-only as in the original, where the README's ``--T 3.0`` had no effect on NKD (11.21).
+  KD-only as in the original, where the README's ``--T 3.0`` had no effect on NKD.
 * FD and MGD work, in fp32 and AMP, for SLaK and timm CNN/Swin teachers/students: stage features come from one
   forward pass, a learned 1x1 projector maps student to teacher channels, and the projector / MGD generator are
-  optimised and checkpointed (11.22). ``--target_Lnorm`` layer-normalises the teacher's FD targets (the original
+  optimised and checkpointed. ``--target_Lnorm`` layer-normalises the teacher's FD targets (the original
   built these norms and never used them).
-* The teacher is frozen, in eval mode, runs under ``torch.no_grad`` and is not wrapped in DDP (11.23).
+* The teacher is frozen, in eval mode, runs under ``torch.no_grad`` and is not wrapped in DDP.
 * ``n_parameters`` is the student's; layer decay checks the student name; ``--sparse`` masks the student; ``--eval``
-  evaluates student and teacher and exits; warnings are not silenced (11.24).
+  evaluates student and teacher and exits; warnings are not silenced.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def kd_loss_terms(preds: torch.Tensor, labels: torch.Tensor, teacher_preds: torc
 
 def loss_kd(preds: torch.Tensor, labels: torch.Tensor, teacher_preds: torch.Tensor, T: float, hard: bool = False,
             alpha: float = 0.1) -> torch.Tensor:
-    """Hinton KD (SPEC 5.4): ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``.
+    """Hinton KD: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``.
 
     KL uses 'batchmean' (sum over classes, mean over samples); ``labels`` may be class indices or mixup
     probability rows. ``hard``: ``0.5 * CE(s, labels) + 0.5 * CE(s, argmax t)``. The teacher is detached.
@@ -127,7 +127,7 @@ class NKDLoss(nn.Module):
 
 
 class MGDLoss(nn.Module):
-    """Masked Generative Distillation (Yang et al., ECCV 2022), classification form, as SPEC 5.4.
+    """Masked Generative Distillation (Yang et al., ECCV 2022), classification form, as the original.
 
     The student map is resized (bilinear) to the teacher's H x W if they differ, aligned by a 1x1 conv when the channel
     counts differ, multiplied by a random mask that zeroes each (sample, channel) with probability ``lambda_mgd``,
@@ -160,7 +160,7 @@ class MGDLoss(nn.Module):
 
 
 class FeatureLoss(nn.Module):
-    """Feature distillation over the last ``len(student_channels)`` stages (SPEC 5.4 "FD", made to work).
+    """Feature distillation over the last ``len(student_channels)`` stages (the original's "FD", made to work).
 
     Each student map is resized (bilinear) to the teacher's H x W if they differ and mapped to the teacher's channel
     count by a learned 1x1 conv (identity when the counts already match); the distance to the detached teacher map is
@@ -318,7 +318,7 @@ CONVNEXT_EMULATION_KERNELS = [7, 7, 7, 7, 100]
 
 def get_args_parser() -> argparse.ArgumentParser:
     """``main.py``'s flags (same defaults; ``--model``, ``--kernel_size``, ``--width_factor``, ``--Decom``, ``--bn``
-    and ``--resume`` describe the teacher) plus the distillation flags of SPEC 5.1 and a few new ones."""
+    and ``--resume`` describe the teacher) plus the original's distillation flags and a few new ones."""
     parser = argparse.ArgumentParser('SLaK large-to-small kernel distillation', parents=[main_train.get_args_parser()],
                                      add_help=False)
     parser.add_argument('--model_s', default='SLaK_small', type=str,

@@ -1,6 +1,6 @@
 """Optimizer construction: weight-decay groups, ConvNeXt-style layer-wise lr decay, timm optimizers by name.
 
-Same parameter groups and layer ids as the original ``optim_factory.py`` (SPEC 4.6). The optimizer itself comes from
+Same parameter groups and layer ids as the original ``optim_factory.py``. The optimizer itself comes from
 timm's registry (``timm.optim.create_optimizer_v2``), so every name timm 1.0.31 knows works, with the original's
 ``lookahead_`` prefix. Names the original took from its vendored timm map to their current timm classes:
 ``nadam`` is ``torch.optim.NAdam`` (the old timm class is ``nadamlegacy``), ``radam`` is ``torch.optim.RAdam``
@@ -18,7 +18,7 @@ SLAK_MODELS = ('SLaK_tiny', 'SLaK_small', 'SLaK_base', 'SLaK_large')
 
 
 def get_num_layer_for_convnext(var_name: str, num_max_layer: int = 12) -> int:
-    """Layer id of a parameter for layer-wise lr decay (the ConvNeXt/SLaK scheme, SPEC 4.6).
+    """Layer id of a parameter for layer-wise lr decay (the ConvNeXt/SLaK scheme).
 
     ``downsample_layers.0`` -> 0, ``.1`` -> 2, ``.2`` -> 3, ``.3`` -> ``num_max_layer``; ``stages.0`` -> 1,
     ``stages.1`` -> 2, ``stages.2.{b}`` -> 3 + b // 3, ``stages.3`` -> ``num_max_layer``; anything else (``norm``,
@@ -116,7 +116,7 @@ def create_optimizer(args, model: torch.nn.Module, get_num_layer: Optional[Calla
                      get_layer_scale: Optional[Callable[[int], float]] = None, filter_bias_and_bn: bool = True,
                      skip_list: Optional[Sequence[str]] = None,
                      group_names: Optional[Dict[str, Dict]] = None) -> torch.optim.Optimizer:
-    """The optimizer named by ``args.opt`` over the parameter groups of ``model`` (SPEC 4.6).
+    """The optimizer named by ``args.opt`` over the parameter groups of ``model``.
 
     Uses ``args.lr``, ``args.weight_decay``, ``args.opt_eps``, ``args.opt_betas``, ``args.momentum``. With
     ``filter_bias_and_bn`` (or layer decay) the per-group weight decay rules and the optimizer's own default is 0;

@@ -1,6 +1,6 @@
 """Dynamic sparse training for SLaK: masks, SNIP/ERK initialisation, prune-and-grow, prune-rate decay, sparse EMA.
 
-Usage in ``main.py`` (same order as the original, see SPEC section 2.1)::
+Usage in ``main.py`` (same order as the original)::
 
     decay = CosineDecay(args.prune_rate, T_max=steps_per_epoch * args.epochs, init_step=steps_per_epoch * start_epoch)
     mask = Masking(optimizer, train_loader, decay, prune_mode=args.prune, growth_mode=args.growth,
@@ -10,17 +10,17 @@ Usage in ``main.py`` (same order as the original, see SPEC section 2.1)::
     mask.step()                      # fp32: optimizer.step() + after_step(True)
     mask.after_step(stepped)         # AMP: the GradScaler stepped (or skipped) the optimizer itself
 
-Differences from the original, all deliberate fixes (SPEC section 11.1):
+Differences from the original, all deliberate fixes:
 
-* AMP keeps sparsity: :meth:`Masking.after_step` is the hook for the GradScaler path (item 1).
+* AMP keeps sparsity: :meth:`Masking.after_step` is the hook for the GradScaler path.
 * Masks, step counter, prune-rate schedule and the mask RNG live in checkpoints (:meth:`Masking.state_dict`),
-  keyed by parameter names without ``module.`` so DDP and single-process runs interchange (item 3).
+  keyed by parameter names without ``module.`` so DDP and single-process runs interchange.
 * Prune and grow are exact: ``magnitude`` removes exactly ``ceil(rate * nonzeros)`` active weights and every growth
   mode turns on exactly as many inactive positions, so each layer's non-zero count never drifts. Grown (and pruned)
   positions restart with zero weight and zero optimizer state. ``SET`` is implemented; ``global_magnitude``,
-  ``random_unfired``, ``mix`` and ``global_momentum_growth`` are refused with a clear error (items 4, 5).
+  ``random_unfired``, ``mix`` and ``global_momentum_growth`` are refused with a clear error.
 * Masks are ``torch.bool`` and identical on all ranks by construction plus one broadcast from rank 0 after init and
-  after every prune/grow, instead of a broadcast after every optimizer step (item 17). Every random draw of the masks
+  after every prune/grow, instead of a broadcast after every optimizer step. Every random draw of the masks
   (uniform, ERK and SNIP positions, random growth) comes from one ``torch.Generator`` on the parameters' device,
   seeded with ``args.seed`` (the same on every rank, not ``seed + rank``) and saved in checkpoints: float32
   ``torch.rand`` of each tensor's shape, tensors in parameter order.
@@ -32,9 +32,9 @@ Differences from the original, all deliberate fixes (SPEC section 11.1):
   budget is spread evenly over them, with one line that says so.
 * One console line at init and per prune/grow (overall density, prune rate, time); the per-layer table goes to
   ``report_path`` (and the console with ``verbose``).
-* ``--fix`` no longer mutates ``args``; ``--only-L`` without ``large_kernel.LoRA`` parameters raises (item 4).
-* The EMA learns which positions were grown from :attr:`Masking.grown` instead of guessing from ``EMA == 0``
-  (item 16), and restarts them at their live value once the optimizer has moved them from 0.
+* ``--fix`` no longer mutates ``args``; ``--only-L`` without ``large_kernel.LoRA`` parameters raises.
+* The EMA learns which positions were grown from :attr:`Masking.grown` instead of guessing from ``EMA == 0``,
+  and restarts them at their live value once the optimizer has moved them from 0.
 """
 import copy
 import math
@@ -50,7 +50,7 @@ SPARSE_INITS = ('snip', 'snip_topk', 'ERK', 'uniform', 'resume')
 PRUNE_MODES = ('magnitude', 'SET')
 GROWTH_MODES = ('random', 'gradient', 'momentum', 'momentum_neuron')
 REDISTRIBUTION_MODES = ('none', 'momentum', 'nonzero', 'magnitude')
-# Strategy names that exist in the original registry but never worked there (SPEC 2.6, 11.1 item 5).
+# Strategy names that exist in the original registry but never worked there.
 _BROKEN_IN_ORIGINAL = ('global_magnitude', 'random_unfired', 'mix', 'global_momentum_growth')
 DENSE_LAYER_DENSITY = 0.99  # layers at least this dense after init are dropped from the mask set (original rule)
 
@@ -118,7 +118,7 @@ class CosineDecay:
 
 def erk_densities(shapes: Dict[str, Tuple[int, ...]], density: float, erk_power_scale: float = 1.0
                   ) -> Tuple[Dict[str, float], List[str]]:
-    """Erdos-Renyi-Kernel per-layer densities (SPEC 2.4) for an overall ``density`` over the layers in ``shapes``.
+    """Erdos-Renyi-Kernel per-layer densities for an overall ``density`` over the layers in ``shapes``.
 
     Each layer's raw probability is (sum of its dims / number of elements) ** power; one epsilon scales all of them so
     the total number of kept weights is ``density * total``. A layer whose scaled probability would exceed 1 is made
@@ -268,7 +268,7 @@ class Masking:
 
     @torch.no_grad()
     def init(self, mode: str = 'ERK', density: float = 0.05, erk_power_scale: float = 1.0) -> None:
-        """Build masks with ``mode`` for an overall ``density``; drop layers >= 0.99 dense; apply (SPEC 2.4, 2.5)."""
+        """Build masks with ``mode`` for an overall ``density``; drop layers >= 0.99 dense; apply."""
         if mode not in SPARSE_INITS:
             raise ValueError(f'--sparse_init must be one of {SPARSE_INITS}; got {mode!r}')
         if not self.params:
@@ -403,7 +403,8 @@ class Masking:
     # ---- prune and grow -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def truncate_weights(self) -> None:
-        """Prune ``ceil(prune_rate * nonzeros)`` weights per layer, regrow exactly as many (SPEC 2.6, made exact).
+        """Prune ``ceil(prune_rate * nonzeros)`` weights per layer, regrow exactly as many (the original's rule, made
+        exact).
 
         Positions whose mask changed, and positions pruned then immediately regrown, restart with weight 0 and zero
         optimizer state (Adam moments, SGD momentum), so a regrown weight does not inherit stale statistics; the
@@ -718,7 +719,7 @@ _GROWTH_FUNCS: Dict[str, Callable] = {'random': random_growth, 'gradient': gradi
 
 
 class ModelEma:
-    """EMA of the model weights that respects the sparse masks (SPEC 2.8).
+    """EMA of the model weights that respects the sparse masks.
 
     With a mask: pruned positions are 0, other active positions follow the usual EMA, and positions (re)grown by a
     prune/grow restart at the live value. Buffers (BN statistics) always follow the usual EMA; integer buffers are

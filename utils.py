@@ -6,7 +6,7 @@ Differences from the original ``utils.py``, on purpose:
 * ``from torch import inf`` (``torch._six`` is gone) and ``torch.amp`` instead of ``torch.cuda.amp``.
 * ``init_distributed_mode`` picks ``nccl`` on CUDA and ``gloo`` on CPU and sets a process-group timeout
   (``--dist_timeout`` minutes) so a dead rank makes the others fail with a message instead of hanging forever.
-* ``cosine_scheduler`` builds the warmup when only ``warmup_steps`` is given (the original asserted, SPEC 11.15).
+* ``cosine_scheduler`` builds the warmup when only ``warmup_steps`` is given (the original asserted).
 * Checkpoints hold only builtins and tensors (``args`` as a dict, RNG states as tensors), so they load with
   ``torch.load(weights_only=True)``, the only way they are read (``SLaK.load_checkpoint_file``); they also hold the
   sparse masks and RNG states, are written atomically (a failed write, e.g. a full disk, is one error naming the file
@@ -663,7 +663,7 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
     Identical to the original, including its warmup shape (``linspace`` reaches ``base_value`` on the last warmup
     step, so the first cosine step repeats it), except that ``warmup_steps > 0`` now builds the warmup even when
-    ``warmup_epochs == 0`` (the original built none and then failed its length assertion, SPEC 11.15).
+    ``warmup_epochs == 0`` (the original built none and then failed its length assertion).
     """
     warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
     total = epochs * niter_per_ep

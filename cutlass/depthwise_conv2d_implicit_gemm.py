@@ -40,7 +40,7 @@ through Triton's interpreter, which is how CPU-only CI tests them); the dtype is
 exceeds ``MAX_KERNEL_SIZE``; or the weight is not depthwise-shaped for ``x``. Then the module computes
 ``F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=C)`` and warns once per reason. Even kernel sizes raise
 ``ValueError`` (constructor and functional form): "same" padding is not defined for them and the original extension
-wrote out of bounds (SPEC 1.6).
+wrote out of bounds.
 
 Name-clash rule: this folder is called ``cutlass/`` for fidelity with the original repository but has no
 ``__init__.py`` and must never get one: NVIDIA ships a real ``cutlass`` Python package, which must stay importable.

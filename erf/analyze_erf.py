@@ -5,7 +5,7 @@ smallest centred square (side 2i+1, i = 1 .. h//2 - 1) whose share of the total 
 area ratio side^2 / (h * w). The ratio measures how far the high-contribution pixels spread: a larger ratio at a given
 t means a wider effective receptive field.
 
-Fixed against the original (SPEC §11.3 item 29): the area ratio divided by a hard-coded 1024^2 and is now relative to
+Fixed against the original: the area ratio divided by a hard-coded 1024^2 and is now relative to
 the matrix's own size; a threshold that no square reaches reports ``None`` (JSON null) instead of crashing; the
 heatmap needs only matplotlib (no seaborn) and writes the PNG with the Agg backend. A file that is not a .npy matrix
 and an output path that cannot be written end in one ``error:`` line (as in ``compare_erf.py``).

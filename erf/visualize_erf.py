@@ -5,7 +5,7 @@ image's map is the ReLU of ds/dx summed over the batch and the input channels. T
 ``--num_images`` images (images whose map holds NaN/Inf are skipped with a message) and saved with ``np.save``.
 The method is RepLKNet's, used by SLaK for Figure 3; ``analyze_erf.py`` turns the matrix into area ratios and a heatmap.
 
-Fixed against the original (SPEC §11.3 item 29): the SLaK wrapper returned the pooled vector (crash); the feature
+Fixed against the original: the SLaK wrapper returned the pooled vector (crash); the feature
 map now comes from SLaK's ``forward_features`` (timm's convention: the stage-4 map) and, for other timm models, from
 ``forward_intermediates``; the ``SLaK`` alias used stage-4 kernel 7 instead of the trained 13;
 the 50 images were all from the first class folder, now they are spread over the whole folder; ResNets no longer need

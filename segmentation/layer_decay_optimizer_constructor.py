@@ -1,6 +1,6 @@
 """Layer-wise / stage-wise learning-rate decay for SLaK backbones, as an MMEngine optimizer-wrapper constructor.
 
-A port of the original ``core/optimizers/layer_decay_optimizer_constructor.py`` (SPEC 8.2) to MMEngine's
+A port of the original ``core/optimizers/layer_decay_optimizer_constructor.py`` to MMEngine's
 ``DefaultOptimWrapperConstructor`` API. It needs only mmengine: ``segmentation/slak.py`` and ``detection/slak.py``
 register this one class into ``mmseg.registry.OPTIM_WRAPPER_CONSTRUCTORS`` /
 ``mmdet.registry.OPTIM_WRAPPER_CONSTRUCTORS`` under the original name ``LearningRateDecayOptimizerConstructor``,
@@ -17,7 +17,7 @@ With ``L = num_layers + 2`` layer ids, parameter group ``layer_{id}_{decay|no_de
 ``lr = base_lr * decay_rate ** (L - id - 1)``; 1-D parameters and biases get weight decay 0.
 
 * ``layer_wise``: backbone parameters take ``optim_factory.get_num_layer_for_convnext(name, num_max_layer=num_layers)``
-  (the classification scheme, SPEC 4.6); everything else (necks, heads, the backbone's ``norm{i}``) ``num_layers + 1``.
+  (the classification scheme); everything else (necks, heads, the backbone's ``norm{i}``) ``num_layers + 1``.
 * ``stage_wise``: ``backbone.downsample_layers.*`` -> 0, ``backbone.stages.{s}`` -> ``s + 1``, anything else
   ``L - 1`` (scale 1).
 """

@@ -8,7 +8,7 @@ The backbone *is* the classification model of ``SLaK.py`` (subclass, same parame
 channels_first LayerNorm ``norm{i}`` per returned stage, as the original downstream code. Feature maps come from
 :meth:`SLaK.SLaK.forward_intermediates`, the project's one feature API.
 
-Fixes relative to the original downstream ``slak.py`` (SPEC 11.26-28):
+Fixes relative to the original downstream ``slak.py``:
 
 * ``LoRA`` is accepted as an alias of ``Decom`` (the original segmentation copy rejected the ``LoRA=True`` of its
   own 160k configs).
@@ -43,7 +43,7 @@ _CLASSIFIER_PREFIXES = ('norm.', 'head.')
 class SLaK(slak_model.SLaK, BaseModule):
     """SLaK backbone returning ``norm{i}(stage_i)`` for ``i`` in ``out_indices`` (NCHW, strides 4, 8, 16, 32).
 
-    Args (the original downstream backbone's, SPEC 8.1):
+    Args (the original downstream backbone's):
         in_chans, depths, dims, drop_path_rate, layer_scale_init_value, width_factor: as ``SLaK.SLaK``.
         num_classes, head_init_scale: accepted for config compatibility; unused (there is no classifier).
         kernel_size: 4 stage kernels + the small kernel. Defaults to the original backbone's

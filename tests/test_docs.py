@@ -92,3 +92,13 @@ def test_the_scan_finds_references():
     assert broken('README.md', 'outside', '../shared/ECOSYSTEM.md') and broken('README.md', 'link', 'nowhere.md')
     assert broken('README.md', 'path', 'benchmarks/NO_SUCH.md') and not broken('README.md', 'path', 'erf/README.md')
     assert broken('README.md', 'link', '#no-such-heading') and not broken('README.md', 'link', '#training')
+
+
+def test_code_cites_no_notes_a_user_does_not_have():
+    """Docstrings and comments explain themselves: no section numbers of the maintainers' notes ("SPEC 2.4")."""
+    notes = re.compile(r'\bSPEC\b|our notes')
+    problems = []
+    for path in (f for f in TRACKED if f.endswith('.py') and f != 'tests/test_docs.py'):
+        with open(os.path.join(REPO, path), encoding='utf-8') as f:
+            problems += [f'{path}:{n}' for n, line in enumerate(f, 1) if notes.search(line)]
+    assert not problems, problems

@@ -1,7 +1,7 @@
 """Tests of main_KD.py: distillation losses against float64 formulas, gradient flow, and short CPU runs.
 
-Loss references are written out here from SPEC 5.4 in float64 (literal softmax / log / sums), independently of the
-log-softmax formulations used in ``main_KD``.
+Loss references are written out here from the original's definitions in float64 (literal softmax / log / sums),
+independently of the log-softmax formulations used in ``main_KD``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""optim_factory.py: layer ids (SPEC 4.6 table), lr scales, weight-decay groups, optimizers by name."""
+"""optim_factory.py: layer ids, lr scales, weight-decay groups, optimizers by name."""
 from __future__ import annotations
 
 import argparse

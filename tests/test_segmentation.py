@@ -243,7 +243,7 @@ def test_layer_wise_ids_follow_optim_factory_and_spec_table():
         assert groups[name]['lr'] == pytest.approx(1e-3 * groups[name]['lr_scale'])
         no_decay = param.ndim == 1 or name.endswith('.bias')
         assert groups[name]['weight_decay'] == (0. if no_decay else 0.05)
-    # SPEC 8.2, detection tiny (num_layers 6, rate 0.7): exponents written out by hand.
+    # the original's rule, detection tiny (num_layers 6, rate 0.7): exponents written out by hand.
     expected = {'decode_head.weight': 0, 'backbone.norm3.weight': 0, 'backbone.stages.3.0.pwconv1.weight': 1,
                 'backbone.downsample_layers.3.1.weight': 1, 'backbone.stages.2.8.pwconv1.weight': 2,
                 'backbone.stages.2.3.pwconv1.weight': 3, 'backbone.stages.2.0.pwconv1.weight': 4,

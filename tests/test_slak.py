@@ -1,4 +1,4 @@
-"""Tests for SLaK.py: keys, shapes and counts against the SPEC, maths against an independent float64 reference,
+"""Tests for SLaK.py: keys, shapes and counts against the original's, maths against an independent float64 reference,
 inference folding, the conv seam, modern execution paths and bad-input errors."""
 import math
 import os
@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import SLaK  # noqa: E402  (registers the models)
 import timm  # noqa: E402
 
-REGISTRY = {  # name -> (depths, base dims), SPEC §1.1
+REGISTRY = {  # name -> (depths, base dims), the original's registry
     'SLaK_tiny': ([3, 3, 9, 3], [96, 192, 384, 768]),
     'SLaK_small': ([3, 3, 27, 3], [96, 192, 384, 768]),
     'SLaK_base': ([3, 3, 27, 3], [128, 256, 512, 1024]),
@@ -30,7 +30,7 @@ def meta_model(name, **kwargs):
 
 def expected_state_dict_shapes(depths, dims, kernel_size, width_factor=1.0, Decom=False, bn=True, num_classes=1000,
                                in_chans=3):
-    """Keys and shapes in order, written out from SPEC §1.10 independently of SLaK.py."""
+    """Keys and shapes in order, written out from the original's module tree independently of SLaK.py."""
     C = [int(d * width_factor) for d in dims]
     out = [('downsample_layers.0.0.weight', (C[0], in_chans, 4, 4)), ('downsample_layers.0.0.bias', (C[0],)),
            ('downsample_layers.0.1.weight', (C[0],)), ('downsample_layers.0.1.bias', (C[0],))]

@@ -87,7 +87,7 @@ def test_cosine_decay_matches_closed_form_and_torch_scheduler(init_step):
 
 # ---- ERK ------------------------------------------------------------------------------------------------------------
 def erk_reference(shapes, density):
-    """Independent float64 recomputation of SPEC 2.4's ERK iteration."""
+    """Independent float64 recomputation of the original's ERK iteration."""
     n = np.array([np.prod(s) for s in shapes], dtype=np.float64)
     raw = np.array([np.sum(s) / np.prod(s) for s in shapes], dtype=np.float64)
     dense = np.zeros(len(shapes), dtype=bool)
@@ -600,7 +600,7 @@ def test_snip_scores_recomputed_blockwise_equal_stored_activations_and_leave_liv
 
 # ---- fidelity: a float64 run follows the original's masks exactly ---------------------------------------------------
 class OriginalSparseReference:
-    """The original's sparse maths written from SPEC 2.2-2.6 (not from sparse_core), with the fixes sparse_core
+    """The original's sparse maths written from its description (not from sparse_core), with the fixes sparse_core
     documents: magnitude prune removes exactly ceil(rate * nonzeros) active weights and growth adds exactly as many;
     pruned and grown positions restart at 0 with zero optimizer state; every random draw is a float32 ``torch.rand``
     from one generator seeded with ``--seed``; random growth takes the inactive positions with the largest draws."""
@@ -620,7 +620,8 @@ class OriginalSparseReference:
         self.apply_mask()
 
     def snip_densities(self, batch, density):
-        """SPEC 2.4: |w * dL/dw| on a copy, tau = keep-th largest (torch.topk), density = 1 - share of `not > tau`."""
+        """The original's SNIP: |w * dL/dw| on a copy, tau = keep-th largest (torch.topk), density = 1 - share of
+        `not > tau`."""
         net = copy.deepcopy(self.model)
         net.zero_grad()
         F.cross_entropy(net(batch[0]), batch[1]).backward()
@@ -632,7 +633,7 @@ class OriginalSparseReference:
         return {n: 1 - float(((s > tau).float() == 0).sum().item() / s.numel()) for n, s in scores.items()}
 
     def erk_densities(self, density):
-        """SPEC 2.4's ERK iteration, written as the original's loop over the layers in order."""
+        """The original's ERK iteration, written as the original's loop over the layers in order."""
         dense_layers = set()
         while True:
             divisor = rhs = 0
@@ -657,7 +658,7 @@ class OriginalSparseReference:
             self.params[name].mul_(m)
 
     def step(self):
-        """Optimizer step, re-mask, schedule; every u steps prune then grow (SPEC 2.1, 2.2, 2.6)."""
+        """Optimizer step, re-mask, schedule; every u steps prune then grow."""
         self.optimizer.step()
         self.apply_mask()
         self.steps += 1

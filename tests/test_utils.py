@@ -34,7 +34,7 @@ def test_cosine_scheduler_matches_closed_form_and_warmup_quirk():
 
 def test_cosine_scheduler_warmup_steps_without_warmup_epochs_builds_warmup():
     s = utils.cosine_scheduler(1.0, 0.0, 2, 10, warmup_epochs=0, start_warmup_value=0.5, warmup_steps=5)
-    assert len(s) == 20  # the original asserted here (SPEC 11.15)
+    assert len(s) == 20  # the original asserted here
     assert s[:5] == pytest.approx(np.linspace(0.5, 1.0, 5))
     assert s[5] == pytest.approx(1.0)
     constant = utils.cosine_scheduler(0.05, 0.05, 3, 4)
