@@ -3,8 +3,8 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 
 # The main job: a short sparse SLaK run with decomposed large kernels on the bundled MNIST digits (CPU if no GPU).
-# Reaches ~94% val Acc@1 after 5 epochs: about 2 minutes of training on a 2-core CPU, after about 2.5 minutes of
-# first-time setup (venv and pinned packages). OMP_NUM_THREADS=1: on 2 cores, extra threads make the depthwise
+# Reaches ~94% val Acc@1 after 5 epochs: about 1.5-2 minutes of training on a 2-core CPU, after 1.5-2.5 minutes of
+# first-time setup (venv and pinned packages; pip's cache decides). OMP_NUM_THREADS=1: on 2 cores, extra threads make the depthwise
 # backward slower. Starts fresh each time (remove the rm to auto-resume instead).
 TRAIN_OUT ?= output/mnist5k_slak
 TRAIN_ARGS ?= --model SLaK_tiny --Decom true --sparse --sparsity 0.4 --sparse_init snip --prune_rate 0.3 \
