@@ -834,9 +834,11 @@ def main(args: argparse.Namespace) -> Optional[dict]:
                                        extra={'args': saved_args})
     resumed_rng = utils.get_rng_state() if args.resume else None
 
-    if args.eval:
-        for name, param in model_without_ddp.named_parameters():
-            print(f'{name} density is {(param != 0).float().mean().item()}')
+    if args.eval:  # the checkpoint's size in the paper's units (the original printed every tensor's density)
+        print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=True)
+        if args.verbose:
+            for name, param in model_without_ddp.named_parameters():
+                print(f'{name} density is {(param != 0).float().mean().item()}')
         test_stats = evaluate(data.data_loader_val, inference_model(args, model), device, use_amp=args.use_amp,
                               amp_dtype=amp_dtype, channels_last=args.channels_last)
         print(f'Accuracy of the network on {len(data.dataset_val)} test images: {test_stats["acc1"]:.5f}%')
