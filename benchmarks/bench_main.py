@@ -114,7 +114,7 @@ EVAL_END = re.compile(r'^\* Acc@1')
 IPS = re.compile(r'img/s: ([\d.]+)')
 MEM = re.compile(r'max mem: (\d+)')
 PHASES = {  # first log line of each start-up phase (main.py's order)
-    'data_ready': re.compile(r'^(Mixup is activated|number of params|Model = )'),
+    'data_ready': re.compile(r'^(Mixup is activated|Model: )'),
     'masks_ready': re.compile(r'^sparse masks'),
     'flops_counted': re.compile(r'^model: '),
     'training_starts': re.compile(r'^Start training'),

@@ -1,0 +1,58 @@
+"""benchmarks/bench_main.py: its JPEG folder and its reading of a real main.py log (the parser must follow main.py's
+log format, or the end-to-end figures silently go missing)."""
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from mnist_mini import REPO, make_mini_mnist
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import bench_main  # noqa: E402
+
+
+def test_jpeg_folder_has_imagenet_layout_and_natural_sizes(tmp_path):
+    info = bench_main.write_jpeg_folder(tmp_path, n_train=12, n_val=4, classes=3, workers=1)
+    assert (info['train_images'], info['val_images'], info['classes']) == (12, 4, 3)
+    for split, n in (('train', 12), ('val', 4)):
+        classes = sorted(os.listdir(tmp_path / split))
+        assert classes == ['n00000000', 'n00000001', 'n00000002']
+        files = [tmp_path / split / c / f for c in classes for f in os.listdir(tmp_path / split / c)]
+        assert len(files) == n and all(str(f).endswith('.JPEG') for f in files)
+    with Image.open(files[0]) as im:
+        assert im.format == 'JPEG' and im.mode == 'RGB' and 300 <= min(im.size) <= 500
+    assert 20 < info['mean_kb'] < 400
+
+
+def test_parser_reads_a_real_main_py_log(tmp_path):
+    """A tiny sparse run with EMA on CPU: start-up phases, first step, 20-step windows, evaluations."""
+    data = make_mini_mnist(str(tmp_path / 'data'), 20, 5)  # 200 train / 50 val images
+    cmd = [sys.executable, 'main.py', '--model', 'SLaK_tiny', '--Decom', 'true', '--sparse', '-u', '30',
+           '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5', '3', '--input_size', '32', '--epochs', '2',
+           '--batch_size', '8', '--print_freq', '5', '--warmup_epochs', '0', '--mixup', '0', '--cutmix', '0',
+           '--aa', 'none', '--num_workers', '0', '--pin_mem', 'false', '--device', 'cpu', '--model_ema', 'true',
+           '--model_ema_eval', 'true', '--data_path', data, '--output_dir', str(tmp_path / 'out')]
+    lines = bench_main.run_logged(cmd, dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1'), timeout=300)
+    figures = bench_main.parse_main_log(lines, val_images=50)
+    assert figures['exit_code'] == 0, [line for _, line in lines[-5:]]
+    order = ['data_ready_s', 'masks_ready_s', 'flops_counted_s', 'training_starts_s', 'first_step_s']
+    times = [figures[k] for k in order]
+    assert all(t is not None for t in times), figures
+    assert times == sorted(times)
+    assert figures['img_s'] > 0 and figures['img_s_with_updates'] > 0  # windows ending at steps 20 and 24
+    assert 0 < figures['first_eval_s'] < 60 and figures['eval_img_s'] > 0
+    assert figures['peak_mem_gb'] is None  # CPU run: no 'max mem' column
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('Epoch: [1]  [19/100]  eta: 0:00:01  img/s: 1000.0  max mem: 2048', (1000.0, 2.0)),
+])
+def test_parser_skips_windows_with_a_prune_grow_update(text, expected):
+    lines = [(1.0, 'Epoch: [0]  [ 0/100]  img/s: 10.0  max mem: 1024'), (2.0, text),
+             (3.0, 'prune/grow at step 120: density 0.6000, prune rate 0.4, 150.0 ms'),
+             (4.0, 'Epoch: [1]  [39/100]  img/s: 500.0  max mem: 2048'), (5.0, 'bench_main: exit code 0')]
+    figures = bench_main.parse_main_log(lines, val_images=10)
+    assert (figures['img_s'], figures['peak_mem_gb']) == expected
+    assert figures['img_s_with_updates'] == pytest.approx(750.0)
+    assert figures['first_step_s'] == 1.0 and figures['exit_code'] == 0
