@@ -312,9 +312,10 @@ class Masking:
                     layer_density += zero_share * int((scores[name] == 0).sum()) / p.numel()
                 masks[name] = torch.rand(p.shape, generator=gen, device=p.device) < layer_density
         self._broadcast_from_rank0(list(masks.values()))
+        counts = _count_true(masks)
         self.masks, self.grown = {}, {}
         for name, mask in masks.items():
-            if int(mask.sum()) / mask.numel() >= DENSE_LAYER_DENSITY:  # popped: dense and unmasked for the whole run
+            if counts[name] / mask.numel() >= DENSE_LAYER_DENSITY:  # popped: dense and unmasked for the whole run
                 continue
             # contiguous even for channels_last weights (masks from `p != 0` or scores inherit their layout):
             # prune/grow index masks through flat views
@@ -322,12 +323,12 @@ class Masking:
         self._refresh_lists()
         self.apply_mask()
         self.mask_version += 1
-        kept = sum(int(m.sum()) for m in masks.values())
+        kept = sum(counts.values())
         dense = len(masks) - len(self.masks)
         self._report(f'sparse masks ({mode}): {len(self.masks)} sparse layers'
                      f'{f" ({dense} more stay dense: >= {DENSE_LAYER_DENSITY} after init)" if dense else ""}, '
                      f'sparsity {1 - kept / sum(m.numel() for m in masks.values()):.4f} of the eligible weights '
-                     f'(asked {1 - density:.4f})')
+                     f'(asked {1 - density:.4f})', {n: counts[n] for n in self.masks})
 
     def _snip_scores(self) -> Dict[str, torch.Tensor]:
         """|w * dL/dw| for every registered tensor, from one batch on a deep copy (the live model is untouched).
@@ -390,9 +391,10 @@ class Masking:
                 torch.cuda.synchronize()  # update steps may sync: the timing below is then the real cost
             self.update_seconds.append(time.perf_counter() - start)
             moved = sum(self.name2removed.values())
+            nonzeros = _count_true(self.masks)
             self._report(f'prune/grow at step {self.steps}: {moved} of {sum(self.name2nonzeros.values())} active '
-                         f'weights moved (prune rate {self.prune_rate:.4f}), density {self.overall_density():.4f}, '
-                         f'{1000 * self.update_seconds[-1]:.1f} ms')
+                         f'weights moved (prune rate {self.prune_rate:.4f}), density {self._density(nonzeros):.4f}, '
+                         f'{1000 * self.update_seconds[-1]:.1f} ms', nonzeros)
 
     @torch.no_grad()
     def apply_mask(self) -> None:
@@ -454,9 +456,11 @@ class Masking:
         return weight.grad.clone()
 
     # ---- reporting ------------------------------------------------------------------------------------------------
-    def layer_table(self) -> List[str]:
+    def layer_table(self, nonzeros: Optional[Dict[str, int]] = None) -> List[str]:
         """One line per eligible tensor: name, shape, non-zeros, density and the weights the last prune/grow moved;
-        tensors outside the mask set (popped after init) are marked dense."""
+        tensors outside the mask set (popped after init) are marked dense. ``nonzeros``: the masks' counts if already
+        read."""
+        nonzeros = _count_true(self.masks) if nonzeros is None else nonzeros
         lines = []
         width = max(len(name) for name in self.params)
         for name, param in self.params.items():
@@ -464,10 +468,9 @@ class Masking:
             if name not in self.masks:
                 lines.append(f'{name:<{width}}  {shape:>16}  {param.numel():>10} / {param.numel():<10}  dense')
                 continue
-            nonzeros = int(self.masks[name].sum())
             moved = f'  moved {self.name2removed[name]}' if name in self.name2removed else ''
-            lines.append(f'{name:<{width}}  {shape:>16}  {nonzeros:>10} / {param.numel():<10}  '
-                         f'density {nonzeros / param.numel():.4f}{moved}')
+            lines.append(f'{name:<{width}}  {shape:>16}  {nonzeros[name]:>10} / {param.numel():<10}  '
+                         f'density {nonzeros[name] / param.numel():.4f}{moved}')
         return lines
 
     def print_nonzero_counts(self) -> None:
@@ -477,23 +480,28 @@ class Masking:
 
     def overall_density(self) -> float:
         """Non-zero fraction of the mask set (dense, popped layers are not included)."""
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
+        return self._density(_count_true(self.masks))
 
-    def _report(self, headline: str) -> None:
+    def _density(self, nonzeros: Dict[str, int]) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(nonzeros.values()) / max(total, 1)
+
+    def _report(self, headline: str, nonzeros: Dict[str, int]) -> None:
         """``headline`` on the console (one line); the per-layer table appended to ``report_path`` (and printed with
-        ``verbose``); overall density, prune rate and per-layer densities to the log writer."""
-        table = self.layer_table()
-        if self.verbose:
-            print('\n'.join(table))
-        if self.report_path:
-            with open(self.report_path, 'a', encoding='utf-8') as f:
-                f.write('\n'.join([headline, *table, '', '']))
+        ``verbose``); overall density, prune rate and per-layer densities to the log writer. ``nonzeros``: each
+        mask's count, read once for all of these."""
+        if self.verbose or self.report_path:
+            table = self.layer_table(nonzeros)
+            if self.verbose:
+                print('\n'.join(table))
+            if self.report_path:
+                with open(self.report_path, 'a', encoding='utf-8') as f:
+                    f.write('\n'.join([headline, *table, '', '']))
         print(headline)
         if self.log_writer is None:
             return
-        layers = {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
-        scalars = {'overall': self.overall_density(), 'prune_rate': self.prune_rate, **layers}
+        layers = {name: nonzeros[name] / m.numel() for name, m in self.masks.items()}
+        scalars = {'overall': self._density(nonzeros), 'prune_rate': self.prune_rate, **layers}
         if hasattr(self.log_writer, 'add_scalar'):
             for key, value in scalars.items():
                 self.log_writer.add_scalar(f'sparsity/{key}', value, self.steps)
@@ -569,6 +577,13 @@ class Masking:
         dist.broadcast(flat, src=0)
         for t, chunk in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
             t.copy_(chunk.view_as(t))
+
+
+def _count_true(masks: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """How many entries of each bool mask are set, read from the device in one transfer (not one sync per mask)."""
+    if not masks:
+        return {}
+    return dict(zip(masks, torch.stack([m.sum() for m in masks.values()]).tolist()))
 
 
 def _recompute_in_backward(model: nn.Module) -> None:
