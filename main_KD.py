@@ -560,7 +560,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
             print(f'Teacher accuracy on {len(data.dataset_val)} test images: {teacher_stats["acc1"]:.2f}%')
             if log_writer is not None:
                 log_writer.update(teacher_acc1=teacher_stats['acc1'], head='perf', step=args.start_epoch)
-        student_stats = evaluate(data.data_loader_val, student, device, **eval_kwargs)
+        student_stats = evaluate(data.data_loader_val, main_train.inference_model(args, student), device,
+                                 **eval_kwargs)
         print(f'Student accuracy on {len(data.dataset_val)} test images: {student_stats["acc1"]:.2f}%')
         if args.eval:  # main.check_args refused --eval with --disable_eval, so a validation set exists here
             return student_stats

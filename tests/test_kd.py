@@ -332,6 +332,23 @@ def test_teacher_is_frozen_and_gradients_reach_student_and_heads(digits, teacher
     assert s_stages.outputs == [None, None]  # taken: no activation is kept beyond the step
 
 
+def test_eval_scores_the_student_folded(digits, teacher_ckpt, tmp_path, monkeypatch):
+    """--eval true: teacher and student are both evaluated folded (--eval_folded default), the student on a copy."""
+    args = _parse(_argv(digits, teacher_ckpt, str(tmp_path)))
+    args.nb_classes = 10
+    student = main_KD.build_student(args)
+    torch.save({'model': student.state_dict()}, tmp_path / 'student.pth')
+    evaluated = []
+    real = main_KD.evaluate
+    monkeypatch.setattr(main_KD, 'evaluate', lambda loader, model, *a, **k: evaluated.append(model) or real(
+        loader, model, *a, **k))
+    assert main_KD.run(_argv(digits, teacher_ckpt, str(tmp_path / 'out'), '--eval', 'true', '--finetune',
+                             str(tmp_path / 'student.pth'))) == 0
+    teacher, scored = evaluated
+    assert hasattr(teacher.stages[0][0].large_kernel, 'lkb_decomposed')
+    assert hasattr(scored.stages[0][0].large_kernel, 'lkb_reparam') and not scored.training
+
+
 def _log_lines(out) -> list:
     import json
     with open(out / 'log.txt') as f:
