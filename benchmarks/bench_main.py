@@ -320,16 +320,16 @@ def main() -> None:
     def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str) -> None:
         if run is None and warm is None:
             return
-        main_run_ = warm or run
+        steady = warm or run
         records.append({
             'model': model, 'data': 'jpeg', 'compile': compiled, 'batch': args.batch_size,
-            'img_s': main_run_.get('img_s'), 'graph_img_s': bare(bench_name, True),
+            'img_s': steady.get('img_s'), 'graph_img_s': bare(bench_name, True),
             'eager_bench_img_s': bare(bench_name, False), 'loader_img_s': loader_img_s,
             'first_step_s_cold': run.get('first_step_s') if run else None,
             'first_step_s_warm': warm.get('first_step_s') if warm else None,
-            'first_eval_s_warm': main_run_.get('first_eval_s') if warm else None,
-            'peak_mem_gb': main_run_.get('peak_mem_gb'), 'startup_peak_mem_gb': main_run_.get('startup_peak_mem_gb'),
-            'eval_img_s': main_run_.get('eval_img_s'), 'card': card})
+            'first_eval_s_warm': steady.get('first_eval_s') if warm else None,
+            'peak_mem_gb': steady.get('peak_mem_gb'), 'startup_peak_mem_gb': steady.get('startup_peak_mem_gb'),
+            'eval_img_s': steady.get('eval_img_s'), 'card': card})
 
     record('SLaK-T', False, slak_cold, slak_warm, 'SLaK-T ours')
     record('convnext_tiny', False, convnext, None, 'convnext_tiny (timm)')
