@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call of issue 18's end-to-end measurement (see benchmarks/bench_main.py and RESULTS.md "End to end").
+#   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
+#                                          SLaK-T warm (~8-9 min on one H100)
+#   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
+# Needs the pinned timm/tensorboardX wheels in .whl/ (see the device README); writes everything under $OUT.
+set -u
+START=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; nproc;
+  python3 -c "import torch, triton, timm, torchvision; print('torch', torch.__version__, 'triton', triton.__version__,
+  'timm', timm.__version__, 'torchvision', torchvision.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
+left() { echo $(( $1 - $(date +%s) + START )); }
+case "${1:-main}" in
+  main)
+    python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
+      --runs loader,slak_cold,convnext,convnext_compile,slak_warm --budget_s "$(left 480)" --run_timeout_s 250 \
+      2>&1 | grep -v -e '^Test:' -e '^  ' | tee "$OUT/bench_main.log" | tail -40 ;;
+  bench)
+    python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
+      --runs throughput,throughput_graph --budget_s "$(left 300)" --run_timeout_s 200 \
+      2>&1 | tee "$OUT/bench_main.log" | tail -20
+    timeout "$(left 540)" python3 benchmarks/memory_breakdown.py 2>&1 | tee "$OUT/memory.txt" | tail -30 ;;
+esac
+echo "device_e2e: total $(( $(date +%s) - START )) s"
