@@ -37,6 +37,7 @@ Differences from the original, all deliberate fixes:
   and restarts them at their live value once the optimizer has moved them from 0.
 """
 import copy
+import inspect
 import math
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -350,7 +351,7 @@ class Masking:
         if self.prepare_copy is not None:
             self.prepare_copy(model)
         device = next(iter(self.params.values())).device
-        with torch.enable_grad():
+        with torch.enable_grad(), _without_cudnn_autotuning():
             F.cross_entropy(model(images.to(device)), targets.to(device)).backward()
         params = {_strip_module(n): p for n, p in model.named_parameters()}
         grads = [params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in self.params]
@@ -584,6 +585,16 @@ def _count_true(masks: Dict[str, torch.Tensor]) -> Dict[str, int]:
     if not masks:
         return {}
     return dict(zip(masks, torch.stack([m.sum() for m in masks.values()]).tolist()))
+
+
+def _without_cudnn_autotuning():
+    """cuDNN picks its algorithms by heuristics for SNIP's one pass: with ``cudnn.benchmark`` (main.py sets it) every
+    conv shape of the pass would first time every algorithm, for shapes (float32, large depthwise kernels) that no
+    training step uses again. Same maths; other cuDNN settings unchanged."""
+    cudnn = torch.backends.cudnn
+    current = {name: getattr(cudnn, name) for name in inspect.signature(cudnn.flags).parameters
+               if hasattr(cudnn, name)}  # (the settings differ between torch versions)
+    return cudnn.flags(**dict(current, benchmark=False))
 
 
 def _recompute_in_backward(model: nn.Module) -> None:

@@ -568,8 +568,8 @@ def test_ema_resume_right_after_prune_grow_is_bit_identical():
 
 
 def test_snip_scores_recomputed_blockwise_equal_stored_activations_and_leave_live_model_alone():
-    """SNIP's copy recomputes block activations in backward (memory) with eager tails: same float64 scores as one
-    plain forward/backward (drop path on: checkpointing must replay its random draws)."""
+    """SNIP's copy recomputes block activations in backward (memory) with eager tails and without cuDNN autotuning:
+    same float64 scores as one plain forward/backward (drop path on: checkpointing must replay its random draws)."""
     torch.manual_seed(0)
     model = SLaK.SLaK(depths=(1, 2, 1, 1), dims=(8, 16, 32, 64), kernel_size=[7, 7, 5, 5, 3], Decom=True,
                       num_classes=10, drop_path_rate=0.5).double()
@@ -583,14 +583,22 @@ def test_snip_scores_recomputed_blockwise_equal_stored_activations_and_leave_liv
     expected = {n: (grads[n].detach() * grads[n].grad).abs() for n in names}
 
     block = model.stages[1][1]
-    calls = []
-    block.large_kernel.register_forward_hook(lambda *_: calls.append(1))
+    calls, autotuning = [], []
+    block.large_kernel.register_forward_hook(lambda *_: calls.append(1) or autotuning.append(cudnn.benchmark))
     mask = Masking(torch.optim.SGD(model.parameters(), lr=0.1), train_loader=[(x, y)], args=make_args())
     mask.modules.append(model)
     mask.params = {n: p for n, p in model.named_parameters() if n in names}
     torch.manual_seed(123)
-    scores = mask._snip_scores()
+    cudnn = torch.backends.cudnn
+    was = cudnn.benchmark
+    try:
+        cudnn.benchmark = True  # as main.py sets it
+        scores = mask._snip_scores()
+        assert cudnn.benchmark  # restored after the pass
+    finally:
+        cudnn.benchmark = was
     assert len(calls) == 2  # the copy's block ran forward twice: once, then again in backward
+    assert autotuning == [False, False]  # the one-off pass does not time cuDNN's algorithms
     for n in names:
         assert torch.equal(scores[n], expected[n]), n
     assert not model.grad_checkpointing and all(b.COMPILE_TAIL == SLaK.Block.COMPILE_TAIL
