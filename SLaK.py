@@ -20,14 +20,18 @@ What differs from the original, on purpose (see README "Differences from the ori
 """
 
 import importlib.util
+import json
 import logging
 import os
 import pickle
+import subprocess
 import sys
+import tempfile
+import time
 import urllib.parse
 import warnings
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -515,10 +519,15 @@ class Block(nn.Module):
         return x.is_cuda or mode is True
 
     def _drop_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-sample factors of ``self.drop_path`` (timm's DropPath: Bernoulli(keep) / keep), or None."""
-        prob = getattr(self.drop_path, 'drop_prob', 0.)
-        if not self.training or not prob:
+        """Per-sample factors of ``self.drop_path`` (timm's DropPath: Bernoulli(keep) / keep); None in evaluation.
+
+        A training block without drop path (the first block: drop-path rates rise from 0) gets factors of 1 (no
+        random draw), so that one compiled tail graph serves every block of a stage (x * 1 is exact)."""
+        if not self.training:
             return None
+        prob = getattr(self.drop_path, 'drop_prob', 0.)
+        if not prob:
+            return x.new_ones((x.shape[0], 1, 1, 1))
         keep = 1. - prob
         scale = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
         return scale.div_(keep) if keep > 0. and getattr(self.drop_path, 'scale_by_keep', True) else scale
@@ -872,6 +881,127 @@ def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
         raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}; got {pool_type!r} (pooling that widens the '
                          f'features, such as catavgmax, does not fit the norm)')
     return SelectAdaptivePool2d(pool_type=f'fast{pool_type}' if pool_type else '', flatten=bool(pool_type))
+
+
+# ---- compile caches, warmed in parallel ----------------------------------------------------------------------------
+# On a fresh machine the first training step compiles every stage's Triton depthwise kernels and its block-tail graphs
+# (forward and backward) one after the other: most of a minute for SLaK-T. Both land in on-disk caches (Triton's and
+# Inductor's) that a later process reuses. warm_compile_caches starts one process per stage that runs that stage's
+# training step (and its folded evaluation) at the run's shapes, so the compiles happen side by side, while the
+# main process loads data, builds the model and computes the SNIP masks; the main process then finds them cached.
+WARM_CACHES: Union[str, bool] = _env_switch('SLAK_WARM_CACHES')  # 'auto': CUDA runs with the compiled tail
+
+
+class CacheWarmer:
+    """The processes started by :func:`warm_compile_caches`; :meth:`wait` joins them (their failures only cost time:
+    whatever they did not compile, the main process compiles itself)."""
+
+    def __init__(self, processes: List[Tuple[int, subprocess.Popen, IO[str]]], start: float):
+        self.processes, self.start = processes, start
+
+    def wait(self, timeout: float = 600.) -> Dict[str, object]:
+        reports, failed = [], []
+        for stage, proc, log in self.processes:
+            try:
+                proc.wait(timeout=max(1., timeout - (time.time() - self.start)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                failed.append(f'stage {stage}: still running after {timeout:.0f} s')
+                continue
+            log.seek(0)
+            out = log.read()
+            log.close()
+            line = next((ln for ln in reversed(out.splitlines()) if ln.startswith('{')), None)
+            if proc.returncode == 0 and line:
+                reports.append(json.loads(line))
+            else:
+                tail = [ln for ln in out.splitlines() if ln.strip()][-1:] or [f'exit code {proc.returncode}']
+                failed.append(f'stage {stage}: {tail[0][:200]}')
+        summary = {'processes': len(self.processes), 'seconds': time.time() - self.start,
+                   'graphs': sum(r.get('graphs', 0) for r in reports), 'failed': failed}
+        print(f'compile caches: {len(self.processes)} processes warmed {summary["graphs"]} block-tail graphs and '
+              f'their kernels in {summary["seconds"]:.1f} s'
+              + (f'; failed (the training process compiles those itself): {"; ".join(failed)}' if failed else ''))
+        return summary
+
+
+def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, input_size: int,
+                        amp_dtype: Optional[torch.dtype], device: Union[str, torch.device] = 'cuda',
+                        channels_last: bool = False, eval_batch: Optional[int] = None,
+                        force: bool = False) -> Optional[CacheWarmer]:
+    """Start one process per stage of ``model`` (a :class:`SLaK`) that compiles what that stage's first training step
+    and folded evaluation need into the on-disk caches, or return None where that does not apply: not CUDA, the
+    compiled tail off, ``SLAK_WARM_CACHES=0``, or not a SLaK model.
+
+    ``spec`` = ``{'name': timm model name, 'kwargs': create_model keyword arguments}`` (JSON values), from which each
+    process builds the same model; ``batch``/``input_size``/``amp_dtype``/``channels_last`` are the training step's,
+    ``eval_batch`` the evaluation batch (None: no evaluation). ``force`` starts them on any device (tests).
+    """
+    device = torch.device(device)
+    if not isinstance(model, SLaK) or not force and (not WARM_CACHES or device.type != 'cuda'
+                                                     or not Block.COMPILE_TAIL):
+        return None
+    start = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SLAK_WARM_CACHES='0', PYTHONPATH=os.pathsep.join(
+        [here] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    stages = len(model.stages)
+    cpus = os.cpu_count() or 1
+    env.setdefault('TORCHINDUCTOR_COMPILE_THREADS', str(max(1, cpus // (stages + 1))))
+    processes = []
+    for stage in range(stages):
+        job = dict(spec, stage=stage, batch=batch, input_size=input_size, device=str(device),
+                   amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else None,
+                   channels_last=channels_last, eval_batch=eval_batch, backend=TAIL_BACKEND,
+                   compile_tail=Block.COMPILE_TAIL)
+        log = tempfile.TemporaryFile(mode='w+')  # (a pipe could fill up and stall the process)
+        proc = subprocess.Popen([sys.executable, '-c', 'import sys, json, SLaK; SLaK._warm_stage(json.loads(sys.argv[1]))',
+                                 json.dumps(job)], cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        processes.append((stage, proc, log))
+    return CacheWarmer(processes, start)
+
+
+def stage_input(model: 'SLaK', stage: int, images: torch.Tensor) -> torch.Tensor:
+    """What ``model.stages[stage]`` receives in a forward pass of ``images``, without running the earlier stages (a
+    block keeps its input's shape, dtype and layout): the stem and the downsampling layers up to ``stage``."""
+    x = images
+    for i in range(stage + 1):
+        x = model.downsample_layers[i](x)
+    return x
+
+
+def _warm_stage(job: Dict[str, object]) -> None:
+    """One process of :func:`warm_compile_caches`: the training step of one stage (forward under autocast, backward)
+    and, with ``eval_batch``, its folded evaluation forward; prints a JSON line (stage, tail graphs, seconds)."""
+    import timm
+    start = time.time()
+    global TAIL_BACKEND
+    TAIL_BACKEND = job['backend']
+    Block.COMPILE_TAIL = job['compile_tail']
+    device = torch.device(job['device'])
+    amp = getattr(torch, job['amp_dtype']) if job['amp_dtype'] else None
+    torch.manual_seed(0)
+    model = timm.create_model(job['name'], **job['kwargs']).to(device).train()
+    stage = int(job['stage'])
+    memory_format = torch.channels_last if job['channels_last'] else torch.contiguous_format
+    if job['channels_last']:
+        model = model.to(memory_format=memory_format)
+    images = torch.randn(job['batch'], 3, job['input_size'], job['input_size'], device=device)
+    images = images.contiguous(memory_format=memory_format)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        x = stage_input(model, stage, images)
+        y = model.stages[stage](x)
+    y.float().sum().backward()
+    if job.get('eval_batch'):
+        folded = model.eval().reparameterize(decomposed=True).requires_grad_(False)
+        images = torch.randn(job['eval_batch'], 3, job['input_size'], job['input_size'], device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            folded.stages[stage](stage_input(folded, stage, images.contiguous(memory_format=memory_format)))
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    print(json.dumps({'stage': stage, 'graphs': len(_TAIL_STATE['keys']), 'seconds': time.time() - start}),
+          flush=True)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------

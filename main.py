@@ -380,6 +380,30 @@ def build_data(args: argparse.Namespace) -> Data:
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
+def model_kwargs(args: argparse.Namespace, name: str) -> dict:
+    """``timm.create_model`` keyword arguments for ``name``: classes and drop path, plus the SLaK arguments (kernel
+    sizes, width, Decom, bn) for SLaK models."""
+    kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path)
+    if name.startswith('SLaK'):
+        kwargs.update(layer_scale_init_value=args.layer_scale_init_value, head_init_scale=args.head_init_scale,
+                      kernel_size=list(args.kernel_size), width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
+        if args.conv_impl is not None:
+            kwargs['conv_impl'] = args.conv_impl
+    return kwargs
+
+
+def start_cache_warming(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                        amp_dtype: torch.dtype) -> Optional['SLaK.CacheWarmer']:
+    """A single-process CUDA training run of a SLaK model compiles its stages' kernels and block tails side by side
+    in helper processes while it sets up (``SLaK.warm_compile_caches``; ``SLAK_WARM_CACHES=0`` turns it off)."""
+    if args.eval or args.compile or args.distributed:
+        return None
+    eval_batch = None if args.disable_eval else int(1.5 * args.batch_size)
+    return SLaK.warm_compile_caches(model, {'name': args.model, 'kwargs': model_kwargs(args, args.model)},
+                                    args.batch_size, args.input_size, amp_dtype if args.use_amp else None, device,
+                                    channels_last=args.channels_last, eval_batch=eval_batch)
+
+
 def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
     """``timm.create_model(name, ...)`` with the SLaK arguments (kernel sizes, width, Decom, bn) for SLaK models.
 
@@ -389,13 +413,7 @@ def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
         slak = [m for m in timm.list_models('SLaK*')]
         raise ValueError(f'--model {name!r} is not registered; SLaK models: {", ".join(slak)} '
                          f'(any timm model name also works, e.g. convnext_tiny)')
-    kwargs = dict(pretrained=False, num_classes=args.nb_classes, drop_path_rate=args.drop_path)
-    if name.startswith('SLaK'):
-        kwargs.update(layer_scale_init_value=args.layer_scale_init_value, head_init_scale=args.head_init_scale,
-                      kernel_size=args.kernel_size, width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
-        if args.conv_impl is not None:
-            kwargs['conv_impl'] = args.conv_impl
-    model = timm.create_model(name, **kwargs)
+    model = timm.create_model(name, pretrained=False, **model_kwargs(args, name))
     reduction = max((int(info['reduction']) for info in getattr(model, 'feature_info', None) or []), default=1)
     if args.input_size < reduction:  # the last stage would get an empty feature map (a conv error deep in torch)
         raise ValueError(f'--input_size {args.input_size} is too small for {name}: it downsamples by {reduction}, so '
@@ -815,6 +833,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if args.finetune:
         load_finetune(args, model)
     model = prepare_model(args, model, device)
+    warmer = start_cache_warming(args, model, device, amp_dtype)
     model_ema = build_ema(args, model)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -853,6 +872,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=mask is not None)
     if args.compile:
         model.compile()
+    if warmer is not None:
+        warmer.wait()
     if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's
         print(f'Peak GPU memory before training: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB')
         torch.cuda.reset_peak_memory_stats(device)

@@ -678,6 +678,76 @@ def test_compiled_tail_evaluation_graph_serves_every_batch_size(tail_backend, mo
     assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4
 
 
+def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend, monkeypatch):
+    """Drop-path rates rise from 0, so the first block has none; it still passes per-sample factors (ones) and shares
+    its stage's training graph: one graph per stage shape, and the same loss and gradients as the eager blocks."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 1, 1], width_factor=0.1, drop_path_rate=0.2,
+                          kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', layer_scale_init_value=0.5)
+    m = m.double().train()
+    assert m.stages[0][0].drop_path.__class__.__name__ == 'Identity'  # the first block has no drop path
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
+        m.zero_grad()
+        torch.manual_seed(1)
+        loss = m(x).square().sum()
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4  # 4 stage shapes, not 5
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_stage_input_is_what_each_stage_receives():
+    """The cache-warming processes run one stage on ``stage_input``: the same shape, dtype, layout and gradient
+    requirement as that stage's input in a full training forward under autocast."""
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.2,
+                          kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch').train()
+    seen = {}
+    for i, stage in enumerate(m.stages):
+        stage.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(i, args[0]))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        m(images)
+        for i in range(4):
+            x = SLaK.stage_input(m, i, images)
+            ref = seen[i]
+            assert (x.shape, x.dtype, x.stride(), x.requires_grad) == \
+                   (ref.shape, ref.dtype, ref.stride(), ref.requires_grad), i
+
+
+def test_warm_compile_caches_runs_each_stage_in_its_own_process(tail_backend, monkeypatch):
+    """Where it applies (CUDA with the compiled tail; forced here on CPU with the tracing backend), one process per
+    stage builds the model from its spec and compiles that stage's training graph and folded evaluation graph; the
+    processes report them and the summary line counts them. It stands aside on CPU, for other models and when
+    SLAK_WARM_CACHES=0."""
+    kwargs = dict(num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1, kernel_size=[7, 5, 5, 3, 3], Decom=True,
+                  conv_impl='torch', drop_path_rate=0.1)
+    model = timm.create_model('SLaK_tiny', **kwargs)
+    spec = {'name': 'SLaK_tiny', 'kwargs': kwargs}
+    assert SLaK.warm_compile_caches(model, spec, 2, 64, torch.bfloat16, device='cpu') is None
+    assert SLaK.warm_compile_caches(torch.nn.Linear(2, 2), spec, 2, 64, None, force=True) is None
+    monkeypatch.setattr(SLaK, 'WARM_CACHES', False)
+    assert SLaK.warm_compile_caches(model, spec, 2, 64, None, device='cuda') is None
+    monkeypatch.setattr(SLaK, 'WARM_CACHES', 'auto')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    warmer = SLaK.warm_compile_caches(model, spec, 2, 64, torch.bfloat16, device='cpu', eval_batch=3, force=True)
+    assert len(warmer.processes) == 4
+    summary = warmer.wait(timeout=240)
+    assert summary['failed'] == [] and summary['processes'] == 4
+    assert summary['graphs'] == 8  # per stage: the training graph and the folded evaluation graph
+
+
 def test_compiled_tail_stands_aside(tail_backend, monkeypatch):
     """'auto' is CUDA-only; hooks on the tail's modules and FLOP counting keep the eager path; so does the switch."""
     block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, conv_impl='torch')
