@@ -3,6 +3,7 @@
 #   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
 #                                          SLaK-T warm (~8-9 min on one H100)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
+#   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py)
 # Needs the pinned timm/tensorboardX wheels in .whl/ (see the device README); writes everything under $OUT.
 set -u
 START=$(date +%s)
@@ -24,5 +25,14 @@ case "${1:-main}" in
       --runs throughput,throughput_graph --budget_s "$(left 300)" --run_timeout_s 200 \
       2>&1 | tee "$OUT/bench_main.log" | tail -20
     timeout "$(left 540)" python3 benchmarks/memory_breakdown.py 2>&1 | tee "$OUT/memory.txt" | tail -30 ;;
+  profile)
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import bench_main as b
+root = Path('.bench/data')
+print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
+    FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
+print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
+    timeout "$(left 200)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
+      --runs cold,warm --steps 3 --eval_batches 2 -- $FLAGS --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 \
+      2>&1 | tee "$OUT/profile_startup.txt" ;;
 esac
 echo "device_e2e: total $(( $(date +%s) - START )) s"
