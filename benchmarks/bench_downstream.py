@@ -460,7 +460,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     tools = {'mmseg': Path(args.seg_train_py) if args.seg_train_py else train_script('mmseg'),
              'mmdet': Path(args.det_train_py) if args.det_train_py else train_script('mmdet')}
     report: Dict[str, object] = {'card': card, 'args': vars(args), 'train_py': {k: str(v) for k, v in tools.items()},
-                                 'runs': {}}
+                                 'compile_cache_was_warm': caches.is_dir() and any(caches.iterdir()), 'runs': {}}
     records: List[dict] = []
 
     def save() -> None:
