@@ -64,7 +64,8 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 from bench_main import run_logged  # noqa: E402
 
 SEG_CONFIG = ROOT / 'segmentation' / 'configs' / 'upernet_slak_tiny_512_160k_ade20k_ss.py'
-DET_CONFIG = ROOT / 'detection' / 'configs' / 'cascade_mask_rcnn_slak_tiny_mstrain_480-800_giou_4conv1f_adamw_3x_coco_in1k.py'
+DET_CONFIG = (ROOT / 'detection' / 'configs' /
+              'cascade_mask_rcnn_slak_tiny_mstrain_480-800_giou_4conv1f_adamw_3x_coco_in1k.py')
 TASKS = {  # task -> (framework, shipped config, its custom imports)
     'upernet': ('mmseg', SEG_CONFIG, 'segmentation.slak'),
     'cascade_mask_rcnn': ('mmdet', DET_CONFIG, 'detection.slak'),
