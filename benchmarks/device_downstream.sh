@@ -15,6 +15,7 @@ export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; nproc;
   python3 -c "import torch, triton, torchvision, timm, mmengine, mmcv, mmseg, mmdet, pycocotools, shapely
+import distutils.errors  # mmengine's collect_env needs it: on Python 3.12 only setuptools' shim provides it
 print('torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'timm',
       timm.__version__, 'mmengine', mmengine.__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__,
       'mmdet', mmdet.__version__)"; } 2>&1 | tee "$OUT/machine.txt"

@@ -1,14 +1,18 @@
 """What ``bench_downstream.py`` measures inside a framework training process that the frameworks do not log.
 
 The benchmark's configs (the shipped ones plus a few lines, see ``bench_downstream.probe_config``) import this module
-through ``custom_imports`` and add ``dict(type='DownstreamProbeHook', ...)`` to ``custom_hooks``. On import it wraps
-the box ops every NMS / RoIAlign of mmdet and mmcv ends in, to count their calls by the device of their input:
+through ``custom_imports`` and add ``dict(type='DownstreamProbeHook', ...)`` to ``custom_hooks``. Before the run
+the hook wraps the functions every NMS / RoIAlign of mmdet and mmcv ends in, to count their calls by the device of
+their input (in the training process only: importing this module changes nothing):
 
-* ``torch.ops.torchvision.{nms, roi_align, roi_pool, ps_roi_align}`` (torchvision's ops, which
-  ``segmentation/mmcv_ext_fallback.py`` and ``RoIAlign(use_torchvision=True)`` call; ``torchvision.ops.nms`` looks
-  the op up on ``torch.ops.torchvision`` at every call, so replacing the attribute reaches every caller);
+* ``torchvision.ops.nms`` (also as ``torchvision.ops.boxes.nms``, which torchvision's ``batched_nms`` calls) and
+  ``torchvision.ops.roi_align``, which ``segmentation/mmcv_ext_fallback.py`` and ``RoIAlign(use_torchvision=True)``
+  import at every call;
 * ``mmcv._ext.{nms, softnms, nms_match, roi_align_forward, roi_align_backward}`` (the stand-in or a compiled mmcv:
   ``mmcv.ops`` looks these up on the module at every call).
+
+The registered ops themselves (``torch.ops.torchvision.*``) are left alone (replacing them breaks code that walks
+the op namespaces, such as the ONNX exporter); the profiler table below shows them with their GPU time.
 
 The hook records, after every training iteration, how many SLaK block-tail graphs are compiled so far
 (``SLaK._TAIL_STATE['keys']``) and the seconds torch.compile has spent (dynamo's ``_compile.compile_inner``
@@ -33,7 +37,6 @@ from mmengine.registry import HOOKS
 
 __all__ = ['DownstreamProbeHook', 'box_op_calls', 'box_ops_on_gpu', 'tail_state']
 
-TORCHVISION_BOX_OPS = ('nms', 'roi_align', 'roi_pool', 'ps_roi_align')
 MMCV_EXT_BOX_OPS = ('nms', 'softnms', 'nms_match', 'roi_align_forward', 'roi_align_backward')
 _CALLS: Dict[str, int] = collections.Counter()  # 'op@device type' -> calls
 _WRAPPED = set()
@@ -50,25 +53,25 @@ def _count_calls(name: str, fn):
 
 def wrap_box_ops() -> List[str]:
     """Count calls of the box ops named in the module docstring from now on (idempotent); returns the wrapped names."""
-    import torchvision  # noqa: F401  registers torch.ops.torchvision
-    targets = [(torch.ops.torchvision, f'torchvision::{op}', op) for op in TORCHVISION_BOX_OPS]
+    import torchvision.ops
+    import torchvision.ops.boxes
+    targets = [((torchvision.ops, torchvision.ops.boxes), 'torchvision.ops.nms', 'nms'),
+               ((torchvision.ops,), 'torchvision.ops.roi_align', 'roi_align')]
     ext = sys.modules.get('mmcv._ext')
     if ext is not None:
-        targets += [(ext, f'mmcv._ext.{op}', op) for op in MMCV_EXT_BOX_OPS]
-    for owner, name, attr in targets:
-        if name in _WRAPPED:
+        targets += [((ext,), f'mmcv._ext.{op}', op) for op in MMCV_EXT_BOX_OPS]
+    for owners, name, attr in targets:
+        if name in _WRAPPED or not hasattr(owners[0], attr):
             continue
-        try:
-            fn = getattr(owner, attr)
-        except (AttributeError, RuntimeError):
-            continue
-        setattr(owner, attr, _count_calls(name, fn))
+        counted = _count_calls(name, getattr(owners[0], attr))
+        for owner in owners:
+            setattr(owner, attr, counted)
         _WRAPPED.add(name)
     return sorted(_WRAPPED)
 
 
 def box_op_calls() -> Dict[str, int]:
-    """Calls so far, keyed ``op@device type`` (e.g. ``torchvision::nms@cuda``)."""
+    """Calls so far, keyed ``op@device type`` (e.g. ``torchvision.ops.nms@cuda``)."""
     return dict(_CALLS)
 
 
@@ -175,6 +178,3 @@ class DownstreamProbeHook(Hook):
         os.makedirs(os.path.dirname(os.path.abspath(self.out_file)), exist_ok=True)
         with open(self.out_file, 'w') as f:
             json.dump(self.record, f, indent=1)
-
-
-wrap_box_ops()

@@ -57,10 +57,18 @@ def test_parse_scalars_takes_the_steady_median_and_the_metrics():
 
 
 def test_box_ops_on_gpu_rule():
-    assert downstream_probe.box_ops_on_gpu({'torchvision::nms@cuda': 3}, expect_calls=True)
-    assert not downstream_probe.box_ops_on_gpu({'torchvision::nms@cuda': 3, 'torchvision::roi_align@cpu': 1}, True)
+    assert downstream_probe.box_ops_on_gpu({'torchvision.ops.nms@cuda': 3}, expect_calls=True)
+    calls = {'torchvision.ops.nms@cuda': 3, 'torchvision.ops.roi_align@cpu': 1}
+    assert not downstream_probe.box_ops_on_gpu(calls, expect_calls=True)
     assert not downstream_probe.box_ops_on_gpu({}, expect_calls=True)
     assert downstream_probe.box_ops_on_gpu({}, expect_calls=False)
+
+
+def test_importing_the_probe_leaves_torchvision_alone():
+    """Only the hook, in the training process, wraps the box ops (a replaced torch.ops entry broke ONNX export)."""
+    import torchvision.ops
+    assert torchvision.ops.nms.__module__ == 'torchvision.ops.boxes' and torchvision.ops.nms.__name__ == 'nms'
+    assert isinstance(torch.ops.torchvision.nms, torch._ops.OpOverloadPacket)
 
 
 def test_checkpoint_is_main_py_style_and_sparse(tmp_path):
@@ -144,7 +152,7 @@ def test_tiny_runs_through_the_frameworks_train_py(data, tmp_path):
     assert 'coco/segm_mAP' in cascade['metrics']
     # the detector's NMS and RoIAlign calls were seen, all on the CPU here: "not on the GPU"
     calls = cascade['box_op_calls']
-    assert calls.get('torchvision::nms@cpu', 0) > 0 and calls.get('torchvision::roi_align@cpu', 0) > 0
+    assert calls.get('torchvision.ops.nms@cpu', 0) > 0 and calls.get('torchvision.ops.roi_align@cpu', 0) > 0
     assert cascade['nms_roi_on_gpu'] is False and upernet['box_op_calls'] == {}
     runs = json.loads((out / 'downstream_cpu_runs.json').read_text())['runs']
     profile = runs['cascade_slak']['probe']['profile']
