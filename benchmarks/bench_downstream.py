@@ -528,7 +528,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             'tail_graphs_after_skip': graphs[args.skip_iters - 1] if len(graphs) >= args.skip_iters else None,
             'compile_s_train': compile_by_iter[-1] if compile_by_iter else None,
             'compile_s_timed': round(compile_by_iter[-1] - compile_by_iter[args.skip_iters - 1], 2)
-            if len(compile_by_iter) > args.skip_iters else None,
+            if len(compile_by_iter) > args.skip_iters and None not in compile_by_iter else None,
             'probe': probe, 'command': ' '.join(cmd[1:]),
             'log_tail': [f'{t:7.1f} {line[:300]}' for t, line in lines if not line.startswith(('|', '+'))][-40:],
             'errors': [f'{t:7.1f} {line[:300]}' for t, line in lines if 'Error' in line or 'Traceback' in line][:20]})

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.hooks import Hook
@@ -90,13 +90,16 @@ def tail_state() -> Dict[str, object]:
             'broken': bool(state.get('broken'))}
 
 
-def compile_seconds() -> float:
-    """Seconds torch.compile spent in this process so far (dynamo frames, including Inductor's code generation)."""
+def compile_seconds() -> Optional[float]:
+    """Seconds torch.compile spent in this process so far (dynamo frames, including Inductor's code generation);
+    None if this torch keeps no such timings."""
     try:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:
-        return 0.0
-    return float(sum(compilation_time_metrics.get('_compile.compile_inner', [])))
+        return None
+    if '_compile.compile_inner' in compilation_time_metrics:
+        return round(float(sum(compilation_time_metrics['_compile.compile_inner'])), 3)
+    return 0.0 if not compilation_time_metrics else None  # nothing compiled yet, or timings under another name
 
 
 def _profile_rows(prof, row_limit: int) -> Dict[str, object]:
@@ -158,7 +161,7 @@ class DownstreamProbeHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self.record['tail_graphs_by_iter'].append(tail_state()['graphs'])
-        self.record['compile_s_by_iter'].append(round(compile_seconds(), 3))
+        self.record['compile_s_by_iter'].append(compile_seconds())
         if self._profiler is not None and runner.iter + 1 >= self.profile_iters[1]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -173,7 +176,7 @@ class DownstreamProbeHook(Hook):
     def write(self) -> None:
         calls = box_op_calls()
         self.record.update(box_op_calls=calls, box_ops_on_gpu=box_ops_on_gpu(calls, self.expect_box_ops),
-                           tail=tail_state(), compile_s=round(compile_seconds(), 3),
+                           tail=tail_state(), compile_s=compile_seconds(),
                            seconds=round(time.time() - self._start, 1))
         os.makedirs(os.path.dirname(os.path.abspath(self.out_file)), exist_ok=True)
         with open(self.out_file, 'w') as f:
