@@ -3,6 +3,7 @@
 Run on a CUDA machine from the repository root::
 
     python benchmarks/bench_dwconv.py [--sweep [--sweep-maps 56,28,14,7]] [--old FILE] [--json results.json]
+    python benchmarks/bench_dwconv.py --detection_shapes   # correctness only, on detection's map sizes
 
 Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
 (2) for each layer at batch 64 in bf16: forward and forward+backward time of ours and of cuDNN (``F.conv2d`` with
@@ -89,6 +90,35 @@ def correctness():
     print(f"fp32 exact (allow_tf32=False): out {e[0]:.1e} dx {e[1]:.1e} dw {e[2]:.1e}")
     ok &= max(e[:3]) < 1e-5
     print("correctness:", "ALL OK" if ok else "FAILURES")
+    return ok
+
+
+# Cascade Mask R-CNN's inputs (multi-scale short side 480-800, long side <= 1333, both orientations; padded to 32 by
+# the data preprocessor) -> SLaK-T stage maps at strides 4..32, e.g. 800x1344 -> 200x336, 100x168, 50x84, 25x42.
+DETECTION_INPUTS = [(800, 1344), (736, 1120), (480, 640), (608, 1088), (800, 1216), (1088, 800)]
+SLAK_T_STAGES = [(124, 51), (249, 49), (499, 47), (998, 13)]  # (channels at width 1.3, large kernel)
+
+
+def detection_correctness():
+    """Ours vs float64 ``F.conv2d`` (forward, input and weight gradients) on every SLaK-T layer shape that detection
+    produces: odd maps, maps smaller than the kernel, sizes that are not multiples of the tiles; batch 1 and 2."""
+    print("== detection map sizes (relative Frobenius error vs float64; fp32 runs tf32 as in training)")
+    worst, ok = {}, True
+    for i, (ih, iw) in enumerate(DETECTION_INPUTS):
+        n = 1 + i % 2
+        for stage, (c, k) in enumerate(SLAK_T_STAGES):
+            h, w = ih // (4 * 2 ** stage), iw // (4 * 2 ** stage)
+            for kh, kw in ((k, 5), (5, k), (5, 5)):
+                for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+                    e_out, e_dx, e_dw, written, _ = check(c, h, w, kh, kw, dtype, n=n)
+                    err = max(e_out, e_dx, e_dw)
+                    good = err < tol and written
+                    ok &= good
+                    worst[dtype] = max(worst.get(dtype, 0.), err)
+                    print(f"n={n} {c:4d}x{h:3d}x{w:3d} k{kh}x{kw} {str(dtype)[6:]:9s} out {e_out:.1e} dx {e_dx:.1e} "
+                          f"dw {e_dw:.1e} written={written} {'OK' if good else 'FAIL'}")
+    print("max errors: " + ", ".join(f"{str(d)[6:]} {e:.1e}" for d, e in worst.items()))
+    print("detection shapes:", "ALL OK" if ok else "FAILURES")
     return ok
 
 
@@ -192,11 +222,17 @@ def main():
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--old", default=None, help="earlier dwconv_triton.py to time in the --sweep table")
     parser.add_argument("--sweep-maps", default="56,28,14,7", help="map sizes the --sweep visits")
+    parser.add_argument("--detection_shapes", action="store_true",
+                        help="only check correctness on the map sizes Cascade Mask R-CNN produces (batch 1-2)")
     args = parser.parse_args()
     import triton
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
           f"cudnn {torch.backends.cudnn.version()}")
     torch.manual_seed(0)
+    if args.detection_shapes:
+        if not detection_correctness():
+            raise SystemExit("GPU correctness check on detection shapes failed")
+        return
     ok = True if args.skip_check else correctness()
     torch.backends.cudnn.benchmark = True
     rows, out = [], {"device": torch.cuda.get_device_name(), "layers": []}

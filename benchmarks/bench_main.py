@@ -32,9 +32,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -122,20 +124,24 @@ PHASES = {  # first log line of each start-up phase (main.py's order)
 
 
 def run_logged(cmd: List[str], env: Dict[str, str], timeout: float) -> List[tuple]:
-    """Run ``cmd``; return ``(seconds since launch, line)`` for every line of its stdout+stderr."""
+    """Run ``cmd``; return ``(seconds since launch, line)`` for every line of its stdout+stderr.
+
+    After ``timeout`` seconds the command and everything it started (its process group: data loader workers) are
+    killed, whether or not it is still printing."""
     start = time.time()
     lines = []
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+                            bufsize=1, start_new_session=True)
+    timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
     try:
         for line in proc.stdout:
             lines.append((time.time() - start, line.rstrip('\n')))
-            if time.time() - start > timeout:
-                proc.kill()
-                lines.append((time.time() - start, f'bench_main: killed after {timeout:.0f} s'))
-                break
     finally:
         proc.wait()
+        timer.cancel()
+    if time.time() - start >= timeout and proc.returncode == -signal.SIGKILL:
+        lines.append((time.time() - start, f'bench_main: killed after {timeout:.0f} s'))
     lines.append((time.time() - start, f'bench_main: exit code {proc.returncode}'))
     return lines
 

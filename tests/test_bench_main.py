@@ -56,3 +56,14 @@ def test_parser_skips_windows_with_a_prune_grow_update(text, expected):
     assert (figures['img_s'], figures['peak_mem_gb']) == expected
     assert figures['img_s_with_updates'] == pytest.approx(750.0)
     assert figures['first_step_s'] == 1.0 and figures['exit_code'] == 0
+
+
+def test_run_logged_kills_a_silent_command_at_its_timeout():
+    """The timeout holds even when the command prints nothing (a hung run must not eat the device call)."""
+    import time
+    start = time.time()
+    lines = bench_main.run_logged([sys.executable, '-c', 'print("started", flush=True); import time; time.sleep(60)'],
+                                  dict(os.environ), timeout=2)
+    assert time.time() - start < 20
+    assert [line for _, line in lines][0] == 'started'
+    assert lines[-2][1] == 'bench_main: killed after 2 s' and lines[-1][1] == 'bench_main: exit code -9'

@@ -57,6 +57,13 @@ CASES = [
     (1, 2, 16, 20, 3, 3, "float16", "nc"),  # direct forward and weight gradient
     (1, 2, 9, 32, 3, 5, "float32", "cl"),
     (2, 2, 6, 7, 31, 15, "float32", "cl"),  # plane: kernel larger than the map, 143 reachable taps > BLOCK_T
+    # detection-like maps (multi-scale inputs padded to 32: odd, non-square, not multiples of the tiles) at batch 1-2,
+    # with SLaK-T's kernels, several larger than the map
+    (1, 2, 25, 42, 51, 5, "float32", "nchw"),
+    (2, 3, 13, 21, 5, 49, "bfloat16", "cl"),
+    (1, 2, 7, 11, 47, 5, "float32", "nc"),
+    (2, 2, 4, 6, 13, 5, "float16", "nchw"),
+    (2, 2, 19, 27, 5, 5, "float32", "cl"),
 ]
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # interpreter: fp32 dots are exact fp32
 

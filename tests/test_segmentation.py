@@ -401,6 +401,52 @@ def test_mmcv_ext_fallback_ops():
         ext.deform_conv_forward(feats)
 
 
+@pytest.mark.skipif(not mmcv_ext_fallback.is_fallback_active(), reason='a compiled mmcv._ext is installed')
+def test_mmcv_ext_fallback_ops_stay_on_the_inputs_device(monkeypatch):
+    """NMS and RoIAlign (stand-in and torchvision paths, as mmdet calls them) run torchvision's op on the device of
+    their inputs. Meta tensors stand for a GPU here: any copy to the host (.cpu(), .numpy(), .item()) on the way
+    raises, and every op call is checked for its device."""
+    from mmcv.ops import RoIAlign, batched_nms, nms, roi_align
+    devices = []
+
+    def fake_nms(boxes, scores, iou_threshold):  # torchvision's meta kernel cannot size its output
+        devices.append(('nms', boxes.device.type, scores.device.type))
+        return torch.arange(boxes.shape[0] // 2, device=boxes.device)
+
+    real_roi_align = torch.ops.torchvision.roi_align
+
+    def recording_roi_align(input, rois, *args):
+        devices.append(('roi_align', input.device.type, rois.device.type))
+        return real_roi_align(input, rois, *args)
+
+    monkeypatch.setattr(torch.ops.torchvision, 'nms', fake_nms)
+    monkeypatch.setattr(torch.ops.torchvision, 'roi_align', recording_roi_align)
+    meta = torch.device('meta')
+    boxes, scores = torch.zeros(6, 4, device=meta), torch.zeros(6, device=meta)
+    dets, keep = nms(boxes, scores, iou_threshold=0.5)
+    assert dets.device == keep.device == meta and dets.shape == (3, 5)
+    dets, keep = batched_nms(boxes, scores, torch.zeros(6, dtype=torch.long, device=meta),
+                             dict(type='nms', iou_threshold=0.7))
+    assert dets.device == meta
+    feats, rois = torch.zeros(2, 4, 16, 16, device=meta), torch.zeros(3, 5, device=meta)
+    for use_torchvision in (False, True):
+        out = RoIAlign(7, spatial_scale=0.25, sampling_ratio=0, use_torchvision=use_torchvision)(feats, rois)
+        assert out.device == meta and out.shape == (3, 4, 7, 7)
+    assert roi_align(feats, rois, (14, 14), 1.0, 0, 'avg', True).device == meta  # mmdet's mask targets call this
+    assert [d[0] for d in devices] == ['nms', 'nms', 'roi_align', 'roi_align', 'roi_align']
+    assert all(d[1:] == ('meta', 'meta') for d in devices)
+
+
+def test_mmcv_ext_fallback_leaves_a_compiled_mmcv_alone(monkeypatch):
+    """With a real ``mmcv._ext`` importable, install() keeps it (it is never shadowed by the stand-in)."""
+    import types
+    compiled = types.ModuleType('mmcv._ext')
+    compiled.nms = lambda *args, **kwargs: 'compiled'
+    monkeypatch.setitem(sys.modules, 'mmcv._ext', compiled)
+    assert mmcv_ext_fallback.install() is False
+    assert sys.modules['mmcv._ext'] is compiled and not mmcv_ext_fallback.is_fallback_active()
+
+
 def test_missing_framework_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'mmseg.engine', None)
     monkeypatch.delitem(sys.modules, 'segmentation.slak')
