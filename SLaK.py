@@ -596,11 +596,12 @@ def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcu
 
 
 # The compiled tail: built on first use; 'broken' once torch.compile has failed here (the blocks then run eagerly);
-# 'keys': the call signatures compiled so far (one graph each).
-_TAIL_STATE = {'fn': None, 'broken': False, 'keys': set(), 'full_warned': False}
+# 'keys': the call signatures compiled so far (one graph each); 'sizes': the map sizes each stage width and mode saw.
+_TAIL_STATE = {'fn': None, 'broken': False, 'keys': set(), 'sizes': {}, 'full_warned': False}
 TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
 # Compiled graphs per process. A classification run needs 8 (4 stage shapes x training / evaluation, evaluation
-# graphs serving every batch size); workloads with ever new input sizes (detection) run new shapes eagerly past this.
+# graphs serving every batch size); multi-scale detection at most 16 (per stage and mode one graph for the first map
+# size and one for all others); past this limit new shapes run eagerly.
 TAIL_MAX_GRAPHS = 32
 
 
@@ -613,19 +614,34 @@ def _run_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut:
     # what makes torch.compile trace a new graph: shapes, layouts, dtypes, modes
     device = shortcut.device.type
     autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    shape = tuple(parts[0].shape)
-    if not torch.is_grad_enabled() and shape[0] > 1:
+    shape = list(parts[0].shape)
+    grad = torch.is_grad_enabled()
+    layout = (parts[0].is_contiguous(), parts[0].is_contiguous(memory_format=torch.channels_last),
+              shortcut.is_contiguous(), shortcut.is_contiguous(memory_format=torch.channels_last))
+    modes = (len(parts), parts[0].dtype, shortcut.dtype, str(shortcut.device), bias is None, b1 is None, b2 is None,
+             gamma is None, drop_scale is None, grad, w1.requires_grad, autocast)
+    dynamic = []
+    if not grad and shape[0] > 1:
         # Evaluation: one graph for every batch size (the last, smaller batch of a validation set, EMA evaluation
-        # at another batch) instead of one per size; training batches keep static shapes (drop_last). Views are
-        # marked, not the caller's tensors, which a later training call must see static.
+        # at another batch) instead of one per size; training batches keep static shapes (drop_last).
+        dynamic.append(0)
+    # Map sizes stay static while a stage sees one size (classification); from a second size on (multi-scale
+    # detection and segmentation) one graph with symbolic height and width serves them all, instead of a compile per
+    # input size. (Sizes of 1 stay static: torch.compile specialises them.)
+    sizes = state['sizes'].setdefault((shape[1], layout, modes), set())
+    sizes.add(tuple(shape[2:]))
+    if len(sizes) > 1:
+        dynamic += [d for d in (2, 3) if shape[d] > 1]
+    if dynamic:
+        # Views are marked, not the caller's tensors, which a later call (training) must see static.
         parts, shortcut = [p.view_as(p) for p in parts], shortcut.view_as(shortcut)
         for tensor in (*parts, shortcut):
-            torch._dynamo.mark_dynamic(tensor, 0)
-        shape = (None,) + shape[1:]
+            torch._dynamo.mark_dynamic(tensor, dynamic)
+        for d in dynamic:
+            shape[d] = None
+    strides = layout if any(d in dynamic for d in (2, 3)) else (parts[0].stride()[1:], shortcut.stride()[1:])
     args = (parts, bias, shortcut, ln_w, ln_b, w1, b1, w2, b2, gamma, drop_scale, eps)
-    key = (len(parts), shape, parts[0].stride()[1:], parts[0].dtype, shortcut.stride()[1:], shortcut.dtype,
-           str(shortcut.device), bias is None, b1 is None, b2 is None, gamma is None, drop_scale is None,
-           torch.is_grad_enabled(), w1.requires_grad, autocast)
+    key = (tuple(shape), strides, modes)
     if key not in state['keys']:
         if len(state['keys']) >= TAIL_MAX_GRAPHS:
             if not state['full_warned']:

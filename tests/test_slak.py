@@ -548,6 +548,7 @@ def tail_backend(monkeypatch):
     monkeypatch.setitem(SLaK._TAIL_STATE, 'fn', None)
     monkeypatch.setitem(SLaK._TAIL_STATE, 'broken', False)
     monkeypatch.setitem(SLaK._TAIL_STATE, 'keys', set())
+    monkeypatch.setitem(SLaK._TAIL_STATE, 'sizes', {})
     monkeypatch.setitem(SLaK._TAIL_STATE, 'full_warned', False)
     torch._dynamo.reset()
     yield
@@ -639,17 +640,18 @@ def test_compiled_tail_graph_budget(tail_backend, monkeypatch):
         return call
     monkeypatch.setattr(torch, 'compile', counting_compile)
     torch.manual_seed(0)
-    block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').eval()
-    xs = [torch.randn(2, 13, h, 5) for h in (6, 7, 8)]
+    blocks = [SLaK.Block(dim, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').eval()
+              for dim in (13, 14, 15)]  # three stage widths: three signatures
+    xs = [torch.randn(2, dim, 6, 5) for dim in (13, 14, 15)]
     with torch.no_grad():
-        y6, y7 = block(xs[0]), block(xs[1])
+        y13, y14 = blocks[0](xs[0]), blocks[1](xs[1])
         with pytest.warns(UserWarning, match='new ones run eagerly'):
-            y8 = block(xs[2])
+            y15 = blocks[2](xs[2])
         assert len(compiled_calls) == 2
-        block(xs[0])  # a known shape stays compiled
+        blocks[0](xs[0])  # a known signature stays compiled
         assert len(compiled_calls) == 3 and len(SLaK._TAIL_STATE['keys']) == 2
         monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
-        for x, y in zip(xs, (y6, y7, y8)):
+        for block, x, y in zip(blocks, xs, (y13, y14, y15)):
             torch.testing.assert_close(y, block(x), rtol=1e-6, atol=1e-6)
 
 
@@ -676,6 +678,42 @@ def test_compiled_tail_evaluation_graph_serves_every_batch_size(tail_backend, mo
     for x in xs[:2]:
         block(x).sum().backward()
     assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4
+
+
+def test_compiled_tail_map_sizes_go_symbolic_from_the_second_size(tail_backend, monkeypatch):
+    """Multi-scale inputs (detection): the first map size compiles a static graph, the second one graph with symbolic
+    height and width that serves every later size, in training and in evaluation; sizes of 1 stay static. Outputs
+    and gradients equal the eager block's."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    torch.manual_seed(0)
+    block = SLaK.Block(13, drop_path=0.2, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
+                       conv_impl='torch').double().train()
+    sizes = [(6, 5), (9, 7), (6, 5), (12, 10), (5, 11)]
+    for i, (h, w) in enumerate(sizes):
+        x = torch.randn(2, 13, h, w, dtype=torch.float64)
+        y1, dx1, g1 = run_block(block, x, i, True, monkeypatch)
+        y0, dx0, g0 = run_block(block, x, i, False, monkeypatch)
+        torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx1, dx0, rtol=1e-12, atol=1e-12)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert len(graphs) == 2 and len(SLaK._TAIL_STATE['keys']) == 2
+    block.eval()
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    with torch.no_grad():
+        for h, w in [(6, 5), (8, 8), (13, 4), (1, 7)]:
+            x = torch.randn(3, 13, h, w, dtype=torch.float64)
+            out = block(x)
+            monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+            torch.testing.assert_close(out, block(x), rtol=1e-12, atol=1e-12)
+            monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    # evaluation: static first size, then one symbolic graph; the map of height 1 keeps that dimension static
+    assert len(graphs) == 5 and len(SLaK._TAIL_STATE['keys']) == 5
 
 
 def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend, monkeypatch):
