@@ -3,7 +3,8 @@
 #   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
 #                                          SLaK-T warm (~8-9 min on one H100)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
-#   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py)
+#   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py), then
+#                                          bench_dwconv.py --detection_shapes in the time left
 # Needs the pinned timm/tensorboardX wheels in .whl/ (see the device README); writes everything under $OUT.
 set -u
 START=$(date +%s)
@@ -31,8 +32,11 @@ root = Path('.bench/data')
 print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
     FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
 print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
-    timeout "$(left 200)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
+    timeout "$(left 175)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
       --runs cold,warm --steps 3 --eval_batches 2 -- $FLAGS --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 \
-      2>&1 | tee "$OUT/profile_startup.txt" ;;
+      2>&1 | tee "$OUT/profile_startup.txt"
+    # then, in what time is left, issue 19's GPU correctness check of the kernels on detection's map sizes
+    timeout "$(left 228)" python3 benchmarks/bench_dwconv.py --detection_shapes 2>&1 \
+      | tee "$OUT/dwconv_detection.txt" | tail -12 ;;
 esac
 echo "device_e2e: total $(( $(date +%s) - START )) s"
