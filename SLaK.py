@@ -19,6 +19,7 @@ What differs from the original, on purpose (see README "Differences from the ori
   pre_logits=True)``), ``features_only=True`` works, and the model scripts (``torch.jit.script``) and FX-traces.
 """
 
+import atexit
 import importlib.util
 import json
 import logging
@@ -910,12 +911,21 @@ WARM_CACHES: Union[str, bool] = _env_switch('SLAK_WARM_CACHES')  # 'auto': CUDA 
 
 class CacheWarmer:
     """The processes started by :func:`warm_compile_caches`; :meth:`wait` joins them (their failures only cost time:
-    whatever they did not compile, the main process compiles itself)."""
+    whatever they did not compile, the main process compiles itself). Processes still running when the interpreter
+    exits (the run failed before waiting) are stopped."""
 
     def __init__(self, processes: List[Tuple[int, subprocess.Popen, IO[str]]], start: float):
         self.processes, self.start = processes, start
+        atexit.register(self.stop)
 
-    def wait(self, timeout: float = 600.) -> Dict[str, object]:
+    def stop(self) -> None:
+        for _, proc, _ in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+
+    def wait(self, timeout: float = 240.) -> Dict[str, object]:
+        """Join the processes (those running past ``timeout`` seconds from their start are stopped) and print one
+        line on what they did; returns it as a dict (processes, seconds, graphs, failed)."""
         reports, failed = [], []
         for stage, proc, log in self.processes:
             try:

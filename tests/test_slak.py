@@ -786,6 +786,20 @@ def test_warm_compile_caches_runs_each_stage_in_its_own_process(tail_backend, mo
     assert summary['graphs'] == 8  # per stage: the training graph and the folded evaluation graph
 
 
+def test_warm_compile_caches_failures_are_reported_not_raised(tail_backend, monkeypatch, capsys):
+    """A process that fails (here: a model name its timm does not know) costs the run nothing but time: the summary
+    names the stage and the error's last line, and nothing is raised."""
+    model = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1,
+                              kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    warmer = SLaK.warm_compile_caches(model, {'name': 'no_such_model', 'kwargs': {}}, 2, 64, None, device='cpu',
+                                      force=True)
+    summary = warmer.wait(timeout=240)
+    assert summary['graphs'] == 0 and len(summary['failed']) == 4
+    assert all('no_such_model' in f or 'Unknown model' in f for f in summary['failed']), summary['failed']
+    assert 'failed (the training process compiles those itself)' in capsys.readouterr().out
+
+
 def test_compiled_tail_stands_aside(tail_backend, monkeypatch):
     """'auto' is CUDA-only; hooks on the tail's modules and FLOP counting keep the eager path; so does the switch."""
     block = SLaK.Block(13, kernel_size=(7, 3), Decom=True, conv_impl='torch')
