@@ -555,6 +555,18 @@ def tail_backend(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def counted_graphs(monkeypatch):
+    """The tail's graphs, one entry per graph traced (a backend that runs the traced graph as it is)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    return graphs
+
+
 def run_block(block, x, seed, compiled, monkeypatch):
     monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
     block.zero_grad()
@@ -680,16 +692,11 @@ def test_compiled_tail_evaluation_graph_serves_every_batch_size(tail_backend, mo
     assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4
 
 
-def test_compiled_tail_map_sizes_go_symbolic_from_the_second_size(tail_backend, monkeypatch):
+def test_compiled_tail_map_sizes_go_symbolic_from_the_second_size(tail_backend, counted_graphs, monkeypatch):
     """Multi-scale inputs (detection): the first map size compiles a static graph, the second one graph with symbolic
     height and width that serves every later size, in training and in evaluation; sizes of 1 stay static. Outputs
     and gradients equal the eager block's."""
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(1)
-        return gm.forward
-    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    graphs = counted_graphs
     torch.manual_seed(0)
     block = SLaK.Block(13, drop_path=0.2, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
                        conv_impl='torch').double().train()
@@ -716,15 +723,10 @@ def test_compiled_tail_map_sizes_go_symbolic_from_the_second_size(tail_backend, 
     assert len(graphs) == 5 and len(SLaK._TAIL_STATE['keys']) == 5
 
 
-def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend, monkeypatch):
+def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend, counted_graphs, monkeypatch):
     """Drop-path rates rise from 0, so the first block has none; it still passes per-sample factors (ones) and shares
     its stage's training graph: one graph per stage shape, and the same loss and gradients as the eager blocks."""
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(1)
-        return gm.forward
-    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', counting_backend)
+    graphs = counted_graphs
     torch.manual_seed(0)
     m = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 1, 1], width_factor=0.1, drop_path_rate=0.2,
                           kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', layer_scale_init_value=0.5)
