@@ -972,6 +972,9 @@ def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, i
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, SLAK_WARM_CACHES='0', PYTHONPATH=os.pathsep.join(
         [here] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    for name in ('TORCHINDUCTOR_CACHE_DIR', 'TRITON_CACHE_DIR'):  # the processes run in this file's folder
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
     stages = len(model.stages)
     cpus = os.cpu_count() or 1
     env.setdefault('TORCHINDUCTOR_COMPILE_THREADS', str(max(1, cpus // (stages + 1))))
