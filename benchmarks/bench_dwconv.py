@@ -4,6 +4,7 @@ Run on a CUDA machine from the repository root::
 
     python benchmarks/bench_dwconv.py [--sweep [--sweep-maps 56,28,14,7]] [--old FILE] [--json results.json]
     python benchmarks/bench_dwconv.py --detection_shapes   # correctness only, on detection's map sizes
+    python benchmarks/bench_dwconv.py --skip-check --rotate_mb 256 --layers_json layers.json   # issue 20's check
 
 Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
 (2) for each layer at batch 64 in bf16: forward and forward+backward time of ours and of cuDNN (``F.conv2d`` with
@@ -12,15 +13,23 @@ max(bytes / 3 TB/s, FLOPs / CUDA-core rate). ``--sweep`` also times every kernel
 configurations per layer (forward and weight-gradient kernels alone); ``--old FILE`` adds an earlier copy of
 ``dwconv_triton.py`` to that table (its launchers only; its op registration is skipped) for before/after numbers.
 Compare with ``benchmarks/RESULTS.md`` (section "dwconv (cutlass/)").
+
+``--rotate_mb M`` (issue 20) replaces (2): each SLaK-T/S layer cycles through as many independent (x, weight, dy)
+sets as its bytes need to fill M MiB, so a set has left the L2 cache (50 MiB on H100) before its turn comes again, as
+a layer's tensors have inside a model; one input set alone keeps stage 4's layers (6 MB) in L2 across replays.
+``--layers_json PATH`` writes issue 20's record of the SLaK-T layers (per-layer times and speed-ups over cuDNN).
 """
 import argparse
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
+
+from bench_downstream import card_name
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("depthwise_conv2d_implicit_gemm",
@@ -160,6 +169,91 @@ def time_layer(c, hw, kh, kw, dtype=torch.bfloat16):
     return res
 
 
+def rotation_sets(set_bytes: int, rotate_mb: float) -> int:
+    """Number of input sets of ``set_bytes`` each that together hold at least ``rotate_mb`` MiB; 1 for 0 MiB."""
+    return max(1, math.ceil(rotate_mb * 2 ** 20 / set_bytes))
+
+
+def layer_set_bytes(c: int, hw: int, kh: int, kw: int, itemsize: int = 2) -> int:
+    """Bytes of one layer input set at batch BATCH: x, weight and the output gradient dy."""
+    return (2 * BATCH * c * hw * hw + c * kh * kw) * itemsize
+
+
+def over_sets(conv, sets, backward: bool):
+    """One call runs ``conv`` on every (x, weight, dy) set in turn, and its backward if asked.
+
+    The backward returns dx and dw (``autograd.grad``) instead of accumulating them into the leaves' ``.grad``: a
+    layer inside a model hands dx on, and the extra add kernel would weigh on both sides of the comparison.
+    """
+    def run():
+        for x, w, dy in sets:
+            y = conv(x, w)
+            if backward:
+                torch.autograd.grad(y, (x, w), dy)
+    return run
+
+
+def time_layer_rotating(c, hw, kh, kw, rotate_mb, dtype=torch.bfloat16):
+    """Median ms per input set of CUDA-graph replays that cycle through ``rotation_sets`` independent input sets.
+
+    Ours and cuDNN run on the same sets. The graph holds the R sets back to back (``bench_graph`` unrolls its
+    function), so between two uses of a set the other sets move at least ``rotate_mb`` MiB through the cache.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n_sets = rotation_sets(layer_set_bytes(c, hw, kh, kw, itemsize), rotate_mb)
+    sets = [(torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype, requires_grad=True),
+             (torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype) / (kh * kw) ** 0.5).requires_grad_(),
+             torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype)) for _ in range(n_sets)]
+    pad = (kh // 2, kw // 2)
+    convs = {"ours": dw.depthwise_conv2d, "cudnn": lambda x, w: F.conv2d(x, w, padding=pad, groups=c)}
+    res = {"sets": n_sets}
+    for name, conv in convs.items():
+        with torch.no_grad():
+            res[name + "_fwd"] = bench_graph(over_sets(conv, sets, backward=False)) / n_sets
+        res[name + "_fb"] = bench_graph(over_sets(conv, sets, backward=True)) / n_sets
+    return res
+
+
+def layer_entry(r: dict) -> dict:
+    """One layer of issue 20's record from a layer-table row (``time_layer`` or ``time_layer_rotating`` times)."""
+    kh, kw = r["kernel"]
+
+    def finite(v, digits):
+        return round(v, digits) if math.isfinite(v) else None
+    return {"layer": f"{r['C']}@{r['map']} {kh}x{kw}", "large_kernel": max(kh, kw) > 5, "sets": r.get("sets", 1),
+            **{f"{k}_ms": finite(r[k], 5) for k in ("ours_fb", "cudnn_fb", "ours_fwd", "cudnn_fwd")},
+            "speedup_fb": finite(r["cudnn_fb"] / r["ours_fb"], 3),
+            "speedup_fwd": finite(r["cudnn_fwd"] / r["ours_fwd"], 3)}
+
+
+def layers_record(rows, card: str, rotate_mb: float) -> dict:
+    """Issue 20's record: ms per layer of ours and cuDNN, forward and forward+backward, for the SLaK-T ('T/S') rows.
+
+    A minimum is None when a timing failed (NaN), so a layer that was not measured can never pass the check.
+    """
+    entries = [layer_entry(r) for r in rows if r["model"] == "T/S"]
+
+    def worst(items):
+        ups = [e["speedup_fb"] for e in items]
+        return None if not ups or None in ups else min(ups)
+    return {"card": card, "batch": BATCH, "rotate_mb": rotate_mb, "layers": entries, "min_speedup_fb": worst(entries),
+            "min_speedup_fb_large_kernel": worst([e for e in entries if e["large_kernel"]])}
+
+
+def print_speedup_header(rotate_mb: float):
+    print(f"== SLaK-T layers, batch {BATCH}, bf16, inputs rotating through {rotate_mb:g} MiB (0: one input set); "
+          "median ms per set of CUDA-graph replays; x = cuDNN / ours")
+    print(f"{'layer':14s} {'sets':>4s} | {'ours fwd':>8s} {'cudnn':>7s} {'x':>6s} | {'ours f+b':>8s} {'cudnn':>7s} "
+          f"{'x':>6s}")
+
+
+def speedup_line(e: dict) -> str:
+    cells = [f"{v:{width}.{digits}f}" if v is not None else f"{'nan':>{width}s}" for v, width, digits in (
+        (e["ours_fwd_ms"], 8, 4), (e["cudnn_fwd_ms"], 7, 4), (e["speedup_fwd"], 6, 2),
+        (e["ours_fb_ms"], 8, 4), (e["cudnn_fb_ms"], 7, 4), (e["speedup_fb"], 6, 2))]
+    return f"{e['layer']:14s} {e['sets']:4d} | {' '.join(cells[:3])} | {' '.join(cells[3:])}"
+
+
 def load_old(path):
     """Launchers of an earlier dwconv_triton.py, without its torch.library registrations (names would clash)."""
     src = Path(path).read_text()
@@ -214,7 +308,7 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
     return fwd, wg
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json", default=None)
@@ -224,7 +318,18 @@ def main():
     parser.add_argument("--sweep-maps", default="56,28,14,7", help="map sizes the --sweep visits")
     parser.add_argument("--detection_shapes", action="store_true",
                         help="only check correctness on the map sizes Cascade Mask R-CNN produces (batch 1-2)")
+    parser.add_argument("--rotate_mb", type=float, default=0.,
+                        help="time the SLaK-T layers on input sets rotating through this many MiB, more than L2 "
+                             "(issue 20; 256 suggested); 0: the full table on one input set")
+    parser.add_argument("--layers_json", default=None, help="write issue 20's record of the SLaK-T layers here")
+    return parser
+
+
+def main():
+    parser = get_args_parser()
     args = parser.parse_args()
+    if args.rotate_mb < 0:
+        parser.error(f"--rotate_mb must be >= 0; got {args.rotate_mb!r}")
     import triton
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
           f"cudnn {torch.backends.cudnn.version()}")
@@ -236,28 +341,51 @@ def main():
     ok = True if args.skip_check else correctness()
     torch.backends.cudnn.benchmark = True
     rows, out = [], {"device": torch.cuda.get_device_name(), "layers": []}
-    print(f"== batch {BATCH}, bf16, median ms of CUDA-graph replays (eager: do_bench, CPU launch cost included); "
-          "TFLOP/s on 2*N*C*H*W*kh*kw (fwd) and 3x that (fwd+bwd)")
-    hdr = (f"{'model':5s} {'C':>5s} {'map':>4s} {'kernel':>6s} | {'ours fwd':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s}"
-           f" | {'ours f+b':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s} | {'floor f+b':>9s}")
-    print(hdr)
-    for model, c, hw, kh, kw in ([] if args.skip_table else layers()):
-        r = time_layer(c, hw, kh, kw)
-        flops = 2 * BATCH * c * hw * hw * kh * kw
-        nbytes_fb = 12 * BATCH * c * hw * hw  # bf16: fwd x,y; dx: dy,dx; dw: dy,x
-        floor = max(nbytes_fb / HBM_BYTES_PER_S, 3 * flops / CUDA_CORE_FLOPS) * 1e3
-        r.update(model=model, C=c, map=hw, kernel=[kh, kw], gflop_fwd=flops / 1e9, floor_fb_ms=floor)
-        out["layers"].append(r)
-        print(f"{model:5s} {c:5d} {hw:4d} {kh:2d}x{kw:<3d} | {r['ours_fwd']:8.3f} {r['cudnn_fwd']:7.3f} "
-              f"{r['cudnn_fwd'] / r['ours_fwd']:5.1f} {flops / r['ours_fwd'] / 1e9:5.1f} | {r['ours_fb']:8.3f} "
-              f"{r['cudnn_fb']:7.3f} {r['cudnn_fb'] / r['ours_fb']:5.1f} {3 * flops / r['ours_fb'] / 1e9:5.1f} | "
-              f"{floor:9.3f} | {r['ours_fb_eager']:7.3f} {r['cudnn_fb_eager']:7.3f}")
-        rows.append(r)
+    if args.rotate_mb > 0:  # issue 20: the SLaK-T layers only, on rotating input sets
+        print_speedup_header(args.rotate_mb)
+        for model, c, hw, kh, kw in ([] if args.skip_table else layers()):
+            if model != "T/S":
+                continue
+            r = time_layer_rotating(c, hw, kh, kw, args.rotate_mb)
+            r.update(model=model, C=c, map=hw, kernel=[kh, kw])
+            out["layers"].append(r)
+            rows.append(r)
+            print(speedup_line(layer_entry(r)))
+            torch.cuda.empty_cache()  # this layer's sets and graph pools, before the next layer's
+    else:
+        print(f"== batch {BATCH}, bf16, median ms of CUDA-graph replays (eager: do_bench, CPU launch cost included); "
+              "TFLOP/s on 2*N*C*H*W*kh*kw (fwd) and 3x that (fwd+bwd)")
+        hdr = (f"{'model':5s} {'C':>5s} {'map':>4s} {'kernel':>6s} | {'ours fwd':>8s} {'cudnn':>7s} {'x':>5s} "
+               f"{'TF/s':>5s} | {'ours f+b':>8s} {'cudnn':>7s} {'x':>5s} {'TF/s':>5s} | {'floor f+b':>9s}")
+        print(hdr)
+        for model, c, hw, kh, kw in ([] if args.skip_table else layers()):
+            r = time_layer(c, hw, kh, kw)
+            flops = 2 * BATCH * c * hw * hw * kh * kw
+            nbytes_fb = 12 * BATCH * c * hw * hw  # bf16: fwd x,y; dx: dy,dx; dw: dy,x
+            floor = max(nbytes_fb / HBM_BYTES_PER_S, 3 * flops / CUDA_CORE_FLOPS) * 1e3
+            r.update(model=model, C=c, map=hw, kernel=[kh, kw], gflop_fwd=flops / 1e9, floor_fb_ms=floor)
+            out["layers"].append(r)
+            print(f"{model:5s} {c:5d} {hw:4d} {kh:2d}x{kw:<3d} | {r['ours_fwd']:8.3f} {r['cudnn_fwd']:7.3f} "
+                  f"{r['cudnn_fwd'] / r['ours_fwd']:5.1f} {flops / r['ours_fwd'] / 1e9:5.1f} | {r['ours_fb']:8.3f} "
+                  f"{r['cudnn_fb']:7.3f} {r['cudnn_fb'] / r['ours_fb']:5.1f} {3 * flops / r['ours_fb'] / 1e9:5.1f} | "
+                  f"{floor:9.3f} | {r['ours_fb_eager']:7.3f} {r['cudnn_fb_eager']:7.3f}")
+            rows.append(r)
     tot = {k: sum(r[k] for r in rows) for k in ("ours_fwd", "cudnn_fwd", "ours_fb", "cudnn_fb")}
     rows and print(f"sum over layers: fwd {tot['ours_fwd']:.2f} vs {tot['cudnn_fwd']:.2f} ms "
           f"({tot['cudnn_fwd'] / tot['ours_fwd']:.1f}x); fwd+bwd {tot['ours_fb']:.2f} vs {tot['cudnn_fb']:.2f} ms "
           f"({tot['cudnn_fb'] / tot['ours_fb']:.1f}x); min f+b speed-up "
           f"{min(r['cudnn_fb'] / r['ours_fb'] for r in rows):.1f}x")
+    if rows and (args.rotate_mb > 0 or args.layers_json):
+        record = layers_record(rows, card_name(), args.rotate_mb)
+        if args.rotate_mb == 0:
+            print_speedup_header(0)
+            for e in record["layers"]:
+                print(speedup_line(e))
+        print(f"min f+b speed-up over the SLaK-T layers: {record['min_speedup_fb']}, over its large-kernel ones: "
+              f"{record['min_speedup_fb_large_kernel']} (issue 20 asks >= 8)")
+        if args.layers_json:
+            Path(args.layers_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.layers_json).write_text(json.dumps(record, indent=1))
     if args.sweep:
         old = load_old(args.old) if args.old else None
         out["sweep"] = {}
