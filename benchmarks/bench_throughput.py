@@ -167,6 +167,7 @@ def main():
     parser.add_argument("--graph", action="store_true",
                         help="time each step as one CUDA-graph replay (GPU time only, no launch overhead); "
                              "every model gets the same treatment, so the ratios are GPU-bound ones")
+    parser.add_argument("--json", default=None, help="also write the medians to this JSON file")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} timm {timm.__version__}"
@@ -210,6 +211,13 @@ def main():
         spread = [r[0] for r in samples[name]]
         print(f"{name:36s} train {train:8.1f} img/s (min {min(spread):.1f}, max {max(spread):.1f}; "
               f"{train_mem:.1f} GiB)  infer {infer:8.1f} img/s ({infer_mem:.1f} GiB)")
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "graph": args.graph, "train_batch": args.train_batch,
+            "infer_batch": args.infer_batch, "repeats": args.repeats,
+            "rows": {name: {"train_img_s": r[0], "train_mem_gb": r[1], "infer_img_s": r[2], "infer_mem_gb": r[3]}
+                     for name, r in rows.items()}}, indent=1, allow_nan=True))
     base = rows.get("convnext_tiny (timm)")
     if base:
         for name, (train, _, infer, _) in rows.items():

@@ -5,6 +5,9 @@
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py), then
 #                                          bench_dwconv.py --detection_shapes in the time left
+#   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
+#                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
+#                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
 # Needs the pinned timm/tensorboardX wheels in .whl/ (see the device README); writes everything under $OUT.
 set -u
 START=$(date +%s)
@@ -38,5 +41,17 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     # then, in what time is left, issue 19's GPU correctness check of the kernels on detection's map sizes
     timeout "$(left 228)" python3 benchmarks/bench_dwconv.py --detection_shapes 2>&1 \
       | tee "$OUT/dwconv_detection.txt" | tail -12 ;;
+  kernels)
+    for b in 64 128; do
+      models="convnext_tiny (timm) torch.compile,SLaK-T ours"
+      [ $b = 128 ] && models="$models,SLaK-T ours folded decomposed"
+      timeout "$(left $((b == 64 ? 200 : 380)))" python3 benchmarks/bench_throughput.py --graph --train-batch $b \
+        --infer-batch 128 --steps 20 --models "$models" --json "$OUT/throughput_b$b.json" 2>&1 \
+        | grep -v -i warn | tee -a "$OUT/kernels.log"
+    done
+    timeout "$(left 560)" python3 benchmarks/bench_dwconv.py --skip-check --rotate_mb 256 \
+      --layers_json "$OUT/layers_rotate256.json" 2>&1 | tee -a "$OUT/kernels.log" | tail -20
+    python3 benchmarks/compiled_baseline.py --b64 "$OUT/throughput_b64.json" --b128 "$OUT/throughput_b128.json" \
+      --layers "$OUT/layers_rotate256.json" --out "$OUT" 2>&1 | tee -a "$OUT/kernels.log" ;;
 esac
 echo "device_e2e: total $(( $(date +%s) - START )) s"
