@@ -255,4 +255,5 @@ def test_main_trains_and_evaluates_with_gpu_pipeline_on_cpu(folder, tmp_path, ca
 def test_main_refuses_gpu_pipeline_on_other_data_sets(capsys):
     code = main.run(['--data_set', 'synthetic', '--gpu_pipeline', 'true', '--device', 'cpu', '--model', 'SLaK_tiny'])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith('error: --gpu_pipeline true reads ImageNet-style folders only') and '\n' not in err
+    assert code == 2 and '\n' not in err
+    assert err.startswith('error: --gpu_pipeline true reads ImageNet-style folders only')
