@@ -14,19 +14,31 @@ Differences from the original ``datasets.py``, on purpose:
   original fed them at their native size.
 * ``--aa none`` (or an empty string) disables RandAugment and ``--hflip 0`` disables the horizontal flip; the
   defaults are the original's.
+* ``--gpu_pipeline true`` (``IMNET`` only): the loader workers read file bytes (:class:`EncodedImageFolder`) and
+  :class:`GpuAugment` decodes and augments whole batches on the training device (:class:`DeviceBatches`). Its
+  differences from timm's PIL pipeline are listed in :class:`GpuAugment`.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from typing import Tuple
+import random
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
+from timm.data.auto_augment import _LEVEL_DENOM, rand_augment_transform
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                  IMAGENET_INCEPTION_STD)
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 DATA_SETS = ('CIFAR', 'IMNET', 'image_folder', 'synthetic')
 
@@ -42,11 +54,13 @@ def rgb_loader(path: str) -> Image.Image:
         raise ValueError(f'cannot read image file {path}: {cause}; remove or replace it') from None
 
 
-def _image_folder(root: str, transform, flag: str) -> datasets.ImageFolder:
+def _image_folder(root: str, transform, flag: str, folder_class=datasets.ImageFolder) -> datasets.ImageFolder:
     if not os.path.isdir(root):
         raise ValueError(f'{flag}: folder not found: {root}')
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=rgb_loader)
+        if folder_class is EncodedImageFolder:
+            return EncodedImageFolder(root)
+        return folder_class(root, transform=transform, loader=rgb_loader)
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise ValueError(f'{flag}: {root} holds no images in class sub-folders ({e})') from None
 
@@ -73,14 +87,20 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.VisionDataset, int]:
     """Build the train (``is_train``) or validation dataset named by ``args.data_set``; returns (dataset, classes)."""
+    gpu_pipeline = getattr(args, 'gpu_pipeline', False)
+    if gpu_pipeline and args.data_set != 'IMNET':
+        raise ValueError(f'--gpu_pipeline true reads ImageNet-style folders only (--data_set IMNET); got --data_set '
+                         f'{args.data_set}: drop --gpu_pipeline')
     if args.data_set == 'synthetic':
         size = args.synthetic_size if is_train else max(args.synthetic_size // 10, 1)
         return SyntheticImages(size, args.nb_classes, args.input_size, seed=1 + int(is_train)), args.nb_classes
-    transform = build_transform(is_train, args)
-    print('Transform = ')
-    for t in (transform.transforms if hasattr(transform, 'transforms') else [transform]):
-        print(t)
-    print('---------------------------')
+    transform = None
+    if not gpu_pipeline:  # GpuAugment (built with the loaders) replaces the PIL transforms
+        transform = build_transform(is_train, args)
+        print('Transform = ')
+        for t in (transform.transforms if hasattr(transform, 'transforms') else [transform]):
+            print(t)
+        print('---------------------------')
 
     if args.data_set == 'CIFAR':
         try:
@@ -94,7 +114,8 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.Vi
             raise ValueError(f'--data_path {args.data_path} does not exist; point it at a folder with train/ and val/ '
                              f'class folders (e.g. data/mnist5k from tools/prepare_default_data.py)')
         root = os.path.join(args.data_path, 'train' if is_train else 'val')
-        dataset = _image_folder(root, transform, '--data_path')
+        dataset = _image_folder(root, transform, '--data_path',
+                                EncodedImageFolder if gpu_pipeline else datasets.ImageFolder)
         nb_classes = len(dataset.classes)
         if nb_classes != args.nb_classes:
             print(f'note: {root} has {nb_classes} class folders; using nb_classes={nb_classes} '
@@ -140,12 +161,30 @@ def _auto_augment(aa):
     return None if aa is None or str(aa).strip().lower() in ('', 'none') else aa
 
 
+def mean_std(args: argparse.Namespace) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The normalisation of ``--imagenet_default_mean_and_std``."""
+    if args.imagenet_default_mean_and_std:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+
+
+def eval_resize(args: argparse.Namespace) -> Optional[List[int]]:
+    """The evaluation resize: ``[s, s]`` (a warp) for ``--input_size`` >= 384, ``[int(input_size / crop_pct)]`` (the
+    shorter side; ``crop_pct`` defaults to 224/256 and is written back into ``args``) above 32, None (no resize) for
+    small images. A centre crop to ``input_size`` follows below 384."""
+    if args.input_size <= 32:
+        return None
+    if args.input_size >= 384:
+        return [args.input_size, args.input_size]
+    if args.crop_pct is None:
+        args.crop_pct = 224 / 256
+    return [int(args.input_size / args.crop_pct)]
+
+
 def build_transform(is_train: bool, args: argparse.Namespace) -> transforms.Compose:
     """timm training transform / resize-crop evaluation transform of the original."""
     resize_im = args.input_size > 32
-    imagenet_default_mean_and_std = args.imagenet_default_mean_and_std
-    mean = IMAGENET_DEFAULT_MEAN if imagenet_default_mean_and_std else IMAGENET_INCEPTION_MEAN
-    std = IMAGENET_DEFAULT_STD if imagenet_default_mean_and_std else IMAGENET_INCEPTION_STD
+    mean, std = mean_std(args)
 
     if is_train:
         transform = create_transform(
@@ -167,19 +206,340 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> transforms.Comp
         return transform
 
     t = []
-    if resize_im:
-        if args.input_size >= 384:
-            t.append(transforms.Resize((args.input_size, args.input_size),
-                                       interpolation=transforms.InterpolationMode.BICUBIC))
-            print(f'Warping {args.input_size} size input images...')
-        else:
-            if args.crop_pct is None:
-                args.crop_pct = 224 / 256
-            size = int(args.input_size / args.crop_pct)
-            t.append(transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC))
-            t.append(transforms.CenterCrop(args.input_size))
-    else:
+    size = eval_resize(args)
+    if size is not None and len(size) == 2:
+        t.append(transforms.Resize(tuple(size), interpolation=transforms.InterpolationMode.BICUBIC))
+        print(f'Warping {args.input_size} size input images...')
+    elif size is not None:
+        t.append(transforms.Resize(size[0], interpolation=transforms.InterpolationMode.BICUBIC))
+    if args.input_size < 384:
         t.append(transforms.CenterCrop(args.input_size))
     t.append(transforms.ToTensor())
     t.append(transforms.Normalize(mean, std))
     return transforms.Compose(t)
+
+
+# ---- --gpu_pipeline: decode and augment whole batches on the training device ---------------------------------------
+class EncodedImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose items are ``(file bytes as a uint8 tensor, label, path)``: the loader workers only read
+    files; :class:`GpuAugment` decodes and augments in the main process (the path names a file that fails)."""
+
+    def __init__(self, root: str):
+        super().__init__(root, loader=read_bytes)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
+        path, target = self.samples[index]
+        return read_bytes(path), target, path
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a 1-D uint8 tensor in ordinary memory. (``torchvision.io.read_file``'s tensor is mapped from
+    the file and cannot be sent from a loader worker: "Bad file descriptor" when pickled.)"""
+    return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+
+
+def collate_encoded(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:
+    """One flat byte tensor and the files' lengths (one shared-memory block per batch to send from a worker, not one
+    per file), the labels, the paths; :class:`DeviceBatches` splits the bytes again."""
+    data, targets, paths = zip(*batch)
+    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(targets), list(paths)
+
+
+_JPEG_MAGIC = [0xFF, 0xD8, 0xFF]
+_INTERPOLATIONS = {'bicubic': F.InterpolationMode.BICUBIC, 'bilinear': F.InterpolationMode.BILINEAR}
+# timm's RandomResizedCropAndInterpolation defaults, as create_transform uses them
+_RRC_SCALE, _RRC_RATIO = (0.08, 1.0), (3. / 4., 4. / 3.)
+# PIL's RGB -> L weights (16-bit fixed point, rounded), for Color's and Contrast's grey image
+_PIL_GREY = (19595, 38470, 7471)
+
+
+def _per_image(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(like.device, non_blocking=True).view(-1, 1, 1, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ``convert('L')`` of uint8 RGB images (N, 3, H, W) -> float (N, 1, H, W) of integers."""
+    r, g, b = x.to(torch.int32).unbind(1)
+    return ((r * _PIL_GREY[0] + g * _PIL_GREY[1] + b * _PIL_GREY[2] + 0x8000) >> 16).unsqueeze(1).float()
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ``Image.blend(degenerate, image, factor)`` (what ``ImageEnhance`` does): truncated, clipped to uint8."""
+    return (degenerate + factor * (x.float() - degenerate)).clamp_(0, 255).to(torch.uint8)
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, sum 13, rounded); the one-pixel border keeps its values."""
+    kernel = torch.ones(3, 1, 3, 3, device=x.device)
+    kernel[:, :, 1, 1] = 5
+    inner = torch.nn.functional.conv2d(x.float(), kernel / 13, groups=3).round_().clamp_(0, 255).to(torch.uint8)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = inner
+    return out
+
+
+def _pil_affine(x: torch.Tensor, matrices: Sequence[Sequence[float]], fill: torch.Tensor, mode: str) -> torch.Tensor:
+    """PIL's ``Image.transform(size, AFFINE, (a, b, c, d, e, f), resample, fillcolor)`` for a batch, one matrix each.
+
+    The output pixel centre (x + .5, y + .5) reads the input at (a x + b y + c, d x + e y + f); a point outside the
+    image takes ``fill``, one inside is interpolated with the edge pixels repeated (PIL's rules). PIL's bicubic
+    kernel has a = -0.5, ``grid_sample``'s a = -0.75: the only difference.
+    """
+    n, _, h, w = x.shape
+    theta = torch.tensor(matrices, dtype=torch.float32).view(n, 2, 3).to(x.device, non_blocking=True)
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5,
+                            indexing='ij')
+    centres = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (h, w, 3)
+    source = torch.einsum('hwk,njk->nhwj', centres, theta)  # (n, h, w, 2) input x, y
+    sx, sy = source.unbind(-1)
+    inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(1)
+    grid = torch.stack([sx * (2 / w) - 1, sy * (2 / h) - 1], dim=-1)  # align_corners=False: -1/1 are the outer edges
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode=mode, padding_mode='border', align_corners=False)
+    return torch.where(inside, out, fill).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _rotate_matrix(degrees: float, w: int, h: int) -> Tuple[float, ...]:
+    """PIL's ``Image.rotate(degrees)`` (counter-clockwise about the image centre, same size) as an affine matrix."""
+    angle = -math.radians(degrees)
+    a, b, d, e = round(math.cos(angle), 15), round(math.sin(angle), 15), round(-math.sin(angle), 15), \
+        round(math.cos(angle), 15)
+    cx, cy = w / 2.0, h / 2.0
+    return a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy
+
+
+def _affine_matrix(name: str, arg: float, w: int, h: int) -> Tuple[float, ...]:
+    """timm's geometric RandAugment ops (``shear_x``, ``translate_x_rel``, ...) as PIL affine matrices."""
+    if name == 'Rotate':
+        return _rotate_matrix(arg, w, h)
+    return {'ShearX': (1, arg, 0, 0, 1, 0), 'ShearY': (1, 0, 0, arg, 1, 0),
+            'TranslateXRel': (1, 0, arg * w, 0, 1, 0), 'TranslateYRel': (1, 0, 0, 0, 1, arg * h)}[name]
+
+
+def _enhance_degenerate(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The image ``ImageEnhance.<name>`` blends with: black, grey, the grey mean (rounded), or the smoothed image."""
+    if name == 'Brightness':
+        return torch.zeros((), device=x.device)
+    if name == 'Color':
+        return _grey(x)
+    if name == 'Contrast':
+        return (_grey(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor_()
+    return _smooth(x).float()  # Sharpness
+
+
+# timm's RandAugment op names (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS) -> the op implemented here
+_RAND_OPS = {name: name for name in ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'SolarizeAdd', 'ShearX', 'ShearY',
+                                     'TranslateXRel', 'TranslateYRel')}
+_RAND_OPS.update({'Posterize': 'Posterize', 'PosterizeIncreasing': 'Posterize', 'PosterizeOriginal': 'Posterize',
+                  'Solarize': 'Solarize', 'SolarizeIncreasing': 'Solarize'})
+_RAND_OPS.update({f'{name}{variant}': name for name in ('Color', 'Contrast', 'Brightness', 'Sharpness')
+                  for variant in ('', 'Increasing')})
+
+
+def apply_rand_op(name: str, x: torch.Tensor, args: Sequence[tuple], fill: torch.Tensor,
+                  mode: str = 'bicubic') -> torch.Tensor:
+    """One timm RandAugment op on uint8 images (N, 3, H, W), image i with timm's level arguments ``args[i]``.
+
+    ``name`` is timm's op name (``_RAND_TRANSFORMS`` or the ``Increasing`` variants); ``fill`` (1, 3, 1, 1) is the
+    colour geometric ops bring in; ``mode`` their interpolation. Same maths as timm's PIL ops (see :class:`GpuAugment`
+    for the measured differences).
+    """
+    op = _RAND_OPS[name]
+    if op == 'AutoContrast':
+        return F.autocontrast(x)
+    if op == 'Equalize':
+        return F.equalize(x)
+    if op == 'Invert':
+        return F.invert(x)
+    first = [a[0] for a in args]
+    if op == 'Posterize':  # keep the top `bits` bits; 8 or more: unchanged
+        masks = [(0xFF << (8 - bits)) & 0xFF if bits < 8 else 0xFF for bits in first]
+        return x & torch.tensor(masks, dtype=torch.uint8).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+    if op == 'Solarize':  # invert pixels >= threshold
+        return torch.where(x >= _per_image(first, x), 255 - x, x)
+    if op == 'SolarizeAdd':  # add to pixels below 128, clipped
+        return torch.where(x < 128, (x.float() + _per_image(first, x)).clamp_(max=255).to(torch.uint8), x)
+    if op in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
+        return _blend(_enhance_degenerate(op, x), x, _per_image(first, x))
+    h, w = x.shape[-2:]
+    return _pil_affine(x, [_affine_matrix(op, arg, w, h) for arg in first], fill, mode)
+
+
+def _sample_level_args(op) -> tuple:
+    """timm's ``AugmentOp.__call__`` after its probability draw: magnitude noise and clamp, then the op's arguments."""
+    magnitude = op.magnitude
+    if op.magnitude_std == float('inf'):
+        magnitude = random.uniform(0, magnitude)
+    elif op.magnitude_std > 0:
+        magnitude = random.gauss(magnitude, op.magnitude_std)
+    magnitude = max(0., min(magnitude, op.magnitude_max or _LEVEL_DENOM))
+    return op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
+
+
+class GpuAugment:
+    """``--gpu_pipeline``: decode a batch of encoded images and apply :func:`build_transform`'s transforms on
+    ``device``, whole batches at a time (the same code runs on the CPU).
+
+    Training: RandomResizedCrop (timm's parameter sampler, ``--train_interpolation`` with antialias), horizontal flip,
+    RandAugment (timm's op list, magnitudes and probabilities, parsed by timm from ``--aa``; the ops of one layer are
+    grouped over the batch) or, with ``--aa none``, torchvision's ColorJitter, normalisation, timm's RandomErasing.
+    Small images (``--input_size`` <= 32) take the padded random crop instead. Evaluation: bicubic antialiased
+    resize, centre crop, normalisation (:func:`eval_resize`).
+
+    Differences from timm's PIL pipeline (the pixel-level ones are measured in tests/test_gpu_pipeline.py):
+
+    * The decoder: nvJPEG / libjpeg-turbo through torchvision instead of PIL (a few grey levels on some pixels);
+      non-JPEG files and JPEGs the batched call refuses are decoded one by one on the CPU.
+    * Resizes use torch's antialiased bicubic (a few levels of difference from PIL's).
+    * Rotate/Shear/Translate interpolate with ``grid_sample`` (bicubic a=-0.75 instead of PIL's -0.5).
+    * Equalize and AutoContrast are torchvision's (same algorithm as PIL's; rounding differs at a few pixels).
+    * The random numbers come from the main process (Python ``random`` / NumPy / torch, seeded per rank by
+      ``main.py``), not from each loader worker: the same distributions, other draws.
+    * Only ``rand-...`` policies; AutoAugment/AugMix policies and ``--train_interpolation random`` are refused.
+    """
+
+    def __init__(self, is_train: bool, args: argparse.Namespace, device: torch.device):
+        device = torch.device(device)
+        if device.type == 'cuda' and device.index is None:  # the rank's device (set by init_distributed_mode)
+            device = torch.device('cuda', torch.cuda.current_device())
+        self.is_train, self.device, self.size = is_train, device, args.input_size
+        mean, std = mean_std(args)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.resize = None if is_train else eval_resize(args)
+        self.rand_augment = self.color_jitter = self.random_erasing = None
+        if not is_train:
+            return
+        if args.train_interpolation not in _INTERPOLATIONS:
+            raise ValueError(f'--gpu_pipeline true supports --train_interpolation {" or ".join(_INTERPOLATIONS)}; '
+                             f'got {args.train_interpolation!r}')
+        self.interpolation = _INTERPOLATIONS[args.train_interpolation]
+        self.hflip = getattr(args, 'hflip', 0.5)
+        aa = _auto_augment(args.aa)
+        if aa is not None:
+            if not aa.startswith('rand'):
+                raise ValueError(f'--gpu_pipeline true implements RandAugment ("rand-..." policies); got --aa {aa}: '
+                                 f'use the CPU pipeline (--gpu_pipeline false) for it')
+            # timm's create_transform hyper-parameters: the fill is the normalisation mean in 0-255
+            img_mean = tuple(min(255, round(255 * x)) for x in mean)
+            hparams = dict(translate_const=int(args.input_size * 0.45), img_mean=img_mean,
+                           interpolation=str_to_pil_interp(args.train_interpolation))
+            self.rand_augment = rand_augment_transform(aa, hparams)
+            unknown = sorted({op.name for op in self.rand_augment.ops} - set(_RAND_OPS))
+            if unknown:
+                raise ValueError(f'--gpu_pipeline true has no GPU version of the RandAugment ops {unknown} of --aa '
+                                 f'{aa}; use --gpu_pipeline false')
+            self.fill = torch.tensor(img_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        elif args.color_jitter:  # timm turns colour jitter off when RandAugment is on
+            self.color_jitter = v2.ColorJitter(*(float(args.color_jitter),) * 3)
+        if args.reprob > 0:
+            self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device)
+
+    def __repr__(self) -> str:
+        if not self.is_train:
+            return f'GpuAugment(eval, resize={self.resize}, crop={self.size if self.size < 384 else None})'
+        return (f'GpuAugment(train, size={self.size}, interpolation={self.interpolation.value}, hflip={self.hflip}, '
+                f'{self.rand_augment or self.color_jitter}, {self.random_erasing})')
+
+    def __call__(self, data: Sequence[torch.Tensor], paths: Sequence[str]) -> torch.Tensor:
+        """Normalised float images (N, 3, size, size) on the device from the files' bytes."""
+        images = self.decode(data, paths)
+        if not self.is_train:
+            return self.normalize(torch.stack([self.eval_geometry(image) for image in images]))
+        batch = self.crop_and_flip(images)
+        if self.rand_augment is not None:
+            batch = self.apply_rand_augment(batch)
+        elif self.color_jitter is not None:
+            batch = torch.stack([self.color_jitter(image) for image in batch])
+        batch = self.normalize(batch)
+        return self.random_erasing(batch) if self.random_erasing is not None else batch
+
+    def decode(self, data: Sequence[torch.Tensor], paths: Sequence[str]) -> List[torch.Tensor]:
+        """RGB uint8 images (3, H, W) on the device: the JPEGs in one ``decode_jpeg`` call (nvJPEG on CUDA), the rest,
+        and JPEGs that call refuses, one by one (a refused JPEG on the device, else on the CPU, like other formats).
+        A file nothing decodes raises ValueError naming it."""
+        images: List[Optional[torch.Tensor]] = [None] * len(data)
+        jpegs = [i for i, d in enumerate(data) if d[:3].tolist() == _JPEG_MAGIC]
+        try:
+            for i, image in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB,
+                                                   device=self.device) if jpegs else []):
+                images[i] = image
+        except RuntimeError:  # one bad file fails the whole call: decode each alone
+            for i in jpegs:
+                try:
+                    images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError:
+                    pass
+        for i, image in enumerate(images):
+            if image is None:
+                try:
+                    images[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+                except RuntimeError as e:
+                    raise ValueError(f'cannot read image file {paths[i]}: {str(e).splitlines()[0]}; remove or replace '
+                                     f'it') from None
+        return images
+
+    def eval_geometry(self, image: torch.Tensor) -> torch.Tensor:
+        """:func:`build_transform`'s evaluation resize and centre crop (padded with black if smaller)."""
+        if self.resize is not None:
+            image = F.resize(image, self.resize, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        return F.center_crop(image, [self.size, self.size]) if self.size < 384 else image
+
+    def crop_and_flip(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """RandomResizedCrop with timm's parameter sampler (small images: pad 4, random crop), then the flip."""
+        size, crops = self.size, []
+        for image in images:
+            if size <= 32:
+                image = F.pad(image, [4])
+                i, j = random.randint(0, image.shape[-2] - size), random.randint(0, image.shape[-1] - size)
+                crops.append(image[:, i:i + size, j:j + size])
+            else:
+                i, j, h, w = RandomResizedCropAndInterpolation.get_params(image, _RRC_SCALE, _RRC_RATIO)
+                crops.append(F.resized_crop(image, i, j, h, w, [size, size], interpolation=self.interpolation,
+                                            antialias=True))
+        batch = torch.stack(crops)
+        flipped = [k for k in range(len(batch)) if random.random() < self.hflip]
+        if flipped:
+            batch[flipped] = F.horizontal_flip(batch[flipped])
+        return batch
+
+    def apply_rand_augment(self, batch: torch.Tensor) -> torch.Tensor:
+        """timm's RandAugment per image (op choice, probability, magnitude), applied layer by layer, one call per op
+        over the images that drew it."""
+        ra = self.rand_augment
+        layers: List[Dict[str, List[Tuple[int, tuple]]]] = [{} for _ in range(ra.num_layers)]
+        for k in range(len(batch)):
+            chosen = np.random.choice(len(ra.ops), ra.num_layers, replace=ra.choice_weights is None,
+                                      p=ra.choice_weights)
+            for layer, index in enumerate(chosen):
+                op = ra.ops[index]
+                if op.prob < 1.0 and random.random() > op.prob:
+                    continue
+                layers[layer].setdefault(op.name, []).append((k, _sample_level_args(op)))
+        mode = 'bicubic' if self.interpolation == F.InterpolationMode.BICUBIC else 'bilinear'
+        for groups in layers:
+            for name, items in groups.items():
+                index = [k for k, _ in items]
+                batch[index] = apply_rand_op(name, batch[index], [a for _, a in items], self.fill, mode)
+        return batch
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """ToTensor + Normalize: uint8 -> float, (x / 255 - mean) / std."""
+        return (batch.float() - self.mean) / self.std
+
+
+class DeviceBatches:
+    """A DataLoader of :class:`EncodedImageFolder` batches, seen as ``(images, targets)`` already on the device, so
+    ``engine``'s loops (and SNIP's first batch) take it as a DataLoader; ``len``, ``sampler``, ``dataset`` pass
+    through."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, augment: GpuAugment):
+        self.loader, self.augment = loader, augment
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for flat, lengths, targets, paths in self.loader:
+            data = flat.split(lengths.tolist())
+            yield self.augment(data, paths), targets.to(self.augment.device, non_blocking=True)

@@ -16,8 +16,8 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
 * New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
-  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``; ``--sparse_init`` also
-  accepts ``snip_topk``.
+  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``, ``--gpu_pipeline``
+  (decode and augment on the device, ``datasets.GpuAugment``); ``--sparse_init`` also accepts ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
@@ -50,7 +50,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import SLaK  # noqa: F401  (registers SLaK_* in timm)
 import utils
-from datasets import DATA_SETS, build_dataset, check_same_classes
+from datasets import DATA_SETS, DeviceBatches, GpuAugment, build_dataset, check_same_classes, collate_encoded
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from optim_factory import build_layer_decay_assigner, create_optimizer
 from sparse_core import SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
@@ -166,6 +166,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output_dir', default='', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None, help='path where to tensorboard log')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--gpu_pipeline', type=str2bool, default=False,
+                        help='IMNET only: loader workers read file bytes; batches are decoded (nvJPEG) and augmented '
+                             '(crop, flip, RandAugment, erasing) on --device, also a CPU one; for loader-bound runs. '
+                             'Same distributions as timm, pixels within a few levels (datasets.GpuAugment lists the '
+                             'differences); rand-* --aa policies only')
     parser.add_argument('--seed', default=0, type=int)
 
     parser.add_argument('--resume', default='', help='resume from checkpoint')
@@ -331,8 +336,8 @@ class Data:
     dataset_train: torch.utils.data.Dataset
     dataset_val: Optional[torch.utils.data.Dataset]
     sampler_train: torch.utils.data.DistributedSampler
-    data_loader_train: torch.utils.data.DataLoader
-    data_loader_val: Optional[torch.utils.data.DataLoader]
+    data_loader_train: Union[torch.utils.data.DataLoader, DeviceBatches]  # DeviceBatches with --gpu_pipeline
+    data_loader_val: Optional[Union[torch.utils.data.DataLoader, DeviceBatches]]
     mixup_fn: Optional[Mixup]
 
 
@@ -348,11 +353,13 @@ def build_data(args: argparse.Namespace) -> Data:
 
     num_tasks, global_rank = utils.get_world_size(), utils.get_rank()
     pin_memory = args.pin_mem and torch.device(args.device).type == 'cuda'  # pinning needs an accelerator
+    # --gpu_pipeline: the workers only read files (nothing to pin); GpuAugment decodes and augments on the device
+    encoded = dict(collate_fn=collate_encoded, pin_memory=False) if args.gpu_pipeline else dict(pin_memory=pin_memory)
     sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
                                                         shuffle=True, seed=args.seed)
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=pin_memory, drop_last=True, persistent_workers=False)
+        drop_last=True, persistent_workers=False, **encoded)
     if len(data_loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images over {num_tasks} processes) is smaller than '
                          f'one batch; lower --batch_size')
@@ -365,7 +372,13 @@ def build_data(args: argparse.Namespace) -> Data:
             sampler_val = torch.utils.data.SequentialSampler(dataset_val)
         data_loader_val = torch.utils.data.DataLoader(
             dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
-            pin_memory=pin_memory, drop_last=False)
+            drop_last=False, **encoded)
+    if args.gpu_pipeline:
+        data_loader_train = DeviceBatches(data_loader_train, GpuAugment(True, args, torch.device(args.device)))
+        print(f'Transform = {data_loader_train.augment}')
+        if data_loader_val is not None:
+            data_loader_val = DeviceBatches(data_loader_val, GpuAugment(False, args, torch.device(args.device)))
+            print(f'Transform = {data_loader_val.augment}')
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:

@@ -3,7 +3,8 @@
 
 Run on a CUDA machine from the repository root::
 
-    python benchmarks/bench_main.py --out results/ [--data_path /path/to/imagenet-like] [--runs all]
+    python benchmarks/bench_main.py --out results/ [--data_path /path/to/imagenet-like] [--runs all] \
+        [--gpu_pipeline true]
 
 Without ``--data_path`` it first writes an ImageNet-like folder on local disk (``--train_images`` 12,800 /
 ``--val_images`` 1,280 over 100 classes; JPEGs of natural sizes around 500x375 whose content is smooth colour fields,
@@ -20,7 +21,9 @@ own process with the wall time of every log line recorded:
 Reported per model: steady img/s (the median of main.py's 20-step windows in the last epoch, ``--print_freq 20``,
 leaving out windows with a prune/grow update; their mean with them as ``img_s_with_updates``), seconds from launch
 to the first training step (cold / warm), the first evaluation's seconds, evaluation img/s, peak GPU memory of
-training and of start-up (SNIP), the phases of start-up. Writes ``e2e_<card>.json`` (the records of issue 18) and
+training and of start-up (SNIP), the phases of start-up. ``--gpu_pipeline true`` passes the flag to every main.py run
+(decoding and augmentation on the GPU) and times that loader (bytes read by the workers, decoded and augmented on
+the GPU); its files end in ``_gpu_pipeline``. Writes ``e2e_<card>.json`` (the records of issue 18) and
 ``e2e_<card>_runs.json`` (everything parsed, plus the log tails) under ``--out`` after every run, so a run that is cut
 off still leaves what was measured.
 """
@@ -192,23 +195,33 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
     return out
 
 
-def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60) -> float:
-    """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model)."""
+def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gpu_pipeline: bool = False) -> float:
+    """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model); with
+    ``gpu_pipeline`` the workers read bytes and ``GpuAugment`` decodes and augments on the GPU (timed to the end of
+    its GPU work)."""
     sys.path.insert(0, str(ROOT))
     import torch
     import main as main_py
-    from datasets import build_dataset
-    args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch)])
+    from datasets import DeviceBatches, GpuAugment, build_dataset, collate_encoded
+    args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch),
+                                                 '--gpu_pipeline', str(gpu_pipeline)])
     dataset, _ = build_dataset(is_train=True, args=args)
+    encoded = dict(collate_fn=collate_encoded) if gpu_pipeline else dict(pin_memory=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True,
-                                         pin_memory=True, drop_last=True)
+                                         drop_last=True, **encoded)
+    if gpu_pipeline:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        loader = DeviceBatches(loader, GpuAugment(True, args, device))
     it = iter(loader)
     for _ in range(5):  # workers started, first batches decoded
         next(it)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start, n = time.time(), 0
     for _ in range(min(batches, len(loader) - 6)):
         images, _ = next(it)
         n += images.shape[0]
+    sync()
     return n / (time.time() - start)
 
 
@@ -242,6 +255,8 @@ def main() -> None:
                              'throughput, throughput_graph')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
+    parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
+                        help='pass --gpu_pipeline true to main.py (and time that loader)')
     parser.add_argument('--cache_root', default='',
                         help='folder for the runs\' Inductor/Triton caches (kept); default: a temporary one, removed')
     args = parser.parse_args()
@@ -249,6 +264,8 @@ def main() -> None:
     import torch
     card = torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '_') if torch.cuda.is_available() \
         else 'cpu'
+    gpu_pipeline = args.gpu_pipeline == 'true'
+    suffix = '_gpu_pipeline' if gpu_pipeline else ''
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(args.runs.split(',')) if args.runs != 'all' else {
@@ -274,8 +291,8 @@ def main() -> None:
         return env
 
     def save() -> None:
-        (out_dir / f'e2e_{card}.json').write_text(json.dumps(records, indent=1))
-        (out_dir / f'e2e_{card}_runs.json').write_text(json.dumps(report, indent=1))
+        (out_dir / f'e2e_{card}{suffix}.json').write_text(json.dumps(records, indent=1))
+        (out_dir / f'e2e_{card}{suffix}_runs.json').write_text(json.dumps(report, indent=1))
 
     def main_run(name: str, flags: List[str], cache: str) -> Optional[Dict]:
         if name not in wanted:
@@ -286,7 +303,7 @@ def main() -> None:
         out = tempfile.mkdtemp(prefix=f'bench_{name}_')
         cmd = [sys.executable, 'main.py', *flags, *COMMON_FLAGS, '--batch_size', str(args.batch_size),
                '--epochs', str(args.epochs), '--data_path', data_path, '--num_workers', str(args.num_workers),
-               '--output_dir', out]
+               '--output_dir', out, '--gpu_pipeline', args.gpu_pipeline]
         lines = run_logged(cmd, env_with(cache), args.run_timeout_s)
         parsed = parse_main_log(lines, args.val_images)
         parsed['command'] = ' '.join(cmd[1:])
@@ -300,7 +317,7 @@ def main() -> None:
 
     loader_img_s = None
     if 'loader' in wanted:
-        loader_img_s = loader_speed(data_path, args.batch_size, args.num_workers)
+        loader_img_s = loader_speed(data_path, args.batch_size, args.num_workers, gpu_pipeline=gpu_pipeline)
         report['loader_img_s'] = loader_img_s
         print(f'loader alone: {loader_img_s:.0f} img/s', flush=True)
 
@@ -335,7 +352,7 @@ def main() -> None:
             'first_step_s_warm': warm.get('first_step_s') if warm else None,
             'first_eval_s_warm': steady.get('first_eval_s') if warm else None,
             'peak_mem_gb': steady.get('peak_mem_gb'), 'startup_peak_mem_gb': steady.get('startup_peak_mem_gb'),
-            'eval_img_s': steady.get('eval_img_s'), 'card': card})
+            'eval_img_s': steady.get('eval_img_s'), 'gpu_pipeline': gpu_pipeline, 'card': card})
 
     record('SLaK-T', False, slak_cold, slak_warm, 'SLaK-T ours')
     record('convnext_tiny', False, convnext, None, 'convnext_tiny (timm)')
@@ -354,7 +371,8 @@ def main() -> None:
               f'{f(r["first_eval_s_warm"], "{:.1f}"):>8s} {f(r["peak_mem_gb"], "{:.1f}"):>8s} '
               f'{f(r["startup_peak_mem_gb"], "{:.1f}"):>9s}')
     if loader_img_s:
-        print(f'loader alone: {loader_img_s:.0f} img/s ({args.num_workers} workers)')
+        print(f'loader alone: {loader_img_s:.0f} img/s ({args.num_workers} workers'
+              f'{", decoded and augmented on the GPU" if gpu_pipeline else ""})')
     print(f'total {time.time() - t0:.0f} s')
 
 

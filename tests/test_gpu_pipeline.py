@@ -1,0 +1,259 @@
+"""``--gpu_pipeline`` (datasets.GpuAugment, EncodedImageFolder, DeviceBatches) against timm's PIL pipeline, on the CPU.
+
+Tolerances are in grey levels (0-255) for uint8 images and in normalised units for model inputs; each was measured
+on this fixture and is stated next to its assertion.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from timm.data import auto_augment as timm_aa
+from timm.data.transforms import RandomResizedCropAndInterpolation
+
+import datasets
+import main
+
+# (width, height) of the JPEGs: landscape, portrait, square, smaller than the 64 px crop
+SIZES = [(120, 90), (90, 130), (100, 100), (56, 48)]
+FILL = (124, 116, 104)  # timm's RandAugment fill for the ImageNet mean (create_transform's img_mean)
+
+
+def natural_image(w: int, h: int, seed: int) -> Image.Image:
+    """Smooth colour fields with noise: JPEG-like content whose resizes and ops are not trivially exact."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+    noisy = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, size=(h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    """train/ and val/ with two classes: JPEGs of SIZES, a grey JPEG and a PNG (decoded on the CPU)."""
+    root = tmp_path_factory.mktemp('jpegs')
+    seed = 0
+    for split in ('train', 'val'):
+        for label in ('a', 'b'):
+            os.makedirs(root / split / label)
+            for k, (w, h) in enumerate(SIZES):
+                seed += 1
+                natural_image(w, h, seed).save(root / split / label / f'{k}.JPEG', quality=90)
+    natural_image(70, 60, 100).convert('L').save(root / 'train' / 'a' / 'grey.JPEG', quality=90)
+    natural_image(80, 64, 101).save(root / 'train' / 'b' / 'lossless.png')
+    return str(root)
+
+
+def _args(**kw) -> argparse.Namespace:
+    args = main.get_args_parser().parse_args([])
+    args.input_size, args.gpu_pipeline = 64, True
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def _encoded(folder: str, split: str = 'train'):
+    dataset = datasets.EncodedImageFolder(os.path.join(folder, split))
+    flat, lengths, targets, paths = datasets.collate_encoded([dataset[i] for i in range(len(dataset))])
+    return list(flat.split(lengths.tolist())), targets, paths
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert('RGB')).copy()).permute(2, 0, 1)
+
+
+def test_decode_matches_pil_png_and_grey_included(folder):
+    data, targets, paths = _encoded(folder)
+    assert len(data) == 10 and data[0].dtype == torch.uint8 and data[0].dim() == 1
+    assert any(p.endswith('.png') for p in paths) and targets.tolist() == [0] * 5 + [1] * 5
+    images = datasets.GpuAugment(False, _args(), torch.device('cpu')).decode(data, paths)
+    for image, path in zip(images, paths):
+        reference = _chw(datasets.rgb_loader(path))
+        assert image.shape == reference.shape and image.dtype == torch.uint8
+        # CPU: torchvision's libjpeg-turbo and PIL's give the same pixels here (measured 0); nvJPEG on CUDA differs
+        # by about one level, within this bound
+        assert (image.float() - reference.float()).abs().mean() < 1.0, path
+
+
+def test_corrupt_files_are_named(folder, tmp_path):
+    data, _, paths = _encoded(folder)
+    garbage = tmp_path / 'garbage.JPEG'
+    garbage.write_bytes(b'not an image at all' * 10)
+    truncated = tmp_path / 'truncated.JPEG'  # JPEG magic, then nothing usable: the batched call fails, then this one
+    truncated.write_bytes(open(paths[0], 'rb').read()[:40])
+    augment = datasets.GpuAugment(False, _args(), torch.device('cpu'))
+    for bad in (garbage, truncated):
+        with pytest.raises(ValueError, match=f'cannot read image file {bad}: .*remove or replace it'):
+            augment.decode(data[:3] + [torch.from_numpy(np.fromfile(bad, dtype=np.uint8))], paths[:3] + [str(bad)])
+
+
+@pytest.mark.parametrize('input_size, crop_pct', [(64, None), (64, 0.95), (384, None)])
+def test_eval_batch_matches_build_transform(folder, input_size, crop_pct):
+    args = _args(input_size=input_size, crop_pct=crop_pct)
+    data, _, paths = _encoded(folder, 'val')
+    batch = datasets.GpuAugment(False, args, torch.device('cpu'))(data, paths)
+    reference = datasets.build_transform(False, _args(input_size=input_size, crop_pct=crop_pct))
+    expected = torch.stack([reference(datasets.rgb_loader(p)) for p in paths])
+    assert batch.shape == expected.shape == (len(paths), 3, input_size, input_size)
+    # torch's antialiased bicubic (uint8 on the CPU) vs PIL's: measured mean < 1e-4, max 0.035 (two grey levels);
+    # the bound leaves room for the float path on CUDA
+    diff = (batch - expected).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.2
+
+
+def _record_crops(monkeypatch) -> dict:
+    """Record timm's crop sampler's (h, w, scale, ratio) into ``sink['to']``, a list the caller swaps."""
+    original, sink = RandomResizedCropAndInterpolation.get_params, {'to': []}
+
+    def recording(img, scale, ratio):
+        i, j, h, w = original(img, scale, ratio)
+        sink['to'].append((h, w, scale, ratio))
+        return i, j, h, w
+    monkeypatch.setattr(RandomResizedCropAndInterpolation, 'get_params', staticmethod(recording))
+    return sink
+
+
+def test_train_crop_and_flip_follow_timm(folder, monkeypatch):
+    args = _args(aa='none', reprob=0, color_jitter=0)
+    augment = datasets.GpuAugment(True, args, torch.device('cpu'))
+    image = natural_image(120, 90, 7)
+    ours, theirs, flips = [], [], []
+    original_flip = datasets.F.horizontal_flip
+    monkeypatch.setattr(datasets.F, 'horizontal_flip', lambda x: flips.append(len(x)) or original_flip(x))
+    sink = _record_crops(monkeypatch)
+    sink['to'] = ours
+    random.seed(0)
+    batch = None
+    for _ in range(10):
+        batch = augment.crop_and_flip([_chw(image)] * 200)
+    assert batch.shape == (200, 3, 64, 64) and batch.dtype == torch.uint8
+    sink['to'] = theirs
+    timm_crop = datasets.build_transform(True, args).transforms[0]
+    assert isinstance(timm_crop, RandomResizedCropAndInterpolation)
+    random.seed(1)
+    for _ in range(2000):
+        timm_crop(image)
+    assert len(ours) == len(theirs) == 2000 and ours[0][2:] == theirs[0][2:] == ((0.08, 1.0), (3 / 4, 4 / 3))
+    for stat in (lambda h, w: h * w / (120 * 90), lambda h, w: math.log(w / h)):
+        a = np.quantile([stat(h, w) for h, w, *_ in ours], [0.1, 0.25, 0.5, 0.75, 0.9])
+        b = np.quantile([stat(h, w) for h, w, *_ in theirs], [0.1, 0.25, 0.5, 0.75, 0.9])
+        assert np.abs(a - b).max() < 0.06, (a, b)  # 2,000 draws each: quantiles agree to a few hundredths
+    assert 0.45 < sum(flips) / 2000 < 0.55
+
+
+def test_train_batch_shape_range_and_erasing(folder):
+    data, _, paths = _encoded(folder)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    low, high = (-mean / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
+    random.seed(0)
+    plain = datasets.GpuAugment(True, _args(aa='none', reprob=0), torch.device('cpu'))(data, paths)
+    assert plain.shape == (10, 3, 64, 64) and plain.dtype == torch.float32
+    assert (plain >= low - 1e-5).all() and (plain <= high + 1e-5).all()
+    torch.manual_seed(0)
+    full = datasets.GpuAugment(True, _args(reprob=1.0), torch.device('cpu'))(data, paths)  # RandAugment + erasing
+    assert full.shape == (10, 3, 64, 64) and torch.isfinite(full).all()
+    outside = (full < low - 1e-5) | (full > high + 1e-5)  # per-pixel normal noise leaves the image range
+    assert outside.flatten(1).any(dim=1).all()
+
+
+# every op of timm's RandAugment lists, with timm's level arguments at magnitude 9 (both signs for the signed ones)
+OPS = timm_aa._RAND_INCREASING_TRANSFORMS + ['Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness']
+# mean / max |ours - timm's PIL op| in grey levels; geometric ops interpolate with grid_sample's bicubic (a=-0.75)
+# instead of PIL's (a=-0.5): measured mean 0.33-0.70, max 5; every other op is measured exact here
+GEOMETRIC = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'}
+
+
+@pytest.mark.parametrize('name', OPS)
+@pytest.mark.parametrize('sign', [1, -1])
+def test_rand_augment_op_matches_timm(name, sign):
+    hparams = dict(translate_const=28, img_mean=FILL, interpolation=Image.BICUBIC)
+    op = timm_aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)
+    random.seed(0 if sign == 1 else 3)  # _randomly_negate draws the sign: seeds 0 and 3 give the two signs
+    args = op.level_fn(9, hparams) if op.level_fn is not None else ()
+    image = natural_image(96, 72, 11)
+    expected = _chw(op.aug_fn(image, *args, **op.kwargs)).float()
+    fill = torch.tensor(FILL, dtype=torch.float32).view(1, 3, 1, 1)
+    got = datasets.apply_rand_op(name, _chw(image)[None], [args], fill)[0].float()
+    diff = (got - expected).abs()
+    if name in GEOMETRIC:
+        assert diff.mean() < 1.0 and diff.max() <= 8, (args, diff.mean(), diff.max())
+    else:
+        assert diff.max() == 0, (args, diff.mean(), diff.max())
+
+
+def test_rand_augment_factors_below_one_and_grouped_batches():
+    """Blends towards the degenerate image (factor < 1) and one call over images with different arguments."""
+    images = [natural_image(64, 64, s) for s in range(3)]
+    batch = torch.stack([_chw(i) for i in images])
+    fill = torch.tensor(FILL, dtype=torch.float32).view(1, 3, 1, 1)
+    for name in ('Color', 'Contrast', 'Brightness', 'Sharpness', 'Solarize', 'Posterize', 'ShearX'):
+        hparams = dict(translate_const=28, img_mean=FILL, interpolation=Image.BICUBIC)
+        op = timm_aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)
+        args = [op.level_fn(m, hparams) for m in (3, 5, 9)]
+        got = datasets.apply_rand_op(name, batch.clone(), args, fill).float()
+        expected = torch.stack([_chw(op.aug_fn(i, *a, **op.kwargs)) for i, a in zip(images, args)]).float()
+        assert (got - expected).abs().mean() < (1.0 if name == 'ShearX' else 1e-6), name
+
+
+def test_posterize_to_zero_bits_is_black():
+    """timm's PosterizeIncreasing at magnitude 10 (2.3 % of draws with mstd 0.5) keeps 0 bits: Pillow >= 11 refuses
+    that (ValueError in timm's CPU pipeline); here it gives black, as older Pillow and TF's RandAugment did."""
+    op = timm_aa.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert op.level_fn(10, op.hparams) == (0,)
+    image = _chw(natural_image(32, 32, 5))[None]
+    assert datasets.apply_rand_op('PosterizeIncreasing', image, [(0,)], torch.zeros(1, 3, 1, 1)).eq(0).all()
+
+
+def test_rand_augment_draws_follow_timm(monkeypatch):
+    """Per image: two ops drawn with replacement from timm's 15, each applied with probability 0.5, magnitude
+    N(9, 0.5) -> so 25 % of images get no op, 50 % one, 25 % two; every op occurs."""
+    augment = datasets.GpuAugment(True, _args(), torch.device('cpu'))
+    assert [op.name for op in augment.rand_augment.ops] == timm_aa._RAND_INCREASING_TRANSFORMS
+    calls = []
+    monkeypatch.setattr(datasets, 'apply_rand_op', lambda name, x, args, fill, mode: calls.append((name, x, args)) or x)
+    random.seed(0)
+    np.random.seed(0)
+    n = 3000
+    augment.apply_rand_augment(torch.zeros(n, 3, 4, 4, dtype=torch.uint8))
+    assert {name for name, *_ in calls} == set(timm_aa._RAND_INCREASING_TRANSFORMS)
+    applied = sum(len(x) for _, x, _ in calls)
+    assert abs(applied / n - 1.0) < 0.05  # 2 layers x p 0.5
+    rotations = [abs(a[0]) for name, _, args in calls if name == 'Rotate' for a in args]
+    assert abs(np.mean(rotations) - 27.0) < 0.5 and 0.3 < np.std(rotations) / 3 < 0.7  # 30 deg x N(9, 0.5) / 10
+
+
+def test_refused_choices_are_named(folder):
+    with pytest.raises(ValueError, match='implements RandAugment'):
+        datasets.GpuAugment(True, _args(aa='original-mstd0.5'), torch.device('cpu'))
+    with pytest.raises(ValueError, match='--train_interpolation bicubic or bilinear'):
+        datasets.GpuAugment(True, _args(train_interpolation='random'), torch.device('cpu'))
+    with pytest.raises(ValueError, match=r'--gpu_pipeline true reads ImageNet-style folders only'):
+        datasets.build_dataset(True, _args(data_set='CIFAR', data_path=folder))
+
+
+def test_main_trains_and_evaluates_with_gpu_pipeline_on_cpu(folder, tmp_path, capsys):
+    """Default augmentation (RandAugment, erasing, mixup/cutmix) through loader workers, one epoch, evaluation."""
+    argv = ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5',
+            '3', '--input_size', '64', '--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num_workers',
+            '1', '--device', 'cpu', '--drop_path', '0', '--gpu_pipeline', 'true', '--data_path', folder,
+            '--output_dir', str(tmp_path), '--channels_last', 'true']
+    assert main.run(argv) == 0
+    out = capsys.readouterr().out
+    assert 'Transform = GpuAugment(train' in out and 'Transform = GpuAugment(eval' in out
+    with open(tmp_path / 'log.txt') as f:
+        log = json.loads(f.readline())
+    assert math.isfinite(log['train_loss']) and math.isfinite(log['test_loss'])
+
+
+def test_main_refuses_gpu_pipeline_on_other_data_sets(capsys):
+    code = main.run(['--data_set', 'synthetic', '--gpu_pipeline', 'true', '--device', 'cpu', '--model', 'SLaK_tiny'])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and '\n' not in err
+    assert err.startswith('error: --gpu_pipeline true reads ImageNet-style folders only')
