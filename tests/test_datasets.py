@@ -148,3 +148,21 @@ def test_synthetic_dataset_is_deterministic_and_sized():
     assert image.shape == (3, 16, 16) and label == 71 % 7
     assert torch.equal(image, again[71][0]) and torch.equal(image, train[71 % 64][0])
     assert not torch.equal(train[0][0], val[0][0])  # train and val draw different images
+
+
+def test_posterize_to_zero_bits_gives_black_instead_of_pillow_error():
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10, which the default rand-m9-mstd0.5-inc1 reaches; recent
+    Pillow refuses 0 bits (a ValueError from a loader worker ended training). Our policy's op gives a black image,
+    Pillow's old result, and other bit counts are untouched."""
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import AugmentOp, rand_augment_transform
+    img = Image.new('RGB', (8, 6), (200, 100, 51))
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10, hparams={'magnitude_std': 0})
+    assert op.aug_fn is datasets._posterize
+    out = op(img)
+    assert out.size == img.size and out.mode == 'RGB' and np.asarray(out).max() == 0
+    kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5, hparams={'magnitude_std': 0})(img)
+    assert np.array_equal(np.asarray(kept), np.asarray(ImageOps.posterize(img, 2)))  # 4 - int(5 / 10 * 4) = 2 bits
+    policy = rand_augment_transform('rand-m9-mstd0.5-inc1', {})
+    posterize_ops = [o for o in policy.ops if o.name == 'PosterizeIncreasing']
+    assert posterize_ops and all(o.aug_fn is datasets._posterize for o in posterize_ops)
