@@ -566,6 +566,10 @@ def _mlp_padded_to_8(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
 
 
 def _no_dispatch_mode() -> bool:
+    """No TorchDispatchMode (FLOP counter) is active; while torch.compile traces, True without asking (Dynamo cannot
+    trace the query: it was a graph break in every block of a model compiled as a whole)."""
+    if torch.compiler.is_compiling():
+        return True
     stack_len = getattr(torch._C, '_len_torch_dispatch_stack', None)
     return stack_len is not None and stack_len() == 0
 

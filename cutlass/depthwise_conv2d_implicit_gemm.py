@@ -144,7 +144,8 @@ def _needs_registered_op() -> bool:
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned_reasons:
+    """One warning per reason; none while torch.compile traces (a warning call there breaks the graph)."""
+    if reason not in _warned_reasons and not torch.compiler.is_compiling():
         _warned_reasons.add(reason)
         warnings.warn(f"depthwise_conv2d: falling back to F.conv2d ({reason})", stacklevel=3)
 

@@ -3,6 +3,7 @@ inference folding, the conv seam, modern execution paths and bad-input errors.""
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -800,6 +801,34 @@ def test_warm_compile_caches_failures_are_reported_not_raised(tail_backend, monk
     assert summary['graphs'] == 0 and len(summary['failed']) == 4
     assert all('no_such_model' in f or 'Unknown model' in f for f in summary['failed']), summary['failed']
     assert 'failed (the training process compiles those itself)' in capsys.readouterr().out
+
+
+def test_whole_model_compiles_as_one_graph_and_matches_eager():
+    """``torch.compile(model, fullgraph=True)`` (main.py's ``--compile true`` compiles the model as a whole) traces
+    SLaK without a graph break, in training and evaluation: the block's checks for a FLOP counter and the conv's
+    fallback warning used to break the graph in every block. Same outputs and gradients as eager (float64)."""
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 2, 1, 1], width_factor=0.1,
+                          kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='cutlass', layer_scale_init_value=0.5)
+    m = randomise_bn_and_gamma(m).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend='aot_eager', fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the CPU fallback's one-time warning (eager call)
+        for mode in ('train', 'eval'):
+            getattr(m, mode)()
+            results = []
+            for model in (m, compiled):
+                m.zero_grad()
+                y = model(x)
+                y.square().sum().backward()
+                results.append((y.detach(), m.downsample_layers[0][0].weight.grad.clone(),
+                                m.stages[2][0].pwconv1.weight.grad.clone(),
+                                m.stages[0][0].large_kernel.LoRA1.conv.weight.grad.clone()))
+            for a, b in zip(*results):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    torch._dynamo.reset()
 
 
 def test_compiled_tail_stands_aside(tail_backend, monkeypatch):
