@@ -36,8 +36,8 @@ Differences from the original, all deliberate fixes:
 * The EMA learns which positions were grown from :attr:`Masking.grown` instead of guessing from ``EMA == 0``,
   and restarts them at their live value once the optimizer has moved them from 0.
 """
+import contextlib
 import copy
-import inspect
 import math
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -587,14 +587,18 @@ def _count_true(masks: Dict[str, torch.Tensor]) -> Dict[str, int]:
     return dict(zip(masks, torch.stack([m.sum() for m in masks.values()]).tolist()))
 
 
+@contextlib.contextmanager
 def _without_cudnn_autotuning():
     """cuDNN picks its algorithms by heuristics for SNIP's one pass: with ``cudnn.benchmark`` (main.py sets it) every
     conv shape of the pass would first time every algorithm, for shapes (float32, large depthwise kernels) that no
-    training step uses again. Same maths; other cuDNN settings unchanged."""
+    training step uses again. Same maths; only ``cudnn.benchmark`` is touched, and restored."""
     cudnn = torch.backends.cudnn
-    current = {name: getattr(cudnn, name) for name in inspect.signature(cudnn.flags).parameters
-               if hasattr(cudnn, name)}  # (the settings differ between torch versions)
-    return cudnn.flags(**dict(current, benchmark=False))
+    was = cudnn.benchmark
+    cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        cudnn.benchmark = was
 
 
 def _recompute_in_backward(model: nn.Module) -> None:
