@@ -71,13 +71,14 @@ def rgb_loader(path: str) -> Image.Image:
         raise ValueError(f'cannot read image file {path}: {cause}; remove or replace it') from None
 
 
-def _image_folder(root: str, transform, flag: str, folder_class=datasets.ImageFolder) -> datasets.ImageFolder:
+def _image_folder(root: str, transform, flag: str, encoded: bool = False) -> datasets.ImageFolder:
+    """An ImageFolder of decoded images (``transform`` applied), or of file bytes (``encoded``, --gpu_pipeline)."""
     if not os.path.isdir(root):
         raise ValueError(f'{flag}: folder not found: {root}')
     try:
-        if folder_class is EncodedImageFolder:
+        if encoded:
             return EncodedImageFolder(root)
-        return folder_class(root, transform=transform, loader=rgb_loader)
+        return datasets.ImageFolder(root, transform=transform, loader=rgb_loader)
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise ValueError(f'{flag}: {root} holds no images in class sub-folders ({e})') from None
 
@@ -131,8 +132,7 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.Vi
             raise ValueError(f'--data_path {args.data_path} does not exist; point it at a folder with train/ and val/ '
                              f'class folders (e.g. data/mnist5k from tools/prepare_default_data.py)')
         root = os.path.join(args.data_path, 'train' if is_train else 'val')
-        dataset = _image_folder(root, transform, '--data_path',
-                                EncodedImageFolder if gpu_pipeline else datasets.ImageFolder)
+        dataset = _image_folder(root, transform, '--data_path', encoded=gpu_pipeline)
         nb_classes = len(dataset.classes)
         if nb_classes != args.nb_classes:
             print(f'note: {root} has {nb_classes} class folders; using nb_classes={nb_classes} '
