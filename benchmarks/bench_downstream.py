@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
-from bench_main import run_logged  # noqa: E402
+from bench_main import card_name, run_logged  # noqa: E402
 
 SEG_CONFIG = ROOT / 'segmentation' / 'configs' / 'upernet_slak_tiny_512_160k_ade20k_ss.py'
 DET_CONFIG = (ROOT / 'detection' / 'configs' /
@@ -413,12 +413,6 @@ def parse_scalars(lines: List[dict], skip: int, untimed_tail: int) -> Dict[str, 
     out['metrics'] = {k: v for k, v in metric_lines[-1].items() if k not in ('step', 'data_time', 'time')} \
         if metric_lines else {}
     return out
-
-
-def card_name() -> str:
-    import torch
-    return torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '_') if torch.cuda.is_available() \
-        else 'cpu'
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:

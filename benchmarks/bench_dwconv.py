@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from bench_downstream import card_name
+from bench_main import card_name
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("depthwise_conv2d_implicit_gemm",

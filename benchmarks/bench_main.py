@@ -126,6 +126,17 @@ PHASES = {  # first log line of each start-up phase (main.py's order)
 }
 
 
+def card_label(device_name: str) -> str:
+    """The card as result files name it: 'NVIDIA H100 80GB HBM3' -> 'H100_80GB_HBM3'."""
+    return device_name.replace('NVIDIA ', '').replace(' ', '_')
+
+
+def card_name() -> str:
+    """:func:`card_label` of this machine's GPU, or 'cpu'."""
+    import torch
+    return card_label(torch.cuda.get_device_name()) if torch.cuda.is_available() else 'cpu'
+
+
 def run_logged(cmd: List[str], env: Dict[str, str], timeout: float) -> List[tuple]:
     """Run ``cmd``; return ``(seconds since launch, line)`` for every line of its stdout+stderr.
 
@@ -262,8 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.time()
     import torch
-    card = torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '_') if torch.cuda.is_available() \
-        else 'cpu'
+    card = card_name()
     gpu_pipeline = args.gpu_pipeline == 'true'
     suffix = '_gpu_pipeline' if gpu_pipeline else ''
     out_dir = Path(args.out)

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from bench_main import card_label
+
 COMPILED, SLAK, FOLDED = 'convnext_tiny (timm) torch.compile', 'SLaK-T ours', 'SLaK-T ours folded decomposed'
 
 
@@ -24,8 +26,8 @@ def _get(rows: dict, name: str, key: str):
 
 
 def compose(b64: dict, b128: dict, layers: dict) -> dict:
-    card = (b128.get('device') or b64.get('device') or layers.get('card') or 'unknown').replace('NVIDIA ', '')
-    record = {'card': card.replace(' ', '_'), 'train': {}, 'infer_128': {}, 'layers': layers.get('layers', [])}
+    card = card_label(b128.get('device') or b64.get('device') or layers.get('card') or 'unknown')
+    record = {'card': card, 'train': {}, 'infer_128': {}, 'layers': layers.get('layers', [])}
     for batch, run in (('64', b64), ('128', b128)):
         rows = run.get('rows', {})
         base, ours = _get(rows, COMPILED, 'train_img_s'), _get(rows, SLAK, 'train_img_s')
