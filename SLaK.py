@@ -1020,17 +1020,18 @@ def _warm_stage(job: Dict[str, object]) -> None:
     memory_format = torch.channels_last if job['channels_last'] else torch.contiguous_format
     if job['channels_last']:
         model = model.to(memory_format=memory_format)
-    images = torch.randn(job['batch'], 3, job['input_size'], job['input_size'], device=device)
-    images = images.contiguous(memory_format=memory_format)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        x = stage_input(model, stage, images)
-        y = model.stages[stage](x)
+    autocast = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+    def images(batch: int) -> torch.Tensor:
+        size = job['input_size']
+        return torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    with torch.autocast(**autocast):
+        y = model.stages[stage](stage_input(model, stage, images(job['batch'])))
     y.float().sum().backward()
     if job.get('eval_batch'):
         folded = model.eval().reparameterize(decomposed=True).requires_grad_(False)
-        images = torch.randn(job['eval_batch'], 3, job['input_size'], job['input_size'], device=device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            folded.stages[stage](stage_input(folded, stage, images.contiguous(memory_format=memory_format)))
+        with torch.no_grad(), torch.autocast(**autocast):
+            folded.stages[stage](stage_input(folded, stage, images(job['eval_batch'])))
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     print(json.dumps({'stage': stage, 'graphs': len(_TAIL_STATE['keys']), 'seconds': time.time() - start}),
