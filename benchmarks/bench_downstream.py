@@ -534,10 +534,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             'compiled_tail_graphs': parsed['compiled_tail_graphs'], 'card': card,
             'compile_tail': extra_env.get('SLAK_COMPILE_TAIL', 'default'), 'amp': args.amp,
             'tail_compile_s': parsed['compile_s_train'], 'loss_decreased': parsed.get('loss_decreased'),
-            'metrics': parsed.get('metrics'), 'box_op_calls': probe.get('box_op_calls'), 'exit_code': exit_code})
+            'metrics': parsed.get('metrics'), 'box_op_calls': probe.get('box_op_calls'), 'exit_code': exit_code,
+            'triton_compiles': (probe.get('triton') or {}).get('compiles'),
+            'triton_compile_s': (probe.get('triton') or {}).get('seconds')})
         print(f'{name}: exit {exit_code}, {parsed["iters"]} iters, iter_s {parsed.get("iter_s")}, loss '
               f'{parsed.get("first_loss")} -> {parsed.get("last_loss")}, peak {parsed.get("peak_mem_gb")} GB, tail '
-              f'graphs {parsed["compiled_tail_graphs"]}, compile {parsed["compile_s_train"]} s, box ops '
+              f'graphs {parsed["compiled_tail_graphs"]}, compile {parsed["compile_s_train"]} s, Triton kernels compiled '
+              f'{probe.get("triton")}, box ops '
               f'{probe.get("box_op_calls")}, metrics {parsed.get("metrics")}', flush=True)
         save()
 

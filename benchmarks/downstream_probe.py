@@ -16,7 +16,8 @@ the op namespaces, such as the ONNX exporter); the profiler table below shows th
 
 The hook records, after every training iteration, how many SLaK block-tail graphs are compiled so far
 (``SLaK._TAIL_STATE['keys']``) and the seconds torch.compile has spent (dynamo's ``_compile.compile_inner``
-timings: tracing plus Inductor's forward and backward code generation); it runs ``torch.profiler`` over the training
+timings: tracing plus Inductor's forward and backward code generation) and the ``@triton.jit`` kernels compiled so
+far with their seconds (``count_triton_compiles``: our depthwise kernels specialise on map sizes); it runs ``torch.profiler`` over the training
 iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time: a GPU kernel ran
 under the op) plus the top rows by GPU time. Everything is written as JSON to ``out_file`` after the run (and at
 exit, should the run fail).
@@ -102,6 +103,40 @@ def compile_seconds() -> Optional[float]:
     return 0.0 if not compilation_time_metrics else None  # nothing compiled yet, or timings under another name
 
 
+_TRITON = {'compiles': 0, 'seconds': 0.0}
+
+
+def count_triton_compiles() -> bool:
+    """From now on count the ``@triton.jit`` kernels compiled in this process (our depthwise / branch-BN kernels:
+    a new map size can mean a new specialisation) and the seconds spent compiling them (idempotent; False if this
+    Triton has no ``JITFunction._do_compile``). Inductor's own kernels compile elsewhere and are not counted."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    compile_fn = getattr(JITFunction, '_do_compile', None)
+    if compile_fn is None:
+        return False
+    if getattr(compile_fn, '__slak_counted__', False):
+        return True
+
+    def counted(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return compile_fn(self, *args, **kwargs)
+        finally:
+            _TRITON['compiles'] += 1
+            _TRITON['seconds'] += time.perf_counter() - start
+    counted.__slak_counted__ = True
+    JITFunction._do_compile = counted
+    return True
+
+
+def triton_compiles() -> Dict[str, float]:
+    """``{'compiles', 'seconds'}`` counted by :func:`count_triton_compiles` so far."""
+    return {'compiles': _TRITON['compiles'], 'seconds': round(_TRITON['seconds'], 3)}
+
+
 def _profile_rows(prof, row_limit: int) -> Dict[str, object]:
     from torch.autograd.profiler_util import EventList
 
@@ -148,6 +183,8 @@ class DownstreamProbeHook(Hook):
 
     def before_run(self, runner) -> None:
         self.record['wrapped_ops'] = wrap_box_ops()  # mmcv._ext exists by now (the configs' custom_imports)
+        self.record['triton_counted'] = count_triton_compiles()
+        self.record['triton_by_iter'] = []
         fallback = sys.modules.get('mmcv._ext')
         self.record['mmcv_ext'] = 'stand-in' if getattr(fallback, '__slak_fallback__', False) else 'compiled'
 
@@ -162,6 +199,7 @@ class DownstreamProbeHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self.record['tail_graphs_by_iter'].append(tail_state()['graphs'])
         self.record['compile_s_by_iter'].append(compile_seconds())
+        self.record.setdefault('triton_by_iter', []).append(triton_compiles())
         if self._profiler is not None and runner.iter + 1 >= self.profile_iters[1]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -176,7 +214,7 @@ class DownstreamProbeHook(Hook):
     def write(self) -> None:
         calls = box_op_calls()
         self.record.update(box_op_calls=calls, box_ops_on_gpu=box_ops_on_gpu(calls, self.expect_box_ops),
-                           tail=tail_state(), compile_s=compile_seconds(),
+                           tail=tail_state(), compile_s=compile_seconds(), triton=triton_compiles(),
                            seconds=round(time.time() - self._start, 1))
         os.makedirs(os.path.dirname(os.path.abspath(self.out_file)), exist_ok=True)
         with open(self.out_file, 'w') as f:

@@ -64,6 +64,19 @@ def test_box_ops_on_gpu_rule():
     assert downstream_probe.box_ops_on_gpu({}, expect_calls=False)
 
 
+def test_triton_compile_counter_wraps_once_and_counts(monkeypatch):
+    """The probe counts JIT compiles (our kernels specialise on map sizes); the interpreter never compiles, so the
+    compile step is a stub here; installing twice must not count twice."""
+    from triton.runtime.jit import JITFunction
+    monkeypatch.setattr(JITFunction, '_do_compile', lambda self, *a, **k: ('kernel', a))
+    before = downstream_probe.triton_compiles()['compiles']
+    assert downstream_probe.count_triton_compiles() and downstream_probe.count_triton_compiles()
+    assert JITFunction._do_compile(None, 'key', warmup=False) == ('kernel', ('key',))
+    JITFunction._do_compile(None, 'other')
+    after = downstream_probe.triton_compiles()
+    assert after['compiles'] - before == 2 and after['seconds'] >= 0
+
+
 def test_importing_the_probe_leaves_torchvision_alone():
     """Only the hook, in the training process, wraps the box ops (a replaced torch.ops entry broke ONNX export)."""
     import torchvision.ops
