@@ -2,7 +2,8 @@
 # One device call of issue 19's downstream measurement (see benchmarks/bench_downstream.py):
 #   bash benchmarks/device_downstream.sh [bench_downstream.py flags]
 #       UperNet and Cascade Mask R-CNN, SLaK-T and the ConvNeXt-T emulation (then Cascade SLaK-T with
-#       SLAK_COMPILE_TAIL=0), each through the wheels' tools/train.py; stops starting runs at BUDGET_S (default 420 s)
+#       SLAK_COMPILE_TAIL=0), each through the wheels' tools/train.py; stops starting runs at BUDGET_S (default 420 s);
+#       with THEN_DWCONV_S=N, then the dwconv check below until N s after the start
 #   bash benchmarks/device_downstream.sh dwconv
 #       bench_dwconv.py --detection_shapes: the Triton depthwise convs on detection map sizes vs cuDNN / float64
 # Needs the pinned wheels in .whl/ (timm, tensorboardX) and .whl_mm/ (the OpenMMLab stack and the packages it needs
@@ -28,6 +29,11 @@ case "${1:-}" in
     python3 benchmarks/bench_downstream.py --out "$OUT" --data_root "$PWD/.bench/downstream_data" \
       --work_root /tmp/bench_downstream_runs --cache_root "$PWD/.bench/downstream_cache" \
       --budget_s "$(left "${BUDGET_S:-420}")" --run_timeout_s "${RUN_TIMEOUT_S:-200}" "$@" 2>&1 \
-      | tee "$OUT/bench_downstream.log" | tail -40 ;;
+      | tee "$OUT/bench_downstream.log" | tail -40
+    # THEN_DWCONV_S=590: then the kernels' GPU check on detection's map sizes until that many s since the start
+    if [ -n "${THEN_DWCONV_S:-}" ] && [ "$(left "$THEN_DWCONV_S")" -gt 20 ]; then
+      timeout "$(left "$THEN_DWCONV_S")" python3 benchmarks/bench_dwconv.py --detection_shapes 2>&1 \
+        | tee "$OUT/dwconv_detection.txt" | tail -25
+    fi ;;
 esac
 echo "device_downstream: total $(( $(date +%s) - START )) s"
