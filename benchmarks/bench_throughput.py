@@ -187,17 +187,28 @@ def main():
     for rep in range(args.repeats):
         for name in names:
             torch.manual_seed(0)
-            model = make(name).cuda()
-            if "folded" in name:
-                train, train_mem = float("nan"), float("nan")
-                model.eval()
-                model.reparameterize(decomposed="decomposed" in name)
-            else:
-                train, train_mem = train_speed(model, args.train_batch, args.steps, args.graph)
-            infer, infer_mem = infer_speed(model, args.infer_batch, args.steps, args.graph)
+            start = time.perf_counter()
+            try:
+                model = make(name).cuda()
+                if "folded" in name:
+                    train, train_mem = float("nan"), float("nan")
+                    model.eval()
+                    model.reparameterize(decomposed="decomposed" in name)
+                else:
+                    train, train_mem = train_speed(model, args.train_batch, args.steps, args.graph)
+                train_wall = time.perf_counter() - start
+                infer, infer_mem = infer_speed(model, args.infer_batch, args.steps, args.graph)
+            except Exception as e:  # one model failing (e.g. a compiler error) must not cost the others' figures
+                print(f"[{rep}] {name:36s} FAILED after {time.perf_counter() - start:.0f} s: "
+                      f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}", flush=True)
+                model = None
+                torch.cuda.empty_cache()
+                continue
             samples[name].append((train, train_mem, infer, infer_mem))
+            # wall seconds: building, compiling / capturing and timing (compile time shows here)
             print(f"[{rep}] {name:36s} train {train:8.1f} img/s ({train_mem:5.1f} GiB)  infer {infer:8.1f} img/s "
-                  f"({infer_mem:5.1f} GiB)", flush=True)
+                  f"({infer_mem:5.1f} GiB)  wall train {train_wall:.0f} s, infer "
+                  f"{time.perf_counter() - start - train_wall:.0f} s", flush=True)
             del model
             torch.cuda.empty_cache()
 
@@ -205,7 +216,7 @@ def main():
         values = sorted(values)
         return values[len(values) // 2]
 
-    rows = {name: tuple(median([r[i] for r in runs]) for i in range(4)) for name, runs in samples.items()}
+    rows = {name: tuple(median([r[i] for r in runs]) for i in range(4)) for name, runs in samples.items() if runs}
     print(f"medians of {args.repeats} round(s):")
     for name, (train, train_mem, infer, infer_mem) in rows.items():
         spread = [r[0] for r in samples[name]]

@@ -5,6 +5,8 @@
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py), then
 #                                          bench_dwconv.py --detection_shapes in the time left
+#   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
+#                                          ConvNeXt-T (graph replays, training batch B, default 64)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
 #                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
 #                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
@@ -41,6 +43,12 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     # then, in what time is left, issue 19's GPU correctness check of the kernels on detection's map sizes
     timeout "$(left 228)" python3 benchmarks/bench_dwconv.py --detection_shapes 2>&1 \
       | tee "$OUT/dwconv_detection.txt" | tail -12 ;;
+  compile)
+    # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than
+    # eager + the blocks' compiled tails? Graph replays at training batch ${2:-64}, beside compiled ConvNeXt-T.
+    timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
+      --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile" \
+      --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log" ;;
   kernels)
     for b in 64 128; do
       models="convnext_tiny (timm) torch.compile,SLaK-T ours"
