@@ -285,14 +285,19 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
     cand_w["banded"] = lambda: kern._launch_wgrad(x, x, shape)
     # the same default tiles without the alignment hints of _flat_index (round 9: they cost on some layers)
     fwd_cfg = kern._fwd_config(hw, max(kh, kw), BATCH * hw, kh >= kw)
-    wgrad_cfg = kern._wgrad_plan(BATCH, c, hw, hw, max(kh, kw), min(kh, kw), kh >= kw)[:3]
+    wgrad_cfg = kern._wgrad_plan(BATCH, c, hw, hw, max(kh, kw), min(kh, kw), kh >= kw).config(max_vec=1)
     cand_f["banded nohint"] = lambda: kern._launch_fwd(x, w, config=fwd_cfg + (1,))
-    cand_w["banded nohint"] = lambda: kern._launch_wgrad(x, x, shape, config=wgrad_cfg + (1,))
+    cand_w["banded nohint"] = lambda: kern._launch_wgrad(x, x, shape, config=wgrad_cfg)
     for cfg in ((64, 64, 32, 4), (64, 128, 32, 4), (32, 64, 16, 4), (32, 128, 32, 4), (64, 64, 64, 4),
                 (128, 64, 32, 8)):
         cand_f[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_fwd(x, w, config=cfg)
     for cfg in ((64, 64, 4), (32, 64, 4), (16, 64, 4), (32, 128, 4), (16, 128, 4)):
         cand_w[f"banded{cfg}"] = lambda cfg=cfg: kern._launch_wgrad(x, x, shape, config=cfg)
+    if min(kh, kw) <= kern.WGRAD_ALLJ_MAX_COLUMNS:  # the opt-in all-columns kernel (WGRAD_ALLJ), default and tiles
+        for cfg in (("allj",), ("allj", 32, 16, 64, 8), ("allj", 16, 16, 64, 4), ("allj", 32, 16, 32, 4),
+                    ("allj", 64, 16, 32, 8), ("allj", 32, 32, 64, 8)):
+            cand_w["banded" + "".join(f" {v}" for v in cfg)] = \
+                lambda cfg=cfg: kern._launch_wgrad(x, x, shape, config=cfg)
     if old is not None:  # the earlier file's launchers for the path its own kernel_path picks
         path = old["kernel_path"](hw, hw, kh, kw) if "kernel_path" in old else (
             "direct" if max(kh, kw) <= 7 or hw * hw <= 64 else "banded")

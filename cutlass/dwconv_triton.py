@@ -11,7 +11,7 @@ the flat axis the images of the batch and the ``W`` positions are flattened into
 tensor cores busy on small feature maps (7x7, 14x14) where one image alone would fill a tile poorly.
 """
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -156,6 +156,85 @@ def dwconv_wgrad_kernel(
         for d in range(d_lo, d_hi + 1):
             val = tl.sum(tl.sum(tl.where(diag == d, g, 0.0), axis=1), axis=0)
             tl.atomic_add(dw_ptr + c * swc + (d + PH) * swh + j * sww, val)
+
+
+@triton.jit
+def dwconv_wgrad_allj_kernel(
+    x_ptr, dy_ptr, dw_ptr, g_ptr,
+    N, H, W, COLS_PER_SPLIT,
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    swc, swh, sww,
+    KH: tl.constexpr, KW: tl.constexpr, JP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr, VEC: tl.constexpr,
+):
+    """``dwconv_wgrad_kernel`` for all kernel columns of a channel in one program (opt-in: ``WGRAD_ALLJ``).
+
+    Grid: (C, cdiv(H, BLOCK_M) * cdiv(H, BLOCK_K), splits). The per-column kernel loads each dy tile once per column
+    ``j``; here one dy tile (BLOCK_M, BLOCK_N) meets one wide x tile (BLOCK_N, JP * BLOCK_K) whose column
+    ``q = j * BLOCK_K + kk`` holds ``x[k0 + kk, col + j - KW//2]`` (JP = next power of two >= KW; columns j >= KW
+    are masked to zero), so a single ``tl.dot`` per column chunk forms the Gram blocks of every j side by side.
+    The diagonals ``k - h = i - KH//2`` of block j go to ``dw[c, i, j]`` through this program's fp32 scratch slot
+    (BLOCK_M, JP * BLOCK_K) in ``g_ptr``, read back gathered, BLOCK_T (diagonal, column) pairs at a time, one
+    element per row and pair, as ``dwconv_plane_wgrad_kernel`` does. Masked sums over the register tile, as the
+    per-column kernel does, would cost one pass over all BLOCK_M * JP * BLOCK_K elements (and a cross-warp
+    reduction) per diagonal: 47 passes over 4,096 elements for the default 32 x (8 x 16) tile of a 51x5 layer,
+    against one store of 4,096 and 235 x 32 gathered loads. Tiles and splits share diagonals: fp32 atomics.
+    """
+    PH: tl.constexpr = KH // 2
+    PW: tl.constexpr = KW // 2
+    c = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_ktiles = tl.cdiv(H, BLOCK_K)
+    h0 = (pid_t // n_ktiles) * BLOCK_M
+    k0 = (pid_t % n_ktiles) * BLOCK_K
+    # Diagonals d = k - h present in this tile, clipped to the kernel's taps.
+    d_lo = tl.maximum(k0 - (h0 + BLOCK_M - 1), -PH)
+    d_hi = tl.minimum(k0 + BLOCK_K - 1 - h0, PH)
+    if d_lo <= d_hi:
+        m = tl.arange(0, BLOCK_M)
+        rows = h0 + m
+        q = tl.arange(0, JP * BLOCK_K)
+        shift = q // BLOCK_K - PW
+        krow = k0 + q % BLOCK_K
+        q_ok = (q < KW * BLOCK_K) & (krow < H)
+        x_rows = x_ptr + c * sxc + krow.to(tl.int64)[None, :] * sxh
+        col_start = pid_s * COLS_PER_SPLIT
+        col_end = tl.minimum(col_start + COLS_PER_SPLIT, N * W)
+        g = tl.zeros((BLOCK_M, JP * BLOCK_K), dtype=tl.float32)
+        for n0 in range(col_start, col_end, BLOCK_N):
+            col_ok, img, wpos = _flat_index(n0 + tl.arange(0, BLOCK_N), col_end, W, VEC)
+            img = img.to(tl.int64)
+            win = wpos[:, None] + shift[None, :]
+            win_ok = col_ok[:, None] & q_ok[None, :] & (win >= 0) & (win < W)
+            dy = tl.load(dy_ptr + c * sdc + img[None, :] * sdn + wpos.to(tl.int64)[None, :] * sdw
+                         + rows.to(tl.int64)[:, None] * sdh,
+                         mask=col_ok[None, :] & (rows < H)[:, None], other=0.0)
+            xt = tl.load(x_rows + img[:, None] * sxn + win.to(tl.int64) * sxw, mask=win_ok, other=0.0)
+            if UPCAST_DOT:
+                dy = dy.to(tl.float32)
+                xt = xt.to(tl.float32)
+            if USE_TF32:
+                g = tl.dot(dy, xt, g, input_precision="tf32")
+            else:
+                g = tl.dot(dy, xt, g, input_precision="ieee")
+        slot = (c * tl.num_programs(1) + pid_t) * tl.num_programs(2) + pid_s
+        g_base = g_ptr + slot * (BLOCK_M * JP * BLOCK_K)
+        tl.store(g_base + m[:, None] * (JP * BLOCK_K) + q[None, :], g)
+        tl.debug_barrier()  # the gathers below read elements other threads of this program wrote
+        n_pairs = (d_hi - d_lo + 1) * KW
+        for t0 in range(0, n_pairs, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < n_pairs
+            d = d_lo + t // KW
+            j = t % KW
+            # Row m of block j meets diagonal d at column kk = h0 + m + d - k0.
+            kk = (h0 - k0) + d[:, None] + m[None, :]
+            ok = t_ok[:, None] & (kk >= 0) & (kk < BLOCK_K)
+            vals = tl.load(g_base + m[None, :] * (JP * BLOCK_K) + j[:, None] * BLOCK_K + kk, mask=ok, other=0.0)
+            tl.atomic_add(dw_ptr + c * swc + (d + PH) * swh + j * sww, tl.sum(vals, axis=1), mask=t_ok)
 
 
 @triton.jit
@@ -416,38 +495,92 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     return out
 
 
+# Opt-in, never timed on a GPU: banded weight gradients of kernels with at most WGRAD_ALLJ_MAX_COLUMNS columns (the
+# short side) run dwconv_wgrad_allj_kernel, which loads each dy tile once for all columns instead of once per column.
+WGRAD_ALLJ = False
+WGRAD_ALLJ_MAX_COLUMNS = 8
+
+
+class WgradPlan(NamedTuple):
+    """One banded weight-gradient launch: which kernel, its tiles and how the (image, column) axis is split."""
+    all_columns: bool  # dwconv_wgrad_allj_kernel, else dwconv_wgrad_kernel (one program per kernel column)
+    block: int  # BLOCK_M, the dy rows of a Gram block
+    block_k: int  # BLOCK_K, the x rows of a Gram block (= block in the per-column kernel)
+    block_n: int
+    warps: int
+    splits: int
+    per_split: int  # flattened (image, column) positions per split, a multiple of block_n
+    vec: int
+
+    def config(self, max_vec: int = 8) -> Tuple:
+        """The ``config`` of :func:`_launch_wgrad` that launches these tiles, its hints capped by ``max_vec``."""
+        if self.all_columns:
+            return ("allj", self.block, self.block_k, self.block_n, self.warps, max_vec)
+        return (self.block, self.block_n, self.warps, max_vec)
+
+
+def _wgrad_allj_tile(band: int, kband: int, kflat: int) -> Tuple[int, int, int, int]:
+    """(BLOCK, BLOCK_K, BLOCK_N, num_warps) of the all-columns kernel, a guess (never swept): BLOCK as the per-column
+    kernel's tall tiles, 16-row x blocks because the fp32 accumulator is BLOCK x (JP * BLOCK_K), 32 x 128 for kernels
+    of 5-8 columns. At that size 8 warps: a thread then holds 16 accumulator registers and 32 int64 pointers of the
+    (64, 128) x tile, against 32 and 64 with 4 warps."""
+    block = min(32, max(16, _next_pow2(band)), max(16, _next_pow2(kband)))
+    block_k = 16
+    return block, block_k, 64, 8 if block * _next_pow2(kflat) * block_k >= 4096 else 4
+
+
 def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, tall: bool,
-                config: Optional[Tuple[int, ...]] = None) -> Tuple[int, int, int, int, int, int]:
-    """(BLOCK, BLOCK_N, num_warps, splits, columns per split, VEC) of a weight-gradient launch; ``config`` as for
-    :func:`_launch_wgrad`."""
-    # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
-    cap = 32 if tall else 64
-    default = (min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4)
-    block, block_n, warps, max_vec = (tuple(config) + (8,))[:4] if config else default + (8,)
+                config: Optional[Tuple] = None) -> WgradPlan:
+    """The launch plan of a weight gradient; ``config`` as for :func:`_launch_wgrad`."""
+    if config and config[0] == "allj":
+        if len(config) not in (1, 5, 6):
+            raise ValueError(f"an all-columns config is ('allj',) or ('allj', BLOCK, BLOCK_K, BLOCK_N, num_warps"
+                             f"[, max_vec]); got {config!r}")
+        tile = tuple(config[1:]) or _wgrad_allj_tile(band, kband, kflat)
+        block, block_k, block_n, warps, max_vec = (tile + (8,))[:5]
+        all_columns = True
+    elif config:
+        block, block_n, warps, max_vec = (tuple(config) + (8,))[:4]
+        block_k, all_columns = block, False
+    elif WGRAD_ALLJ and kflat <= WGRAD_ALLJ_MAX_COLUMNS:
+        (block, block_k, block_n, warps), max_vec, all_columns = _wgrad_allj_tile(band, kband, kflat), 8, True
+    else:
+        # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
+        cap = 32 if tall else 64
+        block, block_n, warps, max_vec = min(cap, max(16, _next_pow2(band)), max(16, _next_pow2(kband))), 64, 4, 8
+        block_k, all_columns = block, False
     cols = n * flat
-    programs = c * kflat * triton.cdiv(band, block) ** 2
+    programs = c * (1 if all_columns else kflat) * triton.cdiv(band, block) * triton.cdiv(band, block_k)
     # Split the (image, column) reduction when there are too few programs to fill the GPU.
     splits = max(1, min(triton.cdiv(cols, 4 * block_n), triton.cdiv(2048, programs)))
     per_split = triton.cdiv(triton.cdiv(cols, splits), block_n) * block_n
-    return (block, block_n, warps, triton.cdiv(cols, per_split), per_split,
-            _hint_vec("wgrad", tall, flat, block_n, max_vec))
+    return WgradPlan(all_columns, block, block_k, block_n, warps, triton.cdiv(cols, per_split), per_split,
+                     _hint_vec("wgrad", tall, flat, block_n, max_vec))
 
 
 def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
-                  config: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
-    """Weight-gradient launch into a fresh fp32 buffer; ``config`` = (BLOCK, BLOCK_N, num_warps), optionally a
-    fourth entry ``max_vec`` capping the alignment hints (1 = none), for benchmarks."""
+                  config: Optional[Tuple] = None) -> torch.Tensor:
+    """Weight-gradient launch into a fresh fp32 buffer; ``config``, for tests and benchmarks, is (BLOCK, BLOCK_N,
+    num_warps), optionally a fourth entry ``max_vec`` capping the alignment hints (1 = none), or ``("allj",)`` for
+    the all-columns kernel with its default tiles, ``("allj", BLOCK, BLOCK_K, BLOCK_N, num_warps[, max_vec])``
+    with these."""
     n, c = x.shape[:2]
     dw = torch.zeros(w_shape, device=x.device, dtype=torch.float32)
     band, flat, sx, sdw, kband, kflat = _band_views(x, dw)
     sd = _band_views(dy, dw)[2]
-    block, block_n, warps, splits, per_split, vec = _wgrad_plan(n, c, band, flat, kband, kflat,
-                                                                w_shape[2] >= w_shape[3], config)
-    grid = (c * kflat, triton.cdiv(band, block) ** 2, splits)
-    dwconv_wgrad_kernel[grid](
-        x, dy, dw, n, band, flat, per_split, *sx, *sd, *sdw,
-        KH=kband, KW=kflat, BLOCK_M=block, BLOCK_N=block_n, BLOCK_K=block,
-        USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=vec, num_warps=warps)
+    plan = _wgrad_plan(n, c, band, flat, kband, kflat, w_shape[2] >= w_shape[3], config)
+    tiles = triton.cdiv(band, plan.block) * triton.cdiv(band, plan.block_k)
+    common = dict(KH=kband, KW=kflat, BLOCK_M=plan.block, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+                  USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=plan.vec, num_warps=plan.warps)
+    if plan.all_columns:
+        jp = _next_pow2(kflat)
+        scratch = torch.empty((c * tiles * plan.splits, plan.block, jp * plan.block_k), device=x.device,
+                              dtype=torch.float32)
+        dwconv_wgrad_allj_kernel[(c, tiles, plan.splits)](
+            x, dy, dw, scratch, n, band, flat, plan.per_split, *sx, *sd, *sdw, JP=jp, BLOCK_T=64, **common)
+    else:
+        dwconv_wgrad_kernel[(c * kflat, tiles, plan.splits)](
+            x, dy, dw, n, band, flat, plan.per_split, *sx, *sd, *sdw, **common)
     return dw
 
 

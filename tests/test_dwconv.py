@@ -6,6 +6,7 @@ against float64 ``F.conv2d``; this process stays un-interpreted and tests the fa
 formula and fake-tensor tracing. GPU tests run only where CUDA is available.
 """
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -208,10 +209,136 @@ def test_alignment_hints_hold_for_every_launch_plan():
                 bn = k._fwd_config(band, kband, n * flat, tall)[1]
                 vec = k._hint_vec("fwd", tall, flat, bn)
                 assert flat % vec == 0 and bn % vec == 0
-                for c in (4, 124, 998):
-                    _, block_n, _, splits, per_split, vec = k._wgrad_plan(n, c, band, flat, kband, kflat, tall)
-                    assert flat % vec == 0 and block_n % vec == 0 and per_split % vec == 0
-                    assert (splits - 1) * per_split < n * flat <= splits * per_split
+                for c, config in itertools.product((4, 124, 998), (None, ("allj",))):
+                    plan = k._wgrad_plan(n, c, band, flat, kband, kflat, tall, config)
+                    assert flat % plan.vec == 0 and plan.block_n % plan.vec == 0 and plan.per_split % plan.vec == 0
+                    assert (plan.splits - 1) * plan.per_split < n * flat <= plan.splits * plan.per_split
+
+
+# The all-columns weight-gradient kernel (dwconv_wgrad_allj_kernel), called through _launch_wgrad with an "allj"
+# config: (N, C, H, W, kh, kw, dtype, config). Odd maps that are not multiples of the tiles, kernels taller or wider
+# than the map, 1-8 kernel columns (JP = 1, 4, 8), BLOCK_K 16 and 32; the BLOCK_N = 16 configs split the 90 flattened
+# columns of the 7x30 / 30x7 maps at batch 3 in two.
+ALLJ_CASES = [
+    (1, 2, 9, 13, 13, 5, "float32", ("allj",)),
+    (3, 2, 23, 17, 5, 13, "bfloat16", ("allj",)),
+    (3, 2, 7, 30, 7, 3, "float32", ("allj", 16, 16, 16, 4)),
+    (1, 2, 23, 17, 5, 5, "bfloat16", ("allj",)),
+    (3, 2, 7, 30, 3, 9, "bfloat16", ("allj",)),
+    (3, 2, 30, 7, 3, 9, "float32", ("allj", 16, 16, 16, 4)),
+    (3, 2, 7, 30, 13, 5, "bfloat16", ("allj", 32, 16, 16, 8)),
+    (1, 2, 9, 13, 5, 13, "float32", ("allj", 32, 32, 64, 8)),
+    (3, 2, 23, 17, 13, 5, "float16", ("allj", 16, 16, 32, 4, 1)),
+    (2, 2, 9, 13, 9, 7, "float32", ("allj",)),
+    (2, 2, 9, 13, 7, 1, "float32", ("allj",)),
+]
+ALLJ_SPLIT_CASES = {2, 5, 6}  # indices into ALLJ_CASES whose plan must have splits > 1
+# (N, C, H, W, kh, kw) of banded weight gradients launched through launch_weight_grad with WGRAD_ALLJ on and off;
+# 9x9 has more columns than WGRAD_ALLJ_MAX_COLUMNS and keeps the per-column kernel.
+ALLJ_ROUTES = [(2, 2, 13, 17, 13, 5), (1, 3, 17, 13, 5, 13), (2, 2, 13, 17, 5, 5), (1, 2, 13, 17, 9, 9)]
+
+ALLJ_SCRIPT = textwrap.dedent('''
+    import importlib.util, json, sys
+    import torch, torch.nn.functional as F
+    spec = importlib.util.spec_from_file_location("depthwise_conv2d_implicit_gemm", sys.argv[1])
+    dw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dw)
+    k = dw._kernels
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    results = {}
+    torch.manual_seed(0)
+
+    def reference(n, c, h, w, kh, kw):
+        x = torch.randn(n, c, h, w, dtype=torch.float64)
+        g = torch.randn(n, c, h, w, dtype=torch.float64)
+        wt = torch.randn(c, 1, kh, kw, dtype=torch.float64, requires_grad=True)
+        F.conv2d(x, wt, padding=(kh // 2, kw // 2), groups=c).backward(g)
+        return x, g, wt
+
+    for n, c, h, w, kh, kw, dtype, config in json.loads(sys.argv[2]):
+        dt = getattr(torch, dtype)
+        x, g, wt = reference(n, c, h, w, kh, kw)
+        band, flat, _, _, kband, kflat = k._band_views(x, wt)
+        plan = k._wgrad_plan(n, c, band, flat, kband, kflat, kh >= kw, tuple(config))
+        got = k._launch_wgrad(g.to(dt), x.to(dt), (c, 1, kh, kw), config=tuple(config))
+        results[str([n, c, h, w, kh, kw, dtype, config])] = dict(
+            err=rel(got, wt.grad), dtype=str(got.dtype), all_columns=plan.all_columns, splits=plan.splits)
+
+    class Spy:
+        """Counts the launches of a Triton kernel, then launches it."""
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    allj_kernel, per_column_kernel = k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel
+    for n, c, h, w, kh, kw in json.loads(sys.argv[3]):
+        x, g, wt = reference(n, c, h, w, kh, kw)
+        x, g, weight = x.float(), g.float(), wt.detach().float()
+        grads, launches = {}, {}
+        for switch in (False, True):
+            k.WGRAD_ALLJ = switch
+            k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel = Spy(allj_kernel), Spy(per_column_kernel)
+            grads[switch] = k.launch_weight_grad(g, x, weight)
+            launches[switch] = [k.dwconv_wgrad_allj_kernel.launches, k.dwconv_wgrad_kernel.launches]
+        k.WGRAD_ALLJ = False
+        k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel = allj_kernel, per_column_kernel
+        results[f"route {h}x{w} {kh}x{kw}"] = dict(
+            path=k.kernel_path(h, w, kh, kw, weight_grad=True), launches_off=launches[False],
+            launches_on=launches[True], diff=rel(grads[True], grads[False]), err=rel(grads[True], wt.grad),
+            dtype=str(grads[True].dtype))
+    print(json.dumps(results))
+''')
+
+
+@pytest.fixture(scope="module")
+def interpreted_allj():
+    if torch.cuda.is_available():
+        pytest.skip("interpreter checks run on CPU-only machines; CUDA machines run the GPU tests")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", ALLJ_SCRIPT, str(MODULE_FILE), json.dumps(ALLJ_CASES),
+                           json.dumps(ALLJ_ROUTES)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("index", range(len(ALLJ_CASES)), ids=lambda i: "-".join(map(str, ALLJ_CASES[i][:7])))
+def test_all_columns_weight_grad_matches_float64_reference(interpreted_allj, index):
+    case = ALLJ_CASES[index]
+    r = interpreted_allj[str(list(case[:7]) + [list(case[7])])]
+    assert r["all_columns"] and r["dtype"] == "torch.float32", r
+    assert r["err"] < TOL[case[6]], r
+    assert (r["splits"] > 1) == (index in ALLJ_SPLIT_CASES), r
+
+
+@pytest.mark.parametrize("route", ALLJ_ROUTES, ids=lambda r: f"{r[2]}x{r[3]}-{r[4]}x{r[5]}")
+def test_wgrad_allj_switch_routes_banded_weight_grads(interpreted_allj, route):
+    n, c, h, w, kh, kw = route
+    r = interpreted_allj[f"route {h}x{w} {kh}x{kw}"]
+    assert r["path"] == "banded" and r["launches_off"] == [0, 1], r
+    assert r["launches_on"] == ([1, 0] if min(kh, kw) <= 8 else [0, 1]), r
+    assert r["diff"] < 1e-6 and r["err"] < 1e-5 and r["dtype"] == "torch.float32", r
+
+
+def test_wgrad_plan_keeps_per_column_configs_and_reads_all_columns_ones(monkeypatch):
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    shape = (64, 124, 56, 56, 51, 5, True)  # SLaK-T's 51x5 layer at batch 64: (n, c, band, flat, kband, kflat, tall)
+    assert k._wgrad_plan(*shape) == k.WgradPlan(False, 32, 32, 64, 4, 1, 3584, 8)
+    assert k._wgrad_plan(*shape, (16, 128, 4, 1)) == k.WgradPlan(False, 16, 16, 128, 4, 1, 3584, 1)
+    allj = k._wgrad_plan(*shape, ("allj",))
+    assert allj == k.WgradPlan(True, 32, 16, 64, 8, 3, 1216, 8)  # C programs per tile pair, not C * kw: more splits
+    assert k._wgrad_plan(*shape, ("allj", 32, 32, 128, 8, 1)) == k.WgradPlan(True, 32, 32, 128, 8, 5, 768, 1)
+    for plan in (allj, k._wgrad_plan(*shape)):
+        assert k._wgrad_plan(*shape, plan.config()) == plan
+    with pytest.raises(ValueError, match="allj"):
+        k._wgrad_plan(*shape, ("allj", 32, 16))
+    monkeypatch.setattr(k, "WGRAD_ALLJ", True)
+    assert k._wgrad_plan(*shape) == allj
+    assert not k._wgrad_plan(64, 124, 56, 56, 9, 9, True).all_columns  # more columns than WGRAD_ALLJ_MAX_COLUMNS
 
 
 @pytest.mark.parametrize("key", ["routes 7x7 13x5", "routes 17x16 5x5", "routes 11x9 9x3"])  # plane, direct, banded
