@@ -10,6 +10,7 @@ axis a kernel column ``j`` is a Toeplitz matrix ``T_j[h, k] = w[k - h + PH, j]``
 the flat axis the images of the batch and the ``W`` positions are flattened into one GEMM dimension, which keeps the
 tensor cores busy on small feature maps (7x7, 14x14) where one image alone would fill a tile poorly.
 """
+import inspect
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -419,6 +420,51 @@ def dwconv_plane_wgrad_kernel(
         tl.store(dw_ptr + c * (KH * KW) + (di + PH) * KW + (dj + PW), tl.sum(vals, axis=1), mask=t_ok)
 
 
+def _size_agnostic_twin(kernel):
+    """The same kernel compiled without Triton's divisibility-by-16 specialisation of its integer arguments.
+
+    Triton compiles a kernel once per key: constexprs, num_warps, and for each integer argument whether it is 1 or a
+    multiple of 16. Classification feeds four map sizes, so that costs nothing; detection's multi-scale training
+    changes the map sizes every iteration, and each new combination of sizes and strides that are or are not
+    multiples of 16 was a new compile in the training loop (``benchmarks/triton_variants.py``: 164 compiles of these
+    kernels over 50 iterations of the cascade config, still growing). The twin keeps the value-1 specialisation
+    (unit strides stay constants: contiguous loads) and the launch plans' constexprs; see ``_pick``."""
+    fn = getattr(kernel, "fn", None)
+    if fn is None:  # not a Triton kernel (tests may stand one in)
+        return kernel
+    names = [name for name, param in inspect.signature(fn).parameters.items()
+             if not name.endswith("_ptr") and "constexpr" not in str(param.annotation)]
+    try:
+        return triton.jit(fn, do_not_specialize_on_alignment=names)
+    except TypeError:  # a Triton without the option: the specialised kernel serves every size
+        return kernel
+
+
+_TWINS: dict = {}  # kernel name -> (the kernel, its twin), made on first use
+# The first SPECIALISED_SIZES distinct map sizes (h, w) a process launches run the fully specialised kernels (a
+# classifier's four stages at its training resolution and four more); later sizes run the twins, whose compiles
+# do not depend on the sizes' divisibility. reset_specialised_sizes() empties the set (tests).
+SPECIALISED_SIZES = 8
+_specialised_sizes: set = set()
+
+
+def reset_specialised_sizes() -> None:
+    _specialised_sizes.clear()
+
+
+def _pick(name: str, h: int, w: int):
+    """The kernel ``name`` for an h x w map: the specialised one for the first SPECIALISED_SIZES sizes, else its
+    size-agnostic twin. Looked up in the module's globals at call time, so tests may replace either."""
+    kernel = globals()[name]
+    if (h, w) in _specialised_sizes or len(_specialised_sizes) < SPECIALISED_SIZES:
+        _specialised_sizes.add((h, w))
+        return kernel
+    twin = _TWINS.get(name)
+    if twin is None or twin[0] is not kernel:
+        twin = _TWINS[name] = (kernel, _size_agnostic_twin(kernel))
+    return twin[1]
+
+
 def _use_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
@@ -487,7 +533,7 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     bm, bn, bk, warps, max_vec = ((tuple(config) + (8,))[:5] if config
                                   else (*_fwd_config(band, kband, n * flat, tall), 8))
     grid = (triton.cdiv(n * flat, bn), triton.cdiv(band, bm), c)
-    dwconv_fwd_kernel[grid](
+    _pick("dwconv_fwd_kernel", *x.shape[2:])[grid](
         x, w, out, n, band, flat, *sx, *sw, *so,
         KH=kband, KW=kflat, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), VEC=_hint_vec("fwd", tall, flat, bn, max_vec),
@@ -576,10 +622,10 @@ def _launch_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, ...],
         jp = _next_pow2(kflat)
         scratch = torch.empty((c * tiles * plan.splits, plan.block, jp * plan.block_k), device=x.device,
                               dtype=torch.float32)
-        dwconv_wgrad_allj_kernel[(c, tiles, plan.splits)](
+        _pick("dwconv_wgrad_allj_kernel", *x.shape[2:])[(c, tiles, plan.splits)](
             x, dy, dw, scratch, n, band, flat, plan.per_split, *sx, *sd, *sdw, JP=jp, BLOCK_T=64, **common)
     else:
-        dwconv_wgrad_kernel[(c * kflat, tiles, plan.splits)](
+        _pick("dwconv_wgrad_kernel", *x.shape[2:])[(c * kflat, tiles, plan.splits)](
             x, dy, dw, n, band, flat, plan.per_split, *sx, *sd, *sdw, **common)
     return dw
 
@@ -620,8 +666,8 @@ def _launch_direct_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Ten
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     bp, th, tw, warps = config or _direct_fwd_config(h, wd)
     grid = (triton.cdiv(n * c, bp), triton.cdiv(h, th) * triton.cdiv(wd, tw))
-    dwconv_direct_fwd_kernel[grid](x, w, out, n * c, c, h, wd, KH=kh, KW=kw, BLOCK_P=bp, TH=th, TW=tw,
-                                   num_warps=warps)
+    kernel = _pick("dwconv_direct_fwd_kernel", h, wd)
+    kernel[grid](x, w, out, n * c, c, h, wd, KH=kh, KW=kw, BLOCK_P=bp, TH=th, TW=tw, num_warps=warps)
     return out
 
 
@@ -641,8 +687,8 @@ def _launch_direct_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, 
     splits = max(1, min(n, triton.cdiv(4096, c * tiles)))
     per_split = triton.cdiv(n, splits)
     grid = (c, tiles, triton.cdiv(n, per_split))
-    dwconv_direct_wgrad_kernel[grid](x, dy, dw, n, c, h, wd, per_split, KH=kh, KW=kw, TAPS=taps, TH=th, TW=tw,
-                                     num_warps=warps)
+    kernel = _pick("dwconv_direct_wgrad_kernel", h, wd)
+    kernel[grid](x, dy, dw, n, c, h, wd, per_split, KH=kh, KW=kw, TAPS=taps, TH=th, TW=tw, num_warps=warps)
     return dw
 
 
@@ -658,7 +704,7 @@ def _launch_plane_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tens
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     block_n = _plane_block_n(n)
     grid = (triton.cdiv(n, block_n), c)
-    dwconv_plane_fwd_kernel[grid](
+    _pick("dwconv_plane_fwd_kernel", h, wd)[grid](
         x, w, out, n, h, wd, *x.stride(), *out.stride(), KH=kh, KW=kw, PIX=max(16, _next_pow2(h * wd)),
         BLOCK_N=block_n, USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), num_warps=4)
     return out
@@ -674,7 +720,7 @@ def _launch_plane_wgrad(dy: torch.Tensor, x: torch.Tensor, w_shape: Tuple[int, .
     dw_lo, dw_hi = max(0, pw - wd + 1), min(kw - 1, pw + wd - 1)
     pix = max(16, _next_pow2(h * wd))
     scratch = torch.empty((c, pix, pix), device=x.device, dtype=torch.float32)
-    dwconv_plane_wgrad_kernel[(c,)](
+    _pick("dwconv_plane_wgrad_kernel", h, wd)[(c,)](
         x, dy, dw, scratch, n, h, wd, dh_lo, dw_lo, dw_hi - dw_lo + 1, (dh_hi - dh_lo + 1) * (dw_hi - dw_lo + 1),
         *x.stride(), *dy.stride(), KH=kh, KW=kw, PIX=pix, BLOCK_N=_plane_block_n(n), BLOCK_T=32,
         USE_TF32=_use_tf32(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), num_warps=4)

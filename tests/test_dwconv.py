@@ -236,6 +236,9 @@ ALLJ_SPLIT_CASES = {2, 5, 6}  # indices into ALLJ_CASES whose plan must have spl
 # (N, C, H, W, kh, kw) of banded weight gradients launched through launch_weight_grad with WGRAD_ALLJ on and off;
 # 9x9 has more columns than WGRAD_ALLJ_MAX_COLUMNS and keeps the per-column kernel.
 ALLJ_ROUTES = [(2, 2, 13, 17, 13, 5), (1, 3, 17, 13, 5, 13), (2, 2, 13, 17, 5, 5), (1, 2, 13, 17, 9, 9)]
+# (N, C, H, W, kh, kw) run through the size-agnostic twins: banded tall and wide, direct weight gradient (5x5 on
+# more than DIRECT_MIN_PIXELS), plane (7x7 map).
+TWIN_CASES = [(2, 2, 13, 17, 13, 5), (1, 3, 10, 12, 3, 9), (1, 2, 17, 18, 5, 5), (2, 2, 7, 7, 13, 5)]
 
 ALLJ_SCRIPT = textwrap.dedent('''
     import importlib.util, json, sys
@@ -289,6 +292,24 @@ ALLJ_SCRIPT = textwrap.dedent('''
             path=k.kernel_path(h, w, kh, kw, weight_grad=True), launches_off=launches[False],
             launches_on=launches[True], diff=rel(grads[True], grads[False]), err=rel(grads[True], wt.grad),
             dtype=str(grads[True].dtype))
+
+    # Size-agnostic twins: with no specialised sizes left every launch takes them; every path, both orientations.
+    k.reset_specialised_sizes()
+    k.SPECIALISED_SIZES = 0
+    for n, c, h, w, kh, kw in json.loads(sys.argv[4]):
+        x, g, wt = reference(n, c, h, w, kh, kw)
+        ref = F.conv2d(x, wt.detach(), padding=(kh // 2, kw // 2), groups=c)
+        k._TWINS.clear()  # _pick makes a kernel's twin when it first launches it
+        y = k.launch_forward(x.float(), wt.detach().float())
+        dx = k.launch_forward(g.float(), wt.detach().float().flip(2, 3))
+        dwt = k.launch_weight_grad(g.float(), x.float(), wt.detach().float())
+        dx_ref = torch.autograd.grad(F.conv2d(x.requires_grad_(), wt.detach(), padding=(kh // 2, kw // 2),
+                                              groups=c), x, g)[0]
+        results[f"twin {h}x{w} {kh}x{kw}"] = dict(
+            path=[k.kernel_path(h, w, kh, kw), k.kernel_path(h, w, kh, kw, weight_grad=True)],
+            twins=sorted(name for name, (kernel, twin) in k._TWINS.items()
+                         if twin is not kernel and twin.kwargs.get("do_not_specialize_on_alignment")),
+            errs=[rel(y, ref), rel(dx, dx_ref), rel(dwt, wt.grad)])
     print(json.dumps(results))
 ''')
 
@@ -299,7 +320,7 @@ def interpreted_allj():
         pytest.skip("interpreter checks run on CPU-only machines; CUDA machines run the GPU tests")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", ALLJ_SCRIPT, str(MODULE_FILE), json.dumps(ALLJ_CASES),
-                           json.dumps(ALLJ_ROUTES)], env=env, capture_output=True, text=True, timeout=600)
+                           json.dumps(ALLJ_ROUTES), json.dumps(TWIN_CASES)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -320,6 +341,63 @@ def test_wgrad_allj_switch_routes_banded_weight_grads(interpreted_allj, route):
     assert r["path"] == "banded" and r["launches_off"] == [0, 1], r
     assert r["launches_on"] == ([1, 0] if min(kh, kw) <= 8 else [0, 1]), r
     assert r["diff"] < 1e-6 and r["err"] < 1e-5 and r["dtype"] == "torch.float32", r
+
+
+@pytest.mark.parametrize("case", TWIN_CASES, ids=lambda r: f"{r[2]}x{r[3]}-{r[4]}x{r[5]}")
+def test_size_agnostic_twins_match_float64_reference(interpreted_allj, case):
+    n, c, h, w, kh, kw = case
+    r = interpreted_allj[f"twin {h}x{w} {kh}x{kw}"]
+    expected = {"banded": "dwconv_fwd_kernel", "direct": "dwconv_direct_fwd_kernel", "plane": "dwconv_plane_fwd_kernel"}
+    wgrad = {"banded": "dwconv_wgrad_kernel", "direct": "dwconv_direct_wgrad_kernel",
+             "plane": "dwconv_plane_wgrad_kernel"}
+    assert r["twins"] == sorted({expected[r["path"][0]], wgrad[r["path"][1]]}), r
+    assert max(r["errs"]) < 1e-5, r
+
+
+def test_twins_take_over_after_the_specialised_sizes(monkeypatch):
+    """The first SPECIALISED_SIZES map sizes launch the kernels Triton specialises on divisibility; later sizes
+    launch twins that do not (one compile per launch plan, whatever the size), made once and reused."""
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(k, "SPECIALISED_SIZES", 2)
+    monkeypatch.setattr(k, "_specialised_sizes", set())
+    monkeypatch.setattr(k, "_TWINS", {})
+    kernel = k.dwconv_fwd_kernel
+    picks = [k._pick("dwconv_fwd_kernel", h, w) for h, w in ((56, 56), (28, 28), (56, 56), (50, 84), (25, 42))]
+    assert picks[:3] == [kernel] * 3
+    twin = picks[3]
+    assert twin is not kernel and picks[4] is twin and twin.fn is kernel.fn
+    if hasattr(twin, "params"):  # a JITFunction (this process does not interpret)
+        flags = {p.name: p.do_not_specialize_on_alignment for p in twin.params}
+        ints = {"N", "H", "W", "sxn", "sxc", "sxh", "sxw", "swc", "swh", "sww", "son", "soc", "soh", "sow"}
+        assert {name for name, off in flags.items() if off} == ints
+        assert not any(p.do_not_specialize_on_alignment for p in kernel.params)
+    monkeypatch.setattr(k, "dwconv_fwd_kernel", object())  # a replaced kernel gets its own twin (tests' spies)
+    assert k._pick("dwconv_fwd_kernel", 7, 9) is k.dwconv_fwd_kernel
+
+
+def test_triton_variants_counts_fewer_compiles_with_twins():
+    """benchmarks/triton_variants.py replays the cascade config's multi-scale sizes through the launchers: with the
+    twins the distinct specialisation keys stop growing with the sizes seen, and no twin key carries a divisibility
+    flag."""
+    if dw._kernels is None:
+        pytest.skip("triton is not installed")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import triton_variants as tv
+    finally:
+        sys.path.pop(0)
+    before = tv.count(iters=40, specialised_sizes=10 ** 9)
+    after = tv.count(iters=40)
+    assert before["distinct_inputs"] == after["distinct_inputs"] > 30
+    assert not any("twin" in name for name in before["by_kernel"])
+    assert any("twin" in name for name in after["by_kernel"])
+    assert after["keys"] < 0.7 * before["keys"]
+    grown_before = before["keys_after_iter"][-1] - before["keys_after_iter"][19]
+    grown_after = after["keys_after_iter"][-1] - after["keys_after_iter"][19]
+    assert grown_after < grown_before
+    assert tv.int_key(48) == "D" and tv.int_key(48, align=False) == "" and tv.int_key(1, align=False) == "1"
 
 
 def test_wgrad_plan_keeps_per_column_configs_and_reads_all_columns_ones(monkeypatch):
