@@ -3,7 +3,7 @@
 Run on a CUDA machine from the repository root::
 
     python benchmarks/bench_dwconv.py [--sweep [--sweep-maps 56,28,14,7]] [--old FILE] [--json results.json]
-    python benchmarks/bench_dwconv.py --detection_shapes   # correctness only, on detection's map sizes
+    python benchmarks/bench_dwconv.py --detection_shapes   # detection's map sizes: correctness, then twins' cost
     python benchmarks/bench_dwconv.py --skip-check --rotate_mb 256 --layers_json layers.json   # issue 20's check
 
 Prints (1) a GPU correctness table (relative Frobenius error against float64 ``F.conv2d``, poisoned outputs), then
@@ -129,6 +129,54 @@ def detection_correctness():
     print("max errors: " + ", ".join(f"{str(d)[6:]} {e:.1e}" for d, e in worst.items()))
     print("detection shapes:", "ALL OK" if ok else "FAILURES")
     return ok
+
+
+def detection_twin_timing(inputs=((800, 1344), (736, 1120)), n=2, dtype=torch.float32):
+    """GPU ms of a layer's forward + input gradient + weight gradient on detection's maps, with the fully
+    specialised kernels and with their size-agnostic twins (``dwconv_triton._pick``: what map sizes after the
+    first ``SPECIALISED_SIZES`` of a process run), and cuDNN's. fp32 (tf32) at batch 2, as the cascade config
+    trains. Returns {layer: {"specialised": ms, "twin": ms, "cudnn": ms}}."""
+    print("== detection maps: specialised kernels vs their size-agnostic twins (fwd + dx + dw, ms, do_bench median)")
+    saved = kern.SPECIALISED_SIZES
+    out, totals = {}, {"specialised": 0., "twin": 0., "cudnn": 0.}
+    try:
+        for ih, iw in inputs:
+            for stage, (c, k) in enumerate(SLAK_T_STAGES):
+                h, w = ih // (4 * 2 ** stage), iw // (4 * 2 ** stage)
+                for kh, kw in ((k, 5), (5, k), (5, 5)):
+                    x = torch.randn(n, c, h, w, device=DEV, dtype=dtype)
+                    g = torch.randn_like(x)
+                    wt = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
+                    wf = wt.flip(2, 3).contiguous()
+                    xr = x.clone().requires_grad_()
+                    wr = wt.clone().requires_grad_()
+
+                    def ours():
+                        kern.launch_forward(x, wt)
+                        kern.launch_forward(g, wf)
+                        kern.launch_weight_grad(g, x, wt)
+
+                    def cudnn():
+                        torch.autograd.backward(F.conv2d(xr, wr, padding=(kh // 2, kw // 2), groups=c), g)
+
+                    r = {}
+                    for label, sizes in (("specialised", 10 ** 9), ("twin", 0)):
+                        kern.SPECIALISED_SIZES = sizes
+                        kern.reset_specialised_sizes()
+                        r[label] = bench(ours)
+                    r["cudnn"] = bench(cudnn)
+                    name = f"{c}@{h}x{w} {kh}x{kw}"
+                    out[name] = r
+                    for key in totals:
+                        totals[key] += r[key]
+                    print(f"{name:22s} specialised {r['specialised']:.3f} twin {r['twin']:.3f} "
+                          f"(x{r['twin'] / r['specialised']:.2f}) cudnn {r['cudnn']:.3f}", flush=True)
+    finally:
+        kern.SPECIALISED_SIZES = saved
+        kern.reset_specialised_sizes()
+    print("total ms: " + ", ".join(f"{k} {v:.2f}" for k, v in totals.items())
+          + f"; twin / specialised x{totals['twin'] / max(totals['specialised'], 1e-9):.3f}")
+    return out
 
 
 def bench(fn):
@@ -322,7 +370,8 @@ def get_args_parser():
     parser.add_argument("--old", default=None, help="earlier dwconv_triton.py to time in the --sweep table")
     parser.add_argument("--sweep-maps", default="56,28,14,7", help="map sizes the --sweep visits")
     parser.add_argument("--detection_shapes", action="store_true",
-                        help="only check correctness on the map sizes Cascade Mask R-CNN produces (batch 1-2)")
+                        help="only the map sizes Cascade Mask R-CNN produces (batch 1-2): correctness, then the "
+                             "specialised kernels vs their size-agnostic twins vs cuDNN")
     parser.add_argument("--rotate_mb", type=float, default=0.,
                         help="time the SLaK-T layers on input sets rotating through this many MiB, more than L2 "
                              "(issue 20; 256 suggested); 0: the full table on one input set")
@@ -342,6 +391,7 @@ def main():
     if args.detection_shapes:
         if not detection_correctness():
             raise SystemExit("GPU correctness check on detection shapes failed")
+        detection_twin_timing()
         return
     ok = True if args.skip_check else correctness()
     torch.backends.cudnn.benchmark = True

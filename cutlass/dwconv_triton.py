@@ -443,8 +443,21 @@ def _size_agnostic_twin(kernel):
 _TWINS: dict = {}  # kernel name -> (the kernel, its twin), made on first use
 # The first SPECIALISED_SIZES distinct map sizes (h, w) a process launches run the fully specialised kernels (a
 # classifier's four stages at its training resolution and four more); later sizes run the twins, whose compiles
-# do not depend on the sizes' divisibility. reset_specialised_sizes() empties the set (tests).
-SPECIALISED_SIZES = 8
+# do not depend on the sizes' divisibility. SLAK_DWCONV_SPECIALISED_SIZES overrides the 8 (a large number: every
+# size specialised, as before; 0: twins only). reset_specialised_sizes() empties the set (tests, benchmarks).
+def _specialised_sizes_setting() -> int:
+    raw = os.environ.get("SLAK_DWCONV_SPECIALISED_SIZES", "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"SLAK_DWCONV_SPECIALISED_SIZES must be a whole number >= 0 (map sizes launched with fully "
+                         f"specialised Triton kernels); got {raw!r}")
+    return value
+
+
+SPECIALISED_SIZES = _specialised_sizes_setting()
 _specialised_sizes: set = set()
 
 

@@ -147,3 +147,35 @@ def test_main_one_set_record(fake_gpu, monkeypatch, tmp_path):
 def test_negative_rotation_is_refused(monkeypatch):
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--rotate_mb", "-1")
+
+
+def test_detection_twin_timing_times_each_layer_specialised_then_twin_and_restores(fake_gpu, monkeypatch):
+    """Every detection layer is timed once with every size specialised and once with none (the twins), plus
+    cuDNN; the module's SPECIALISED_SIZES is restored afterwards."""
+    seen = []
+
+    class FakeKernels:
+        SPECIALISED_SIZES = 8
+
+        def reset_specialised_sizes(self):
+            seen.append(("reset", self.SPECIALISED_SIZES))
+
+        def launch_forward(self, x, w):
+            seen.append(("fwd", self.SPECIALISED_SIZES, tuple(x.shape), tuple(w.shape)))
+
+        def launch_weight_grad(self, g, x, w):
+            seen.append(("wgrad", self.SPECIALISED_SIZES, tuple(x.shape), tuple(w.shape)))
+
+    fake = FakeKernels()
+    monkeypatch.setattr(bench_dwconv, "kern", fake)
+    monkeypatch.setattr(bench_dwconv, "SLAK_T_STAGES", [(3, 7), (4, 5)])
+    out = bench_dwconv.detection_twin_timing(inputs=((64, 96),), n=1)
+    # stage 2's large kernel is 5: its three layers share one name
+    assert list(out) == ["3@16x24 7x5", "3@16x24 5x7", "3@16x24 5x5", "4@8x12 5x5"]
+    launches = [s for s in seen if s[0] != "reset"]
+    # six layers, each forward + input gradient + weight gradient, once specialised and once through the twins
+    assert [s[1] for s in launches] == ([10 ** 9] * 3 + [0] * 3) * 6
+    assert [s[0] for s in launches[:3]] == ["fwd", "fwd", "wgrad"]
+    assert {s[2] for s in launches} == {(1, 3, 16, 24), (1, 4, 8, 12)}
+    assert all(r == {"specialised": 1.0, "twin": 1.0, "cudnn": 1.0} for r in out.values())
+    assert fake.SPECIALISED_SIZES == 8 and seen[-1] == ("reset", 8)

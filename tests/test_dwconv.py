@@ -558,3 +558,17 @@ def test_gpu_autocast_fp32_weight_gradient(kernel):
     assert conv.weight.grad.dtype == torch.float32
     for a, b in ((y, ref), (xo.grad, xr.grad), (conv.weight.grad, wr.grad)):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_specialised_sizes_setting_reads_the_environment(monkeypatch):
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("SLAK_DWCONV_SPECIALISED_SIZES", raising=False)
+    assert k._specialised_sizes_setting() == 8
+    monkeypatch.setenv("SLAK_DWCONV_SPECIALISED_SIZES", "1000")
+    assert k._specialised_sizes_setting() == 1000
+    for bad in ("-1", "eight", "2.5"):
+        monkeypatch.setenv("SLAK_DWCONV_SPECIALISED_SIZES", bad)
+        with pytest.raises(ValueError, match="SLAK_DWCONV_SPECIALISED_SIZES must be a whole number"):
+            k._specialised_sizes_setting()
