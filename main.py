@@ -336,7 +336,7 @@ class Data:
     dataset_train: torch.utils.data.Dataset
     dataset_val: Optional[torch.utils.data.Dataset]
     sampler_train: torch.utils.data.DistributedSampler
-    data_loader_train: Union[torch.utils.data.DataLoader, DeviceBatches]  # DeviceBatches with --gpu_pipeline
+    data_loader_train: Union[utils.FirstBatchShared, DeviceBatches]  # DeviceBatches with --gpu_pipeline
     data_loader_val: Optional[Union[torch.utils.data.DataLoader, DeviceBatches]]
     mixup_fn: Optional[Mixup]
 
@@ -357,9 +357,10 @@ def build_data(args: argparse.Namespace) -> Data:
     encoded = dict(collate_fn=collate_encoded, pin_memory=False) if args.gpu_pipeline else dict(pin_memory=pin_memory)
     sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
                                                         shuffle=True, seed=args.seed)
-    data_loader_train = torch.utils.data.DataLoader(
+    # FirstBatchShared: SNIP's scoring batch is epoch 0's first batch, read once by one set of workers
+    data_loader_train = utils.FirstBatchShared(torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        drop_last=True, persistent_workers=False, **encoded)
+        drop_last=True, persistent_workers=False, **encoded))
     if len(data_loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images over {num_tasks} processes) is smaller than '
                          f'one batch; lower --batch_size')

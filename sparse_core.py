@@ -342,7 +342,8 @@ class Masking:
         sampler = getattr(self.train_loader, 'sampler', None)
         if _is_distributed() and hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(0)
-        images, targets = next(iter(self.train_loader))[:2]
+        take = getattr(self.train_loader, 'first_batch', None)  # utils.FirstBatchShared: the workers keep running
+        images, targets = (take() if callable(take) else next(iter(self.train_loader)))[:2]
         live = self.modules[0]
         live = live.module if hasattr(live, 'module') else live
         model = copy.deepcopy(live)

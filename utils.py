@@ -19,6 +19,7 @@ import argparse
 import builtins
 import datetime
 import glob
+import itertools
 import json
 import os
 import random
@@ -162,6 +163,45 @@ class DistributedEvalSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples_total, self.num_replicas))
+
+
+class FirstBatchShared:
+    """A training DataLoader whose first batch can be read before training without starting its workers twice.
+
+    SNIP scores the masks on the first training batch. ``next(iter(loader))`` starts every worker, lets each one
+    prefetch, keeps one batch and shuts them all down; the first epoch then starts them again (seconds with many
+    workers and full-size JPEGs). ``first_batch()`` keeps that iterator instead: the next ``iter()`` at the same
+    sampler epoch yields that batch first and goes on with the running workers, so epoch 0 visits exactly the
+    indices it would have (its first batch is the one SNIP saw, not a second augmentation of the same images).
+    At any other epoch the kept iterator is dropped and a fresh one started. Everything else is the loader's.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+        self._kept = None  # (iterator, its first batch, the sampler's epoch when it started)
+
+    def _epoch(self):
+        return getattr(getattr(self.loader, 'sampler', None), 'epoch', None)
+
+    def first_batch(self):
+        if self._kept is None:
+            iterator = iter(self.loader)
+            self._kept = (iterator, next(iterator), self._epoch())
+        return self._kept[1]
+
+    def __iter__(self):
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[2] == self._epoch():
+            return itertools.chain([kept[1]], kept[0])
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        if name == 'loader':  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 # ---- metrics and logging -------------------------------------------------------------------------------------------

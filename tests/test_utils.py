@@ -405,3 +405,75 @@ def test_grad_norm_is_the_norm_of_all_gradients_together(norm_type):
     flat = torch.cat([p.grad.double().flatten() for p in params[:3]])
     expected = torch.linalg.vector_norm(flat, norm_type).item()
     assert utils.get_grad_norm_(params, norm_type).item() == pytest.approx(expected, rel=1e-6)
+
+
+class _IndexAndDraw(torch.utils.data.Dataset):
+    """Item i: (tensor([i, a random draw made where the item is loaded]), i)."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), torch.rand(()).item()]), i
+
+
+def _shared_loader(num_workers):
+    sampler = torch.utils.data.DistributedSampler(_IndexAndDraw(), num_replicas=1, rank=0, shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(_IndexAndDraw(), sampler=sampler, batch_size=4, num_workers=num_workers,
+                                         drop_last=True)
+    return utils.FirstBatchShared(loader), sampler
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_first_batch_shared_hands_snips_batch_and_its_workers_to_epoch_zero(num_workers):
+    shared, sampler = _shared_loader(num_workers)
+    assert len(shared) == 4 and shared.sampler is sampler and shared.batch_size == 4  # the loader's attributes
+    order0 = list(iter(sampler))
+    first = shared.first_batch()
+    assert shared.first_batch() is first  # read once
+    epoch0 = list(shared)
+    assert epoch0[0] is first  # the very batch SNIP scored, not a second augmentation of its images
+    assert torch.cat([b[1] for b in epoch0]).tolist() == order0  # every index of epoch 0, once, in order
+    again = list(shared)  # nothing kept any more: a fresh pass over the same epoch
+    assert torch.cat([b[1] for b in again]).tolist() == order0 and again[0] is not first
+    sampler.set_epoch(1)
+    order1 = list(iter(sampler))
+    assert order1 != order0
+    stale = shared.first_batch()  # taken at epoch 1 ...
+    sampler.set_epoch(2)  # ... but training starts at epoch 2: the kept iterator is dropped
+    epoch2 = list(shared)
+    assert epoch2[0] is not stale and torch.cat([b[1] for b in epoch2]).tolist() == list(iter(sampler))
+
+
+def test_snip_reads_the_loaders_first_batch_without_iterating_it():
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+
+    class OnlyFirstBatch:
+        taken = 0
+
+        def first_batch(self):
+            self.taken += 1
+            return x, y
+
+        def __iter__(self):
+            raise AssertionError('SNIP must use first_batch()')
+
+    import sparse_core
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4))
+    args = argparse.Namespace(sparse_init='snip_topk', prune_rate=0.3, growth='random', prune='magnitude',
+                              redistribution='none', sparse=True, density=0.5, update_frequency=100, fix=False,
+                              sparsity=0.5)
+    loader = OnlyFirstBatch()
+    clone = copy.deepcopy(model)  # the scores, from the weights before masking
+    torch.nn.functional.cross_entropy(clone(x), y).backward()
+    mask = sparse_core.Masking(torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                               sparse_core.CosineDecay(0.3, T_max=10), prune_mode='magnitude', growth_mode='random',
+                               redistribution_mode='none', args=args)
+    mask.add_module(model)
+    assert loader.taken == 1 and mask.masks
+    # the masks are SNIP's top |w * dL/dw| on that batch
+    for name, kept in mask.masks.items():
+        p = dict(clone.named_parameters())[name]
+        score = (p.detach() * p.grad).abs()
+        assert 0 < kept.sum() < kept.numel()
+        assert score[kept].min() >= score[~kept].max() > 0, name
