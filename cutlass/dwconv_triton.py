@@ -84,16 +84,36 @@ def dwconv_fwd_kernel(
             a = tl.load(w_base + tap * swh + j * sww, mask=(tap >= 0) & (tap < KH), other=0.0)
             b = tl.load(x_cols[None, :] + krow.to(tl.int64)[:, None] * sxh,
                         mask=win_ok[None, :] & (krow < k_hi)[:, None], other=0.0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if USE_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = _dot_acc(a, b, acc, USE_TF32, UPCAST_DOT)
     out_ptrs = (out_ptr + c * soc + img[None, :] * son + wpos.to(tl.int64)[None, :] * sow
                 + rows.to(tl.int64)[:, None] * soh)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[None, :] & (rows < H)[:, None])
+
+
+@triton.jit
+def _dot_acc(a, b, acc, USE_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b, accumulated in fp32: tf32 tensor cores for fp32 operands where allowed (``USE_TF32``), the
+    operands upcast first under the interpreter (``UPCAST_DOT``, see ``_upcast_dot``)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if USE_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gram_tile(pid_t, H, PH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(h0, k0, d_lo, d_hi) of the weight gradient's Gram tile ``pid_t``: its first dy row, its first x row, and
+    the diagonals d = k - h it holds, clipped to the kernel's taps (d_lo > d_hi: none)."""
+    n_ktiles = tl.cdiv(H, BLOCK_K)
+    h0 = (pid_t // n_ktiles) * BLOCK_M
+    k0 = (pid_t % n_ktiles) * BLOCK_K
+    d_lo = tl.maximum(k0 - (h0 + BLOCK_M - 1), -PH)
+    d_hi = tl.minimum(k0 + BLOCK_K - 1 - h0, PH)
+    return h0, k0, d_lo, d_hi
 
 
 @triton.jit
@@ -121,12 +141,7 @@ def dwconv_wgrad_kernel(
     pid_s = tl.program_id(2)
     c = (pid_cj // KW).to(tl.int64)
     j = pid_cj % KW
-    n_ktiles = tl.cdiv(H, BLOCK_K)
-    h0 = (pid_t // n_ktiles) * BLOCK_M
-    k0 = (pid_t % n_ktiles) * BLOCK_K
-    # Diagonals d = k - h present in this tile, clipped to the kernel's taps.
-    d_lo = tl.maximum(k0 - (h0 + BLOCK_M - 1), -PH)
-    d_hi = tl.minimum(k0 + BLOCK_K - 1 - h0, PH)
+    h0, k0, d_lo, d_hi = _gram_tile(pid_t, H, PH, BLOCK_M, BLOCK_K)
     if d_lo <= d_hi:
         rows = h0 + tl.arange(0, BLOCK_M)
         krow = k0 + tl.arange(0, BLOCK_K)
@@ -146,13 +161,7 @@ def dwconv_wgrad_kernel(
             xt = tl.load(x_ptr + c * sxc + img[:, None] * sxn + win.to(tl.int64)[:, None] * sxw
                          + krow.to(tl.int64)[None, :] * sxh,
                          mask=win_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST_DOT:
-                dy = dy.to(tl.float32)
-                xt = xt.to(tl.float32)
-            if USE_TF32:
-                g = tl.dot(dy, xt, g, input_precision="tf32")
-            else:
-                g = tl.dot(dy, xt, g, input_precision="ieee")
+            g = _dot_acc(dy, xt, g, USE_TF32, UPCAST_DOT)
         diag = krow[None, :] - rows[:, None]
         for d in range(d_lo, d_hi + 1):
             val = tl.sum(tl.sum(tl.where(diag == d, g, 0.0), axis=1), axis=0)
@@ -188,12 +197,7 @@ def dwconv_wgrad_allj_kernel(
     c = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
-    n_ktiles = tl.cdiv(H, BLOCK_K)
-    h0 = (pid_t // n_ktiles) * BLOCK_M
-    k0 = (pid_t % n_ktiles) * BLOCK_K
-    # Diagonals d = k - h present in this tile, clipped to the kernel's taps.
-    d_lo = tl.maximum(k0 - (h0 + BLOCK_M - 1), -PH)
-    d_hi = tl.minimum(k0 + BLOCK_K - 1 - h0, PH)
+    h0, k0, d_lo, d_hi = _gram_tile(pid_t, H, PH, BLOCK_M, BLOCK_K)
     if d_lo <= d_hi:
         m = tl.arange(0, BLOCK_M)
         rows = h0 + m
@@ -214,13 +218,7 @@ def dwconv_wgrad_allj_kernel(
                          + rows.to(tl.int64)[:, None] * sdh,
                          mask=col_ok[None, :] & (rows < H)[:, None], other=0.0)
             xt = tl.load(x_rows + img[:, None] * sxn + win.to(tl.int64) * sxw, mask=win_ok, other=0.0)
-            if UPCAST_DOT:
-                dy = dy.to(tl.float32)
-                xt = xt.to(tl.float32)
-            if USE_TF32:
-                g = tl.dot(dy, xt, g, input_precision="tf32")
-            else:
-                g = tl.dot(dy, xt, g, input_precision="ieee")
+            g = _dot_acc(dy, xt, g, USE_TF32, UPCAST_DOT)
         slot = (c * tl.num_programs(1) + pid_t) * tl.num_programs(2) + pid_s
         g_base = g_ptr + slot * (BLOCK_M * JP * BLOCK_K)
         tl.store(g_base + m[:, None] * (JP * BLOCK_K) + q[None, :], g)
@@ -398,13 +396,7 @@ def dwconv_plane_wgrad_kernel(
                      mask=p_ok[:, None] & n_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + c * sxc + imgs[:, None] * sxn + (hp * sxh + wp * sxw)[None, :],
                      mask=n_ok[:, None] & p_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            dy = dy.to(tl.float32)
-            xt = xt.to(tl.float32)
-        if USE_TF32:
-            g = tl.dot(dy, xt, g, input_precision="tf32")
-        else:
-            g = tl.dot(dy, xt, g, input_precision="ieee")
+        g = _dot_acc(dy, xt, g, USE_TF32, UPCAST_DOT)
     g_base = g_ptr + c * (PIX * PIX)
     tl.store(g_base + p[:, None] * PIX + p[None, :], g)
     tl.debug_barrier()  # the gathers below read elements other threads of this program wrote

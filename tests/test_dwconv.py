@@ -165,16 +165,22 @@ SUBPROCESS_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def interpreted():
+def run_interpreted(script: str, *cases) -> dict:
+    """Run ``script`` under Triton's interpreter in a fresh process (argv: the module file, then ``cases`` as JSON)
+    and return the JSON object it prints last."""
     if torch.cuda.is_available():
         # Seen failing on the GPU machine (triton 3.6 interpreter, cause not diagnosed); the GPU tests cover it there.
         pytest.skip("interpreter checks run on CPU-only machines; CUDA machines run the GPU tests")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS_SCRIPT, str(MODULE_FILE), json.dumps(CASES)],
+    proc = subprocess.run([sys.executable, "-c", script, str(MODULE_FILE), *map(json.dumps, cases)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(SUBPROCESS_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -316,13 +322,7 @@ ALLJ_SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def interpreted_allj():
-    if torch.cuda.is_available():
-        pytest.skip("interpreter checks run on CPU-only machines; CUDA machines run the GPU tests")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", ALLJ_SCRIPT, str(MODULE_FILE), json.dumps(ALLJ_CASES),
-                           json.dumps(ALLJ_ROUTES), json.dumps(TWIN_CASES)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(ALLJ_SCRIPT, ALLJ_CASES, ALLJ_ROUTES, TWIN_CASES)
 
 
 @pytest.mark.parametrize("index", range(len(ALLJ_CASES)), ids=lambda i: "-".join(map(str, ALLJ_CASES[i][:7])))
