@@ -207,6 +207,7 @@ class DownstreamProbeHook(Hook):
             self.record['profile'] = dict(_profile_rows(self._profiler, self.row_limit),
                                           iters=list(self.profile_iters))
             self._profiler = None
+        self.write()  # every iteration: a run cut off by its time limit still leaves what it measured
 
     def after_run(self, runner) -> None:
         self.write()

@@ -171,3 +171,16 @@ def test_tiny_runs_through_the_frameworks_train_py(data, tmp_path):
     profile = runs['cascade_slak']['probe']['profile']
     assert profile['iters'] == [3, 4] and any('nms' in row['name'] for row in profile['box_ops'])
     assert runs['cascade_slak']['timed_iters'] == 2  # iterations 2 and 3: after the skipped one, before the profiled
+
+
+def test_probe_writes_its_record_after_every_iteration(tmp_path):
+    """A run cut off by its time limit (killed: no atexit) still leaves the iterations it finished."""
+    out = tmp_path / 'probe.json'
+    hook = downstream_probe.DownstreamProbeHook(str(out))
+    runner = type('Runner', (), {'iter': 0})()
+    for i in range(3):
+        runner.iter = i
+        hook.after_train_iter(runner, i)
+        record = json.loads(out.read_text())
+        assert len(record['tail_graphs_by_iter']) == len(record['triton_by_iter']) == i + 1
+        assert set(record) >= {'box_op_calls', 'box_ops_on_gpu', 'tail', 'triton', 'seconds'}
