@@ -90,6 +90,22 @@ def _load_fast_dwconv(path: Optional[str] = None):
     return getattr(module, 'DepthWiseConv2dImplicitGEMM', None)
 
 
+def prefer_size_agnostic_kernels() -> bool:
+    """For a process whose inputs change size every step (detection's multi-scale training; ``detection.slak`` calls
+    this): launch every map size through the Triton kernels' size-agnostic twins (``SPECIALISED_SIZES = 0`` in
+    ``cutlass/dwconv_triton.py``), not only the sizes after the first 8. Such a run visits each size a few times at
+    most, so the specialised kernels of its first sizes would only add compiles (the cascade config's replay in
+    ``benchmarks/triton_variants.py``: 62 instead of 96 over 50 iterations). ``SLAK_DWCONV_SPECIALISED_SIZES``, when
+    set, wins. Returns whether the setting was changed."""
+    if 'SLAK_DWCONV_SPECIALISED_SIZES' in os.environ or _load_fast_dwconv() is None:
+        return False
+    kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
+    if kernels is None:  # no Triton: nn.Conv2d runs every size
+        return False
+    kernels.SPECIALISED_SIZES = 0
+    return True
+
+
 def _resolve_conv_impl(impl: Optional[str]) -> str:
     """Decide which depthwise implementation to build: ``'cutlass'`` or ``'torch'``.
 

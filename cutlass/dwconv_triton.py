@@ -436,7 +436,8 @@ _TWINS: dict = {}  # kernel name -> (the kernel, its twin), made on first use
 # The first SPECIALISED_SIZES distinct map sizes (h, w) a process launches run the fully specialised kernels (a
 # classifier's four stages at its training resolution and four more); later sizes run the twins, whose compiles
 # do not depend on the sizes' divisibility. SLAK_DWCONV_SPECIALISED_SIZES overrides the 8 (a large number: every
-# size specialised, as before; 0: twins only). reset_specialised_sizes() empties the set (tests, benchmarks).
+# size specialised, as before; 0: twins only, what SLaK.prefer_size_agnostic_kernels sets for detection unless the
+# variable is set). reset_specialised_sizes() empties the set (tests, benchmarks).
 def _specialised_sizes_setting() -> int:
     raw = os.environ.get("SLAK_DWCONV_SPECIALISED_SIZES", "8")
     try:

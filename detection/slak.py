@@ -18,8 +18,11 @@ except ImportError as e:
 from segmentation.layer_decay_optimizer_constructor import LearningRateDecayOptimizerConstructor
 from segmentation.slak_backbone import SLaK
 
+import SLaK as slak_model
+
 __all__ = ['SLaK', 'LearningRateDecayOptimizerConstructor']
 
+slak_model.prefer_size_agnostic_kernels()  # detection's inputs change size every iteration (see detection/README.md)
 MODELS.register_module(name='SLaK', module=SLaK, force=True)
 OPTIM_WRAPPER_CONSTRUCTORS.register_module(name='LearningRateDecayOptimizerConstructor',
                                            module=LearningRateDecayOptimizerConstructor, force=True)

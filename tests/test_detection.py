@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import copy
 import glob
+import importlib.util
+import json
+import os
 import subprocess
 import sys
 
@@ -40,9 +43,30 @@ def test_registration_is_shared_and_independent_of_mmseg():
     assert OPTIM_WRAPPER_CONSTRUCTORS.get('LearningRateDecayOptimizerConstructor') is \
         LearningRateDecayOptimizerConstructor
     # detection/ reuses segmentation/ modules, which must not pull in mmseg (a fresh interpreter tells).
-    code = 'import sys, detection.slak; print(sorted(m for m in sys.modules if m.split(".")[0] == "mmseg"))'
-    result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == '[]'
+    # It also launches every map size through the size-agnostic Triton kernels (detection's sizes vary).
+    code = ('import sys, json, detection.slak; k = sys.modules.get("slak_dwconv_triton"); '
+            'print(json.dumps([sorted(m for m in sys.modules if m.split(".")[0] == "mmseg"), '
+            'None if k is None else k.SPECIALISED_SIZES]))')
+    env = {k: v for k, v in os.environ.items() if k != 'SLAK_DWCONV_SPECIALISED_SIZES'}
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                            env=env)
+    mmseg_modules, specialised = json.loads(result.stdout.strip().splitlines()[-1])
+    assert mmseg_modules == []
+    assert specialised == (0 if importlib.util.find_spec('triton') else None)
+
+
+def test_prefer_size_agnostic_kernels_leaves_an_explicit_setting(monkeypatch):
+    import SLaK as slak_model
+    kernels = getattr(sys.modules.get('depthwise_conv2d_implicit_gemm'), '_kernels', None)
+    if kernels is None and slak_model._load_fast_dwconv() is not None:
+        kernels = sys.modules['depthwise_conv2d_implicit_gemm']._kernels
+    if kernels is None:
+        pytest.skip('triton is not installed')
+    monkeypatch.setattr(kernels, 'SPECIALISED_SIZES', 8)
+    monkeypatch.setenv('SLAK_DWCONV_SPECIALISED_SIZES', '8')
+    assert not slak_model.prefer_size_agnostic_kernels() and kernels.SPECIALISED_SIZES == 8
+    monkeypatch.delenv('SLAK_DWCONV_SPECIALISED_SIZES')
+    assert slak_model.prefer_size_agnostic_kernels() and kernels.SPECIALISED_SIZES == 0
 
 
 def test_shipped_configs_are_the_papers():
