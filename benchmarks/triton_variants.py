@@ -17,6 +17,7 @@ It counts keys, not seconds: the probe of ``bench_downstream.py`` measures the c
 """
 import argparse
 import importlib.util
+import inspect
 import json
 import pathlib
 import random
@@ -68,27 +69,31 @@ def batch_size_padded(rng, batch=2, divisor=32):
     return -(-h // divisor) * divisor, -(-w // divisor) * divisor
 
 
-def int_key(v, align=True):
-    """Triton's specialisation of an int argument: the value 1, divisible by 16 (unless ``align`` is off, as in
-    the kernels' size-agnostic twins), or neither; 64-bit when large."""
-    tag = "1" if v == 1 else ("D" if align and v % 16 == 0 else "")
+def int_key(v, align=True, value=True):
+    """Triton's specialisation of an int argument: the value 1, divisible by 16 (unless ``align`` is off), or
+    neither (always neither unless ``value``); 64-bit when large. The kernels' size-agnostic twins specialise no
+    size (``value`` off) and no stride's divisibility (``align`` off)."""
+    tag = "" if not value else "1" if v == 1 else ("D" if align and v % 16 == 0 else "")
     return tag + ("L" if abs(v) >= 2 ** 31 else "")
 
 
 class Recorder:
-    """Stands in for a ``@triton.jit`` kernel: records the specialisation key of every launch."""
+    """Stands in for a ``@triton.jit`` kernel: records the specialisation key of every launch. ``twin_of``: record
+    as the size-agnostic twin of that kernel (its integer parameters split as ``dwconv_triton._int_params`` does)."""
 
-    def __init__(self, name, keys, align=True):
-        self.name, self.keys, self.align = name, keys, align
+    def __init__(self, name, keys, fn, twin=False):
+        self.name, self.keys, self.fn, self.twin = name, keys, fn, twin
+        self.params = list(inspect.signature(fn).parameters)
+        self.sizes = {n for n in self.params if not n.islower()} if twin else set()
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             sig = []
-            for a in args:
+            for name, a in zip(self.params, args):
                 if isinstance(a, torch.Tensor):
                     sig.append(str(a.dtype))
                 elif isinstance(a, int):
-                    sig.append(int_key(a, self.align))
+                    sig.append(int_key(a, align=not self.twin, value=name not in self.sizes))
                 else:
                     sig.append(repr(a))
             self.keys.add((self.name, tuple(sig), tuple(sorted(kwargs.items()))))
@@ -104,13 +109,14 @@ def layer_launches(kern, n, c, h, w, kh, kw, dtype):
     kern.launch_weight_grad(x, x, wt)
 
 
-def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None):
-    """Distinct keys after each iteration, with the module's SPECIALISED_SIZES or ``specialised_sizes``."""
+def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None, eval_images=0):
+    """Distinct keys after each training iteration, then after ``eval_images`` test images (batch 1, the test
+    pipeline's resize to 1333 x 800, forward only), with the module's SPECIALISED_SIZES or ``specialised_sizes``."""
     kern = load_kernels()
     keys = set()
     for name in [k for k in dir(kern) if k.startswith("dwconv_") and k.endswith("_kernel")]:
-        setattr(kern, name, Recorder(name, keys))
-    kern._size_agnostic_twin = lambda rec: Recorder(rec.name + " (twin)", keys, align=False)
+        setattr(kern, name, Recorder(name, keys, getattr(kern, name).fn))
+    kern._size_agnostic_twin = lambda rec: Recorder(rec.name + " (twin)", keys, rec.fn, twin=True)
     if specialised_sizes is not None:
         kern.SPECIALISED_SIZES = specialised_sizes
     rng = random.Random(seed)
@@ -123,26 +129,36 @@ def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None
             for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
                 layer_launches(kern, batch, c, h // s, w // s, kh, kw, dtype)
         per_iter.append(len(keys))
+    for _ in range(eval_images):
+        w, h = rescale(*rng.choice(COCO_SIZES), (1333, 800))
+        h, w = -(-h // 32) * 32, -(-w // 32) * 32
+        for stage, (c, k) in enumerate(STAGES):
+            s = 4 * 2 ** stage
+            for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
+                kern.launch_forward(torch.empty(1, c, h // s, w // s, device="meta", dtype=dtype),
+                                    torch.empty(c, 1, kh, kw, device="meta", dtype=dtype))
     by_kernel = Counter(k[0] for k in keys)
     return {"iters": iters, "distinct_inputs": len(set(sizes)), "keys_after_iter": per_iter,
-            "keys": len(keys), "by_kernel": dict(by_kernel)}
+            "keys": len(keys), "keys_after_eval": len(keys) if eval_images else None, "by_kernel": dict(by_kernel)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval_images", type=int, default=50, help="test images after training (batch 1, forward)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = {}
     for label, sizes in (("first 8 sizes specialised (the default)", None),
                          ("every size specialised (before)", 10 ** 9), ("4 specialised sizes", 4),
                          ("every size through the twins (detection.slak)", 0)):
-        r = out[label] = count(args.iters, args.seed, specialised_sizes=sizes)
+        r = out[label] = count(args.iters, args.seed, specialised_sizes=sizes, eval_images=args.eval_images)
         print(f"{label}: {args.iters} iterations, {r['distinct_inputs']} distinct padded input sizes, {r['keys']} "
               f"kernel specialisations ({', '.join(f'{k} {v}' for k, v in sorted(r['by_kernel'].items()))})")
         marks = [0, 1, 2, 4, 9, 19, 29, 49, 99, 199]
-        print("  after iteration " + ", ".join(f"{i + 1}: {r['keys_after_iter'][i]}" for i in marks if i < args.iters))
+        print("  after iteration " + ", ".join(f"{i + 1}: {r['keys_after_iter'][i]}" for i in marks if i < args.iters)
+              + (f"; after {args.eval_images} test images: {r['keys_after_eval']}" if args.eval_images else ""))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     return out

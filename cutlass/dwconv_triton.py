@@ -419,17 +419,25 @@ def _size_agnostic_twin(kernel):
     multiple of 16. Classification feeds four map sizes, so that costs nothing; detection's multi-scale training
     changes the map sizes every iteration, and each new combination of sizes and strides that are or are not
     multiples of 16 was a new compile in the training loop (``benchmarks/triton_variants.py``: 164 compiles of these
-    kernels over 50 iterations of the cascade config, still growing). The twin keeps the value-1 specialisation
-    (unit strides stay constants: contiguous loads) and the launch plans' constexprs; see ``_pick``."""
+    kernels over 50 iterations of the cascade config, still growing). The twin does not specialise its sizes at all
+    (so a batch of 1 at evaluation reuses the training batch's versions) and keeps the value-1 specialisation of
+    its strides (unit strides stay constants: contiguous loads), and the launch plans' constexprs; see ``_pick``."""
     fn = getattr(kernel, "fn", None)
     if fn is None:  # not a Triton kernel (tests may stand one in)
         return kernel
-    names = [name for name, param in inspect.signature(fn).parameters.items()
-             if not name.endswith("_ptr") and "constexpr" not in str(param.annotation)]
+    sizes, strides = _int_params(fn)
     try:
-        return triton.jit(fn, do_not_specialize_on_alignment=names)
+        return triton.jit(fn, do_not_specialize=sizes, do_not_specialize_on_alignment=strides)
     except TypeError:  # a Triton without the option: the specialised kernel serves every size
         return kernel
+
+
+def _int_params(fn) -> Tuple[list, list]:
+    """A kernel's integer parameters: (sizes, strides). Sizes (N, H, W, ...: upper case) only bound loops and masks;
+    strides (sxh, ...: lower case) also place addresses, and a unit stride must stay a constant (contiguous loads)."""
+    names = [name for name, param in inspect.signature(fn).parameters.items()
+             if not name.endswith("_ptr") and "constexpr" not in str(param.annotation)]
+    return [n for n in names if not n.islower()], [n for n in names if n.islower()]
 
 
 _TWINS: dict = {}  # kernel name -> (the kernel, its twin), made on first use

@@ -314,7 +314,7 @@ ALLJ_SCRIPT = textwrap.dedent('''
         results[f"twin {h}x{w} {kh}x{kw}"] = dict(
             path=[k.kernel_path(h, w, kh, kw), k.kernel_path(h, w, kh, kw, weight_grad=True)],
             twins=sorted(name for name, (kernel, twin) in k._TWINS.items()
-                         if twin is not kernel and twin.kwargs.get("do_not_specialize_on_alignment")),
+                         if twin is not kernel and twin.kwargs.get("do_not_specialize")),
             errs=[rel(y, ref), rel(dx, dx_ref), rel(dwt, wt.grad)])
     print(json.dumps(results))
 ''')
@@ -369,10 +369,12 @@ def test_twins_take_over_after_the_specialised_sizes(monkeypatch):
     twin = picks[3]
     assert twin is not kernel and picks[4] is twin and twin.fn is kernel.fn
     if hasattr(twin, "params"):  # a JITFunction (this process does not interpret)
-        flags = {p.name: p.do_not_specialize_on_alignment for p in twin.params}
-        ints = {"N", "H", "W", "sxn", "sxc", "sxh", "sxw", "swc", "swh", "sww", "son", "soc", "soh", "sow"}
-        assert {name for name, off in flags.items() if off} == ints
-        assert not any(p.do_not_specialize_on_alignment for p in kernel.params)
+        no_value = {p.name for p in twin.params if p.do_not_specialize}
+        no_alignment = {p.name for p in twin.params if p.do_not_specialize_on_alignment}
+        assert no_value == {"N", "H", "W"}  # sizes: no specialisation at all (a batch of 1 reuses batch 2's)
+        # strides: no divisibility, but a unit stride stays the constant 1 (contiguous loads)
+        assert no_alignment - no_value == {"sxn", "sxc", "sxh", "sxw", "swc", "swh", "sww", "son", "soc", "soh", "sow"}
+        assert not any(p.do_not_specialize or p.do_not_specialize_on_alignment for p in kernel.params)
     monkeypatch.setattr(k, "dwconv_fwd_kernel", object())  # a replaced kernel gets its own twin (tests' spies)
     assert k._pick("dwconv_fwd_kernel", 7, 9) is k.dwconv_fwd_kernel
 
@@ -398,6 +400,14 @@ def test_triton_variants_counts_fewer_compiles_with_twins():
     grown_after = after["keys_after_iter"][-1] - after["keys_after_iter"][19]
     assert grown_after < grown_before
     assert tv.int_key(48) == "D" and tv.int_key(48, align=False) == "" and tv.int_key(1, align=False) == "1"
+    assert tv.int_key(1, value=False) == ""
+    # evaluation at batch 1: the twins (sizes not specialised at all) reuse the training batch's versions; only
+    # launch plans training has not met yet are new (all of them, for the fully specialised kernels: N = 1)
+    twins = tv.count(iters=10, specialised_sizes=0, eval_images=8)
+    specialised = tv.count(iters=10, specialised_sizes=10 ** 9, eval_images=8)
+    twins_added = twins["keys_after_eval"] - twins["keys_after_iter"][-1]
+    specialised_added = specialised["keys_after_eval"] - specialised["keys_after_iter"][-1]
+    assert 0 <= twins_added < specialised_added / 3
 
 
 def test_wgrad_plan_keeps_per_column_configs_and_reads_all_columns_ones(monkeypatch):
