@@ -965,7 +965,7 @@ class CacheWarmer:
                 tail = [ln for ln in out.splitlines() if ln.strip()][-1:] or [f'exit code {proc.returncode}']
                 failed.append(f'stage {stage}: {tail[0][:200]}')
         summary = {'processes': len(self.processes), 'seconds': time.time() - self.start,
-                   'graphs': sum(r.get('graphs', 0) for r in reports), 'failed': failed}
+                   'graphs': sum(r.get('graphs', 0) for r in reports), 'failed': failed, 'reports': reports}
         print(f'compile caches: {len(self.processes)} processes warmed {summary["graphs"]} block-tail graphs and '
               f'their kernels in {summary["seconds"]:.1f} s'
               + (f'; failed (the training process compiles those itself): {"; ".join(failed)}' if failed else ''))
@@ -1009,6 +1009,90 @@ def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, i
                                  json.dumps(job)], cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         processes.append((stage, proc, log))
     return CacheWarmer(processes, start)
+
+
+def fast_dwconv_layers(model: nn.Module) -> List[Tuple[int, int, int, int]]:
+    """(channels, kh, kw, stride) of every distinct depthwise layer of ``model`` (a :class:`SLaK`) that runs our
+    Triton kernels, with the stride of its stage's maps relative to the input (4, 8, 16, 32)."""
+    fast = _load_fast_dwconv()
+    if fast is None or not isinstance(model, SLaK):
+        return []
+    layers = []
+    for i, stage in enumerate(model.stages):
+        for m in stage.modules():
+            if isinstance(m, fast):
+                layer = (m.weight.shape[0], *m.weight.shape[2:], 4 * 2 ** i)
+                if layer not in layers:
+                    layers.append(layer)
+    return layers
+
+
+TWIN_WARM_SIDES = range(320, 1345, 32)  # padded input sides of detection's multi-scale configs (480-800 x <= 1333)
+
+
+def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
+                               device: Union[str, torch.device] = 'cuda', sides: Sequence[int] = TWIN_WARM_SIDES,
+                               processes: Optional[int] = None, force: bool = False,
+                               dry_run: bool = False) -> Optional[CacheWarmer]:
+    """Compile, in background processes, every version of our size-agnostic Triton kernels (the twins) that
+    ``model``'s depthwise layers can ask for at batch ``batch`` in ``dtype`` on inputs whose padded sides are in
+    ``sides``, into Triton's on-disk cache; or return None where that does not apply (not CUDA, ``SLAK_WARM_CACHES=0``,
+    the kernels not in twin mode (see :func:`prefer_size_agnostic_kernels`), no Triton layers). The twins' versions
+    depend on launch plans, not on sizes, so they can be compiled before the sizes come: the training process then
+    loads what it needs instead of compiling it between iterations. Nobody waits for these processes; whatever they
+    have not compiled yet, the training process compiles itself. ``force`` starts them on any device and
+    ``dry_run`` has them plan and share out the maps without launching anything (tests)."""
+    device = torch.device(device)
+    kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
+    if not force and (device.type != 'cuda' or WARM_CACHES is False or kernels is None
+                      or kernels.SPECIALISED_SIZES != 0):
+        return None
+    layers = fast_dwconv_layers(model)
+    if not layers:
+        return None
+    start = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SLAK_WARM_CACHES='0', SLAK_DWCONV_SPECIALISED_SIZES='0', PYTHONPATH=os.pathsep.join(
+        [here] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    if env.get('TRITON_CACHE_DIR'):  # the processes run in this file's folder
+        env['TRITON_CACHE_DIR'] = os.path.abspath(env['TRITON_CACHE_DIR'])
+    workers = processes or max(1, min(8, (os.cpu_count() or 2) // 2))
+    started = []
+    for worker in range(workers):
+        job = dict(layers=layers, batch=batch, dtype=str(dtype).replace('torch.', ''), sides=list(sides),
+                   device=str(device), worker=worker, workers=workers, dry_run=dry_run)
+        log = tempfile.TemporaryFile(mode='w+')
+        proc = subprocess.Popen([sys.executable, '-c', 'import sys, json, SLaK; SLaK._warm_twins(json.loads(sys.argv[1]))',
+                                 json.dumps(job)], cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        started.append((worker, proc, log))
+    return CacheWarmer(started, start)
+
+
+def _warm_twins(job: Dict[str, object]) -> None:
+    """One process of :func:`warm_size_agnostic_kernels`: plans every layer's maps (``twin_warm_plan``, the same in
+    every process), runs its share of them (forward, input and weight gradient) and prints a JSON line."""
+    start = time.time()
+    _load_fast_dwconv()
+    kernels = sys.modules[_DWCONV_MODULE_NAME]._kernels
+    dtype = getattr(torch, job['dtype'])
+    device = torch.device(job['device'])
+    todo = []
+    for c, kh, kw, stride in job['layers']:
+        lengths = sorted({side // stride for side in job['sides'] if side >= stride})
+        todo += [(c, h, w, kh, kw) for h, w in kernels.twin_warm_plan(job['batch'], c, kh, kw, lengths, dtype)]
+    mine = todo[job['worker']::job['workers']]
+    for c, h, w, kh, kw in mine:
+        if job.get('dry_run'):  # tests: plan and share out, launch nothing
+            continue
+        x = torch.randn(job['batch'], c, h, w, device=device, dtype=dtype)
+        wt = torch.randn(c, 1, kh, kw, device=device, dtype=dtype)
+        kernels.launch_forward(x, wt)
+        kernels.launch_forward(x, wt.flip(2, 3).contiguous())
+        kernels.launch_weight_grad(x, x, wt)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    print(json.dumps({'worker': job['worker'], 'maps': len(mine), 'planned': len(todo), 'graphs': 0,
+                      'seconds': round(time.time() - start, 1)}))
 
 
 def stage_input(model: 'SLaK', stage: int, images: torch.Tensor) -> torch.Tensor:

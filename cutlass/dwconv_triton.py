@@ -466,9 +466,68 @@ def reset_specialised_sizes() -> None:
     _specialised_sizes.clear()
 
 
+_recording: Optional[list] = None  # set by twin_launch_keys: _pick hands out recorders instead of kernels
+
+
+class _TwinKeyRecorder:
+    """Stands in for a twin kernel in a dry run: appends the key Triton would compile the launch under (kernel,
+    dtypes, unit-stride pattern, constexprs and num_warps: what the twins specialise on) to ``out``."""
+
+    _params: dict = {}  # kernel name -> (parameter names, stride names)
+
+    def __init__(self, name: str, out: list):
+        self.name, self.out = name, out
+        if name not in self._params:
+            fn = getattr(globals()[name], "fn", None)
+            self._params[name] = (list(inspect.signature(fn).parameters), set(_int_params(fn)[1])) if fn else ([], set())
+        self.params, self.strides = self._params[name]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            sig = tuple(str(a.dtype) if isinstance(a, torch.Tensor)
+                        else ("1" if p in self.strides and a == 1 else "") + ("L" if abs(a) >= 2 ** 31 else "")
+                        if isinstance(a, int) else repr(a) for p, a in zip(self.params, args))
+            self.out.append((self.name, sig, tuple(sorted(kwargs.items()))))
+        return launch
+
+
+def twin_launch_keys(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> set:
+    """The twin-kernel versions (Triton compile keys) that one layer's forward, input gradient and weight gradient
+    on an (n, c, h, w) map launch, found without launching anything (meta tensors, recorders)."""
+    global _recording
+    keys: list = []
+    _recording = keys
+    try:
+        x = torch.empty(n, c, h, w, device="meta", dtype=dtype)
+        wt = torch.empty(c, 1, kh, kw, device="meta", dtype=dtype)
+        launch_forward(x, wt)
+        launch_forward(x, wt.flip(2, 3))
+        launch_weight_grad(x, x, wt)
+    finally:
+        _recording = None
+    return set(keys)
+
+
+def twin_warm_plan(n: int, c: int, kh: int, kw: int, lengths, dtype: torch.dtype) -> list:
+    """(h, w) maps, one per twin version that a layer (c channels, kh x kw) reaches at batch n on h, w in
+    ``lengths``: running each once compiles every version those maps can ask for (``SLaK.warm_size_agnostic_
+    kernels`` does so in background processes for detection)."""
+    seen: set = set()
+    plan = []
+    for h in lengths:
+        for w in lengths:
+            new = twin_launch_keys(n, c, h, w, kh, kw, dtype) - seen
+            if new:
+                seen |= new
+                plan.append((h, w))
+    return plan
+
+
 def _pick(name: str, h: int, w: int):
     """The kernel ``name`` for an h x w map: the specialised one for the first SPECIALISED_SIZES sizes, else its
     size-agnostic twin. Looked up in the module's globals at call time, so tests may replace either."""
+    if _recording is not None:
+        return _TwinKeyRecorder(name, _recording)
     kernel = globals()[name]
     if (h, w) in _specialised_sizes or len(_specialised_sizes) < SPECIALISED_SIZES:
         _specialised_sizes.add((h, w))

@@ -214,7 +214,17 @@ class SLaK(slak_model.SLaK, BaseModule):
         self._freeze_stages()
         return self
 
+    def _warm_twins_once(self, x: torch.Tensor) -> None:
+        """At the first CUDA training batch, start compiling the size-agnostic versions of our Triton kernels in the
+        background (``SLaK.warm_size_agnostic_kernels``: only where the kernels run in that mode, i.e. detection)."""
+        if getattr(self, '_twins_warming', False) or not (self.training and x.is_cuda):
+            return
+        self._twins_warming = True
+        dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+        self._twin_warmer = slak_model.warm_size_agnostic_kernels(self, x.shape[0], dtype, x.device)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self._warm_twins_once(x)
         features = self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
         return tuple(getattr(self, f'norm{i}')(f) for i, f in zip(self.out_indices, features))
 

@@ -452,3 +452,26 @@ def test_missing_framework_error(monkeypatch):
     monkeypatch.delitem(sys.modules, 'segmentation.slak')
     with pytest.raises(ImportError, match=r'pip install -r requirements-mm.txt'):
         import segmentation.slak  # noqa: F401
+
+
+def test_backbone_starts_the_twin_warmer_once_on_the_first_cuda_training_batch(monkeypatch):
+    """The first CUDA training batch starts SLaK.warm_size_agnostic_kernels with its batch size and compute dtype
+    (autocast's where on); CPU batches, evaluation and later batches start nothing."""
+    import types
+    import SLaK as slak_model
+    calls = []
+    monkeypatch.setattr(slak_model, 'warm_size_agnostic_kernels',
+                        lambda model, batch, dtype, device: calls.append((model, batch, dtype, str(device))) or 'w')
+    backbone = _backbone().train()
+    backbone._warm_twins_once(torch.zeros(2, 3, 32, 32))  # CPU
+    backbone.eval()
+    cuda_batch = types.SimpleNamespace(is_cuda=True, shape=(3, 3, 64, 96), dtype=torch.float32,
+                                       device=torch.device('cuda', 0))
+    backbone._warm_twins_once(cuda_batch)  # evaluation
+    assert calls == []
+    backbone.train()
+    monkeypatch.setattr(torch, 'is_autocast_enabled', lambda device_type=None: device_type == 'cuda')
+    monkeypatch.setattr(torch, 'get_autocast_dtype', lambda device_type: torch.bfloat16)
+    backbone._warm_twins_once(cuda_batch)
+    backbone._warm_twins_once(cuda_batch)
+    assert calls == [(backbone, 3, torch.bfloat16, 'cuda:0')] and backbone._twin_warmer == 'w'

@@ -873,3 +873,47 @@ def test_gpu_compiled_tail_matches_eager_tail():
     assert SLaK._TAIL_STATE['fn'] is not None and not SLaK._TAIL_STATE['broken']
     for a, b in zip(out[False], out['auto']):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def _tiny_cutlass_slak():
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the CPU fallback's one warning
+        return timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1,
+                                 kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='cutlass')
+
+
+def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
+    model = _tiny_cutlass_slak()
+    layers = SLaK.fast_dwconv_layers(model)
+    if SLaK._load_fast_dwconv() is None:
+        assert layers == []
+        return
+    c = model.dims  # kernel_size [7, 5, 5, 3, 3]: Decom branches (K, 3), (3, K) and the small 3 x 3, one per stage
+    assert layers == [(c[0], 7, 3, 4), (c[0], 3, 7, 4), (c[0], 3, 3, 4), (c[1], 5, 3, 8), (c[1], 3, 5, 8),
+                      (c[1], 3, 3, 8), (c[2], 5, 3, 16), (c[2], 3, 5, 16), (c[2], 3, 3, 16), (c[3], 3, 3, 32)]
+    assert SLaK.fast_dwconv_layers(torch.nn.Linear(2, 2)) == []
+    assert SLaK.fast_dwconv_layers(timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1],
+                                                     width_factor=0.1, kernel_size=[7, 5, 5, 3, 3],
+                                                     conv_impl='torch')) == []
+
+
+def test_warm_size_agnostic_kernels_splits_the_plan_over_processes(monkeypatch):
+    """Detection's background compiles: only in twin mode on CUDA (forced here on CPU, as a dry run); every worker
+    plans the same maps and takes its own share, together all of them. (The launches themselves are the
+    launchers that the interpreter tests of tests/test_dwconv.py run through the twins.)"""
+    model = _tiny_cutlass_slak()
+    if SLaK._load_fast_dwconv() is None or sys.modules['depthwise_conv2d_implicit_gemm']._kernels is None:
+        pytest.skip('triton is not installed')
+    kernels = sys.modules['depthwise_conv2d_implicit_gemm']._kernels
+    assert SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cpu') is None  # not CUDA
+    monkeypatch.setattr(kernels, 'SPECIALISED_SIZES', 8)
+    assert SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cuda') is None  # not in twin mode
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    warmer = SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cpu', sides=[32, 64, 96, 160],
+                                             processes=2, force=True, dry_run=True)
+    summary = warmer.wait(timeout=240)
+    assert summary['failed'] == [] and summary['processes'] == 2
+    reports = sorted(summary['reports'], key=lambda r: r['worker'])
+    planned = reports[0]['planned']
+    assert [r['planned'] for r in reports] == [planned, planned] and planned >= len(SLaK.fast_dwconv_layers(model))
+    assert [r['maps'] for r in reports] == [(planned + 1) // 2, planned // 2]
