@@ -473,14 +473,16 @@ class _TwinKeyRecorder:
     """Stands in for a twin kernel in a dry run: appends the key Triton would compile the launch under (kernel,
     dtypes, unit-stride pattern, constexprs and num_warps: what the twins specialise on) to ``out``."""
 
-    _params: dict = {}  # kernel name -> (parameter names, stride names)
+    _params: dict = {}  # kernel -> (parameter names, stride names)
 
     def __init__(self, name: str, out: list):
         self.name, self.out = name, out
-        if name not in self._params:
-            fn = getattr(globals()[name], "fn", None)
-            self._params[name] = (list(inspect.signature(fn).parameters), set(_int_params(fn)[1])) if fn else ([], set())
-        self.params, self.strides = self._params[name]
+        kernel = globals()[name]
+        if kernel not in self._params:
+            fn = getattr(kernel, "fn", None)
+            self._params[kernel] = ((list(inspect.signature(fn).parameters), set(_int_params(fn)[1])) if fn
+                                    else ([], set()))
+        self.params, self.strides = self._params[kernel]
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
