@@ -1037,13 +1037,16 @@ def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
     """Compile, in background processes, every version of our size-agnostic Triton kernels (the twins) that
     ``model``'s depthwise layers can ask for at batch ``batch`` in ``dtype`` on inputs whose padded sides are in
     ``sides``, into Triton's on-disk cache; or return None where that does not apply (not CUDA, ``SLAK_WARM_CACHES=0``,
-    the kernels not in twin mode (see :func:`prefer_size_agnostic_kernels`), no Triton layers). The twins' versions
+    the kernels not in twin mode (see :func:`prefer_size_agnostic_kernels`), no Triton layers, or a distributed rank
+    other than a machine's first: ``LOCAL_RANK`` > 0, whose on-disk cache the first rank fills). The twins' versions
     depend on launch plans, not on sizes, so they can be compiled before the sizes come: the training process then
     loads what it needs instead of compiling it between iterations. Nobody waits for these processes; whatever they
     have not compiled yet, the training process compiles itself. ``force`` starts them on any device and
     ``dry_run`` has them plan and share out the maps without launching anything (tests)."""
     device = torch.device(device)
     kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
+    if os.environ.get('LOCAL_RANK', '0') != '0':  # one process per machine warms the cache its ranks share
+        return None
     if not force and (device.type != 'cuda' or WARM_CACHES is False or kernels is None
                       or kernels.SPECIALISED_SIZES != 0):
         return None
@@ -1062,8 +1065,9 @@ def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
         job = dict(layers=layers, batch=batch, dtype=str(dtype).replace('torch.', ''), sides=list(sides),
                    device=str(device), worker=worker, workers=workers, dry_run=dry_run)
         log = tempfile.TemporaryFile(mode='w+')
-        proc = subprocess.Popen([sys.executable, '-c', 'import sys, json, SLaK; SLaK._warm_twins(json.loads(sys.argv[1]))',
-                                 json.dumps(job)], cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        code = 'import sys, json, SLaK; SLaK._warm_twins(json.loads(sys.argv[1]))'
+        proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(job)], cwd=here, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
         started.append((worker, proc, log))
     return CacheWarmer(started, start)
 

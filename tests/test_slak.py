@@ -908,6 +908,9 @@ def test_warm_size_agnostic_kernels_splits_the_plan_over_processes(monkeypatch):
     assert SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cpu') is None  # not CUDA
     monkeypatch.setattr(kernels, 'SPECIALISED_SIZES', 8)
     assert SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cuda') is None  # not in twin mode
+    monkeypatch.setenv('LOCAL_RANK', '1')  # the machine's first rank warms the cache for all of them
+    assert SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cpu', force=True) is None
+    monkeypatch.setenv('LOCAL_RANK', '0')
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     warmer = SLaK.warm_size_agnostic_kernels(model, 2, torch.float32, device='cpu', sides=[32, 64, 96, 160],
                                              processes=2, force=True, dry_run=True)
