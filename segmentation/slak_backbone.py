@@ -215,9 +215,10 @@ class SLaK(slak_model.SLaK, BaseModule):
         return self
 
     def _warm_twins_once(self, x: torch.Tensor) -> None:
-        """At the first CUDA training batch, start compiling the size-agnostic versions of our Triton kernels in the
-        background (``SLaK.warm_size_agnostic_kernels``: only where the kernels run in that mode, i.e. detection)."""
-        if getattr(self, '_twins_warming', False) or not (self.training and x.is_cuda):
+        """At the first CUDA batch (training, or ``tools/test.py``'s evaluation), start compiling the size-agnostic
+        versions of our Triton kernels in the background (``SLaK.warm_size_agnostic_kernels``: only where the
+        kernels run in that mode, i.e. detection)."""
+        if getattr(self, '_twins_warming', False) or not x.is_cuda:
             return
         self._twins_warming = True
         dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype

@@ -454,9 +454,9 @@ def test_missing_framework_error(monkeypatch):
         import segmentation.slak  # noqa: F401
 
 
-def test_backbone_starts_the_twin_warmer_once_on_the_first_cuda_training_batch(monkeypatch):
-    """The first CUDA training batch starts SLaK.warm_size_agnostic_kernels with its batch size and compute dtype
-    (autocast's where on); CPU batches, evaluation and later batches start nothing."""
+def test_backbone_starts_the_twin_warmer_once_on_the_first_cuda_batch(monkeypatch):
+    """The first CUDA batch (training or evaluation) starts SLaK.warm_size_agnostic_kernels with its batch size and
+    compute dtype (autocast's where on); CPU batches and later batches start nothing."""
     import types
     import SLaK as slak_model
     calls = []
@@ -464,14 +464,17 @@ def test_backbone_starts_the_twin_warmer_once_on_the_first_cuda_training_batch(m
                         lambda model, batch, dtype, device: calls.append((model, batch, dtype, str(device))) or 'w')
     backbone = _backbone().train()
     backbone._warm_twins_once(torch.zeros(2, 3, 32, 32))  # CPU
-    backbone.eval()
+    assert calls == []
     cuda_batch = types.SimpleNamespace(is_cuda=True, shape=(3, 3, 64, 96), dtype=torch.float32,
                                        device=torch.device('cuda', 0))
-    backbone._warm_twins_once(cuda_batch)  # evaluation
-    assert calls == []
-    backbone.train()
     monkeypatch.setattr(torch, 'is_autocast_enabled', lambda device_type=None: device_type == 'cuda')
     monkeypatch.setattr(torch, 'get_autocast_dtype', lambda device_type: torch.bfloat16)
     backbone._warm_twins_once(cuda_batch)
+    backbone.eval()
     backbone._warm_twins_once(cuda_batch)
     assert calls == [(backbone, 3, torch.bfloat16, 'cuda:0')] and backbone._twin_warmer == 'w'
+    fresh = _backbone().eval()  # tools/test.py: evaluation only, batch 1, no autocast
+    monkeypatch.setattr(torch, 'is_autocast_enabled', lambda device_type=None: False)
+    fresh._warm_twins_once(types.SimpleNamespace(is_cuda=True, shape=(1, 3, 64, 96), dtype=torch.float32,
+                                                 device=torch.device('cuda', 0)))
+    assert calls[1:] == [(fresh, 1, torch.float32, 'cuda:0')]
