@@ -636,3 +636,16 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
             assert 1 <= len(plan) < len(lengths) ** 2
     assert simulated and simulated <= planned
     assert maps < 50 and len(planned) < 2 * len(simulated)
+
+
+def test_a_triton_without_the_twin_options_keeps_the_specialised_kernel(monkeypatch):
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+
+    def old_jit(fn, **options):
+        if options:
+            raise TypeError("jit() got an unexpected keyword argument 'do_not_specialize_on_alignment'")
+        return fn
+    monkeypatch.setattr(k.triton, "jit", old_jit)
+    assert k._size_agnostic_twin(k.dwconv_fwd_kernel) is k.dwconv_fwd_kernel
