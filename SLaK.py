@@ -988,26 +988,37 @@ def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, i
     if not isinstance(model, SLaK) or not force and (not WARM_CACHES or device.type != 'cuda'
                                                      or not Block.COMPILE_TAIL):
         return None
+    stages = len(model.stages)
+    cpus = os.cpu_count() or 1
+    jobs = [dict(spec, stage=stage, batch=batch, input_size=input_size, device=str(device),
+                 amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else None,
+                 channels_last=channels_last, eval_batch=eval_batch, backend=TAIL_BACKEND,
+                 compile_tail=Block.COMPILE_TAIL) for stage in range(stages)]
+    return _start_warmers('_warm_stage', jobs, env_defaults={
+        'TORCHINDUCTOR_COMPILE_THREADS': str(max(1, cpus // (stages + 1)))})
+
+
+def _start_warmers(entry: str, jobs: List[Dict[str, object]], env: Optional[Dict[str, str]] = None,
+                   env_defaults: Optional[Dict[str, str]] = None) -> CacheWarmer:
+    """One process per job running ``SLaK.<entry>(job)`` in this file's folder (this folder first on PYTHONPATH,
+    relative cache folders made absolute, ``SLAK_WARM_CACHES=0`` so that it starts none of its own), its output
+    to a temporary file; ``env`` is set over the environment, ``env_defaults`` only where it is unset."""
     start = time.time()
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SLAK_WARM_CACHES='0', PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, **(env or {}), SLAK_WARM_CACHES='0', PYTHONPATH=os.pathsep.join(
         [here] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
     for name in ('TORCHINDUCTOR_CACHE_DIR', 'TRITON_CACHE_DIR'):  # the processes run in this file's folder
         if env.get(name):
             env[name] = os.path.abspath(env[name])
-    stages = len(model.stages)
-    cpus = os.cpu_count() or 1
-    env.setdefault('TORCHINDUCTOR_COMPILE_THREADS', str(max(1, cpus // (stages + 1))))
+    for name, value in (env_defaults or {}).items():
+        env.setdefault(name, value)
+    code = f'import sys, json, SLaK; SLaK.{entry}(json.loads(sys.argv[1]))'
     processes = []
-    for stage in range(stages):
-        job = dict(spec, stage=stage, batch=batch, input_size=input_size, device=str(device),
-                   amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else None,
-                   channels_last=channels_last, eval_batch=eval_batch, backend=TAIL_BACKEND,
-                   compile_tail=Block.COMPILE_TAIL)
+    for i, job in enumerate(jobs):
         log = tempfile.TemporaryFile(mode='w+')  # (a pipe could fill up and stall the process)
-        proc = subprocess.Popen([sys.executable, '-c', 'import sys, json, SLaK; SLaK._warm_stage(json.loads(sys.argv[1]))',
-                                 json.dumps(job)], cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        processes.append((stage, proc, log))
+        proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(job)], cwd=here, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        processes.append((i, proc, log))
     return CacheWarmer(processes, start)
 
 
@@ -1053,23 +1064,10 @@ def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
     layers = fast_dwconv_layers(model)
     if not layers:
         return None
-    start = time.time()
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SLAK_WARM_CACHES='0', SLAK_DWCONV_SPECIALISED_SIZES='0', PYTHONPATH=os.pathsep.join(
-        [here] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-    if env.get('TRITON_CACHE_DIR'):  # the processes run in this file's folder
-        env['TRITON_CACHE_DIR'] = os.path.abspath(env['TRITON_CACHE_DIR'])
     workers = processes or max(1, min(8, (os.cpu_count() or 2) // 2))
-    started = []
-    for worker in range(workers):
-        job = dict(layers=layers, batch=batch, dtype=str(dtype).replace('torch.', ''), sides=list(sides),
-                   device=str(device), worker=worker, workers=workers, dry_run=dry_run)
-        log = tempfile.TemporaryFile(mode='w+')
-        code = 'import sys, json, SLaK; SLaK._warm_twins(json.loads(sys.argv[1]))'
-        proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(job)], cwd=here, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
-        started.append((worker, proc, log))
-    return CacheWarmer(started, start)
+    jobs = [dict(layers=layers, batch=batch, dtype=str(dtype).replace('torch.', ''), sides=list(sides),
+                 device=str(device), worker=worker, workers=workers, dry_run=dry_run) for worker in range(workers)]
+    return _start_warmers('_warm_twins', jobs, env={'SLAK_DWCONV_SPECIALISED_SIZES': '0'})
 
 
 def _warm_twins(job: Dict[str, object]) -> None:

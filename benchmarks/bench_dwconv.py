@@ -108,24 +108,30 @@ DETECTION_INPUTS = [(800, 1344), (736, 1120), (480, 640), (608, 1088), (800, 121
 SLAK_T_STAGES = [(124, 51), (249, 49), (499, 47), (998, 13)]  # (channels at width 1.3, large kernel)
 
 
+def detection_layers(inputs=DETECTION_INPUTS):
+    """(index of the input, channels, map height, map width, kh, kw) of every SLaK-T depthwise layer on each of
+    ``inputs`` (padded input sizes)."""
+    for i, (ih, iw) in enumerate(inputs):
+        for stage, (c, k) in enumerate(SLAK_T_STAGES):
+            for kh, kw in ((k, 5), (5, k), (5, 5)):
+                yield i, c, ih // (4 * 2 ** stage), iw // (4 * 2 ** stage), kh, kw
+
+
 def detection_correctness():
     """Ours vs float64 ``F.conv2d`` (forward, input and weight gradients) on every SLaK-T layer shape that detection
     produces: odd maps, maps smaller than the kernel, sizes that are not multiples of the tiles; batch 1 and 2."""
     print("== detection map sizes (relative Frobenius error vs float64; fp32 runs tf32 as in training)")
     worst, ok = {}, True
-    for i, (ih, iw) in enumerate(DETECTION_INPUTS):
+    for i, c, h, w, kh, kw in detection_layers():
         n = 1 + i % 2
-        for stage, (c, k) in enumerate(SLAK_T_STAGES):
-            h, w = ih // (4 * 2 ** stage), iw // (4 * 2 ** stage)
-            for kh, kw in ((k, 5), (5, k), (5, 5)):
-                for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
-                    e_out, e_dx, e_dw, written, _ = check(c, h, w, kh, kw, dtype, n=n)
-                    err = max(e_out, e_dx, e_dw)
-                    good = err < tol and written
-                    ok &= good
-                    worst[dtype] = max(worst.get(dtype, 0.), err)
-                    print(f"n={n} {c:4d}x{h:3d}x{w:3d} k{kh}x{kw} {str(dtype)[6:]:9s} out {e_out:.1e} dx {e_dx:.1e} "
-                          f"dw {e_dw:.1e} written={written} {'OK' if good else 'FAIL'}")
+        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+            e_out, e_dx, e_dw, written, _ = check(c, h, w, kh, kw, dtype, n=n)
+            err = max(e_out, e_dx, e_dw)
+            good = err < tol and written
+            ok &= good
+            worst[dtype] = max(worst.get(dtype, 0.), err)
+            print(f"n={n} {c:4d}x{h:3d}x{w:3d} k{kh}x{kw} {str(dtype)[6:]:9s} out {e_out:.1e} dx {e_dx:.1e} "
+                  f"dw {e_dw:.1e} written={written} {'OK' if good else 'FAIL'}")
     print("max errors: " + ", ".join(f"{str(d)[6:]} {e:.1e}" for d, e in worst.items()))
     print("detection shapes:", "ALL OK" if ok else "FAILURES")
     return ok
@@ -140,37 +146,34 @@ def detection_twin_timing(inputs=((800, 1344), (736, 1120)), n=2, dtype=torch.fl
     saved = kern.SPECIALISED_SIZES
     out, totals = {}, {"specialised": 0., "twin": 0., "cudnn": 0.}
     try:
-        for ih, iw in inputs:
-            for stage, (c, k) in enumerate(SLAK_T_STAGES):
-                h, w = ih // (4 * 2 ** stage), iw // (4 * 2 ** stage)
-                for kh, kw in ((k, 5), (5, k), (5, 5)):
-                    x = torch.randn(n, c, h, w, device=DEV, dtype=dtype)
-                    g = torch.randn_like(x)
-                    wt = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
-                    wf = wt.flip(2, 3).contiguous()
-                    xr = x.clone().requires_grad_()
-                    wr = wt.clone().requires_grad_()
+        for _, c, h, w, kh, kw in detection_layers(inputs):
+            x = torch.randn(n, c, h, w, device=DEV, dtype=dtype)
+            g = torch.randn_like(x)
+            wt = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
+            wf = wt.flip(2, 3).contiguous()
+            xr = x.clone().requires_grad_()
+            wr = wt.clone().requires_grad_()
 
-                    def ours():
-                        kern.launch_forward(x, wt)
-                        kern.launch_forward(g, wf)
-                        kern.launch_weight_grad(g, x, wt)
+            def ours():
+                kern.launch_forward(x, wt)
+                kern.launch_forward(g, wf)
+                kern.launch_weight_grad(g, x, wt)
 
-                    def cudnn():
-                        torch.autograd.backward(F.conv2d(xr, wr, padding=(kh // 2, kw // 2), groups=c), g)
+            def cudnn():
+                torch.autograd.backward(F.conv2d(xr, wr, padding=(kh // 2, kw // 2), groups=c), g)
 
-                    r = {}
-                    for label, sizes in (("specialised", 10 ** 9), ("twin", 0)):
-                        kern.SPECIALISED_SIZES = sizes
-                        kern.reset_specialised_sizes()
-                        r[label] = bench(ours)
-                    r["cudnn"] = bench(cudnn)
-                    name = f"{c}@{h}x{w} {kh}x{kw}"
-                    out[name] = r
-                    for key in totals:
-                        totals[key] += r[key]
-                    print(f"{name:22s} specialised {r['specialised']:.3f} twin {r['twin']:.3f} "
-                          f"(x{r['twin'] / r['specialised']:.2f}) cudnn {r['cudnn']:.3f}", flush=True)
+            r = {}
+            for label, sizes in (("specialised", 10 ** 9), ("twin", 0)):
+                kern.SPECIALISED_SIZES = sizes
+                kern.reset_specialised_sizes()
+                r[label] = bench(ours)
+            r["cudnn"] = bench(cudnn)
+            name = f"{c}@{h}x{w} {kh}x{kw}"
+            out[name] = r
+            for key in totals:
+                totals[key] += r[key]
+            print(f"{name:22s} specialised {r['specialised']:.3f} twin {r['twin']:.3f} "
+                  f"(x{r['twin'] / r['specialised']:.2f}) cudnn {r['cudnn']:.3f}", flush=True)
     finally:
         kern.SPECIALISED_SIZES = saved
         kern.reset_specialised_sizes()

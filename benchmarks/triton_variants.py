@@ -22,7 +22,7 @@ import json
 import pathlib
 import random
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 
@@ -100,18 +100,18 @@ class Recorder:
         return launch
 
 
-def layer_launches(kern, n, c, h, w, kh, kw, dtype):
-    """The launches of one depthwise layer's forward and backward (input grad = forward with the flipped kernel)."""
-    x = torch.empty(n, c, h, w, device="meta", dtype=dtype)
-    wt = torch.empty(c, 1, kh, kw, device="meta", dtype=dtype)
-    kern.launch_forward(x, wt)
-    kern.launch_forward(x, wt.flip(2, 3))
-    kern.launch_weight_grad(x, x, wt)
+def slak_t_layers(h, w):
+    """(channels, map height, map width, kh, kw) of SLaK-T's depthwise layers for an h x w (padded) input."""
+    for stage, (c, k) in enumerate(STAGES):
+        s = 4 * 2 ** stage
+        for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
+            yield c, h // s, w // s, kh, kw
 
 
 def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None, eval_images=0):
     """Distinct keys after each training iteration, then after ``eval_images`` test images (batch 1, the test
-    pipeline's resize to 1333 x 800, forward only), with the module's SPECIALISED_SIZES or ``specialised_sizes``."""
+    pipeline's resize to 1333 x 800, forward only), with the module's SPECIALISED_SIZES or ``specialised_sizes``;
+    ``key_set`` holds the keys themselves (twins' kernel names end in " (twin)")."""
     kern = load_kernels()
     keys = set()
     for name in [k for k in dir(kern) if k.startswith("dwconv_") and k.endswith("_kernel")]:
@@ -124,22 +124,19 @@ def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None
     for _ in range(iters):
         h, w = batch_size_padded(rng, batch)
         sizes.append((h, w))
-        for stage, (c, k) in enumerate(STAGES):
-            s = 4 * 2 ** stage
-            for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
-                layer_launches(kern, batch, c, h // s, w // s, kh, kw, dtype)
+        for c, mh, mw, kh, kw in slak_t_layers(h, w):
+            kern.launch_layer_on_meta(batch, c, mh, mw, kh, kw, dtype)
         per_iter.append(len(keys))
     for _ in range(eval_images):
         w, h = rescale(*rng.choice(COCO_SIZES), (1333, 800))
         h, w = -(-h // 32) * 32, -(-w // 32) * 32
-        for stage, (c, k) in enumerate(STAGES):
-            s = 4 * 2 ** stage
-            for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
-                kern.launch_forward(torch.empty(1, c, h // s, w // s, device="meta", dtype=dtype),
-                                    torch.empty(c, 1, kh, kw, device="meta", dtype=dtype))
+        for c, mh, mw, kh, kw in slak_t_layers(h, w):
+            kern.launch_forward(torch.empty(1, c, mh, mw, device="meta", dtype=dtype),
+                                torch.empty(c, 1, kh, kw, device="meta", dtype=dtype))
     by_kernel = Counter(k[0] for k in keys)
     return {"iters": iters, "distinct_inputs": len(set(sizes)), "keys_after_iter": per_iter,
-            "keys": len(keys), "keys_after_eval": len(keys) if eval_images else None, "by_kernel": dict(by_kernel)}
+            "keys": len(keys), "keys_after_eval": len(keys) if eval_images else None, "by_kernel": dict(by_kernel),
+            "key_set": keys}
 
 
 def main(argv=None):
@@ -160,7 +157,8 @@ def main(argv=None):
         print("  after iteration " + ", ".join(f"{i + 1}: {r['keys_after_iter'][i]}" for i in marks if i < args.iters)
               + (f"; after {args.eval_images} test images: {r['keys_after_eval']}" if args.eval_images else ""))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+        counts = {label: {k: v for k, v in r.items() if k != "key_set"} for label, r in out.items()}
+        pathlib.Path(args.json).write_text(json.dumps(counts, indent=1))
     return out
 
 

@@ -500,14 +500,20 @@ def twin_launch_keys(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: to
     keys: list = []
     _recording = keys
     try:
-        x = torch.empty(n, c, h, w, device="meta", dtype=dtype)
-        wt = torch.empty(c, 1, kh, kw, device="meta", dtype=dtype)
-        launch_forward(x, wt)
-        launch_forward(x, wt.flip(2, 3))
-        launch_weight_grad(x, x, wt)
+        launch_layer_on_meta(n, c, h, w, kh, kw, dtype)
     finally:
         _recording = None
     return set(keys)
+
+
+def launch_layer_on_meta(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> None:
+    """One layer's launches on meta tensors: forward, input gradient (the forward with the kernel flipped, as the
+    backward runs it) and weight gradient. Nothing runs: for dry runs whose kernels are recorders."""
+    x = torch.empty(n, c, h, w, device="meta", dtype=dtype)
+    wt = torch.empty(c, 1, kh, kw, device="meta", dtype=dtype)
+    launch_forward(x, wt)
+    launch_forward(x, wt.flip(2, 3))
+    launch_weight_grad(x, x, wt)
 
 
 def twin_warm_plan(n: int, c: int, kh: int, kw: int, lengths, dtype: torch.dtype) -> list:

@@ -584,24 +584,6 @@ def test_specialised_sizes_setting_reads_the_environment(monkeypatch):
             k._specialised_sizes_setting()
 
 
-def _simulated_twin_keys(tv, iters):
-    """The twin keys triton_variants.py records for the cascade config's training iterations, in
-    dwconv_triton.twin_launch_keys' form (kernel names without the " (twin)" suffix)."""
-    kern = tv.load_kernels()
-    keys = set()
-    for name in [k for k in dir(kern) if k.startswith("dwconv_") and k.endswith("_kernel")]:
-        setattr(kern, name, tv.Recorder(name, keys, getattr(kern, name).fn))
-    kern._size_agnostic_twin = lambda rec: tv.Recorder(rec.name, keys, rec.fn, twin=True)
-    kern.SPECIALISED_SIZES = 0
-    rng = tv.random.Random(0)
-    for _ in range(iters):
-        h, w = tv.batch_size_padded(rng, 2)
-        for stage, (c, k) in enumerate(tv.STAGES):
-            for kh, kw in ((k, tv.SMALL), (tv.SMALL, k), (tv.SMALL, tv.SMALL)):
-                tv.layer_launches(kern, 2, c, h // (4 * 2 ** stage), w // (4 * 2 ** stage), kh, kw, torch.float32)
-    return keys
-
-
 def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
     """dwconv_triton.twin_launch_keys (launchers on meta tensors, _pick handing out recorders) finds the same twin
     keys as the independent recorders of benchmarks/triton_variants.py; twin_warm_plan's maps over detection's
@@ -620,8 +602,10 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
     assert k._recording is None and {key[0] for key in one} == {"dwconv_fwd_kernel", "dwconv_wgrad_kernel"}
     # stages 3 and 4's large-kernel branches (the most varied plans; stage 1 and 2 maps are plain multiples of 8)
     big_kernels = {c: big for c, big in tv.STAGES[2:]}
-    simulated = {key for key in _simulated_twin_keys(tv, 60)
-                 if {dict(key[2]).get("KH"), dict(key[2]).get("KW")} & set(big_kernels.values())}
+    # the simulator's twin keys, in twin_launch_keys' form (kernel names without the " (twin)" suffix)
+    simulated = {(name[:-len(" (twin)")], sig, kwargs)
+                 for name, sig, kwargs in tv.count(iters=60, specialised_sizes=0)["key_set"]
+                 if {dict(kwargs).get("KH"), dict(kwargs).get("KW")} & set(big_kernels.values())}
     sides = range(320, 1345, 32)
     planned, maps = set(), 0
     for stage, (c, big) in enumerate(tv.STAGES):
