@@ -926,7 +926,13 @@ def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
 # Inductor's) that a later process reuses. warm_compile_caches starts one process per stage that runs that stage's
 # training step (and its folded evaluation) at the run's shapes, so the compiles happen side by side, while the
 # main process loads data, builds the model and computes the SNIP masks; the main process then finds them cached.
-WARM_CACHES: Union[str, bool] = _env_switch('SLAK_WARM_CACHES')  # 'auto': CUDA runs with the compiled tail
+# Measured on one H100 (benchmarks/RESULTS.md, issue 18, session 9) it lost both ways: 62 s of warming before a cold
+# first step that still took 9.5 s (in-process, session 6: 52 s), and 41 s with warm caches, where the main process
+# alone needs ~8 s (every process re-traces its graphs even when the compiled code is cached). So main.py starts
+# them only when asked (SLAK_WARM_CACHES=1). The size-agnostic kernels' warm-up (warm_size_agnostic_kernels,
+# detection) is not waited for and stays on unless SLAK_WARM_CACHES=0: there it turned 51 of 89 cold compiles into
+# cache loads.
+WARM_CACHES: Union[str, bool] = _env_switch('SLAK_WARM_CACHES')
 
 
 class CacheWarmer:
@@ -977,15 +983,16 @@ def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, i
                         channels_last: bool = False, eval_batch: Optional[int] = None,
                         force: bool = False) -> Optional[CacheWarmer]:
     """Start one process per stage of ``model`` (a :class:`SLaK`) that compiles what that stage's first training step
-    and folded evaluation need into the on-disk caches, or return None where that does not apply: not CUDA, the
-    compiled tail off, ``SLAK_WARM_CACHES=0``, or not a SLaK model.
+    and folded evaluation need into the on-disk caches, or return None where that does not apply: not asked for
+    (``SLAK_WARM_CACHES=1``; off by default, see the note above :data:`WARM_CACHES`), not CUDA, the compiled tail
+    off, or not a SLaK model.
 
     ``spec`` = ``{'name': timm model name, 'kwargs': create_model keyword arguments}`` (JSON values), from which each
     process builds the same model; ``batch``/``input_size``/``amp_dtype``/``channels_last`` are the training step's,
     ``eval_batch`` the evaluation batch (None: no evaluation). ``force`` starts them on any device (tests).
     """
     device = torch.device(device)
-    if not isinstance(model, SLaK) or not force and (not WARM_CACHES or device.type != 'cuda'
+    if not isinstance(model, SLaK) or not force and (WARM_CACHES is not True or device.type != 'cuda'
                                                      or not Block.COMPILE_TAIL):
         return None
     stages = len(model.stages)
@@ -998,11 +1005,27 @@ def warm_compile_caches(model: nn.Module, spec: Dict[str, object], batch: int, i
         'TORCHINDUCTOR_COMPILE_THREADS': str(max(1, cpus // (stages + 1)))})
 
 
+# First lines of every warm-up process: on Linux it asks the kernel for SIGTERM when the process that started it
+# dies (PR_SET_PDEATHSIG = 1), so that a training run killed by a signal, an OOM or a scheduler's time limit (no
+# atexit then) leaves no compile processes behind; and it exits at once if that process is already gone. (The signal
+# follows the starting *thread*: the warmers are started from the thread that runs the model, the main one.)
+_TIED_TO_PARENT = ('import ctypes, os, signal, sys\n'
+                   'if sys.platform.startswith("linux"):\n'
+                   '    try:\n'
+                   '        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n'
+                   '    except (OSError, AttributeError):\n'
+                   '        pass\n'
+                   'if os.getppid() != int(sys.argv[2]):\n'
+                   '    sys.exit(0)\n')
+
+
 def _start_warmers(entry: str, jobs: List[Dict[str, object]], env: Optional[Dict[str, str]] = None,
-                   env_defaults: Optional[Dict[str, str]] = None) -> CacheWarmer:
-    """One process per job running ``SLaK.<entry>(job)`` in this file's folder (this folder first on PYTHONPATH,
-    relative cache folders made absolute, ``SLAK_WARM_CACHES=0`` so that it starts none of its own), its output
-    to a temporary file; ``env`` is set over the environment, ``env_defaults`` only where it is unset."""
+                   env_defaults: Optional[Dict[str, str]] = None, module: str = 'SLaK') -> CacheWarmer:
+    """One process per job running ``<module>.<entry>(job)`` (``SLaK`` unless a test says otherwise) in this file's
+    folder (this folder first on PYTHONPATH, relative cache folders made absolute, ``SLAK_WARM_CACHES=0`` so that it
+    starts none of its own), its output to a temporary file; ``env`` is set over the environment, ``env_defaults``
+    only where it is unset. Each process ends with this one (:data:`_TIED_TO_PARENT`; :class:`CacheWarmer` also stops
+    them at a normal exit)."""
     start = time.time()
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, **(env or {}), SLAK_WARM_CACHES='0', PYTHONPATH=os.pathsep.join(
@@ -1012,12 +1035,12 @@ def _start_warmers(entry: str, jobs: List[Dict[str, object]], env: Optional[Dict
             env[name] = os.path.abspath(env[name])
     for name, value in (env_defaults or {}).items():
         env.setdefault(name, value)
-    code = f'import sys, json, SLaK; SLaK.{entry}(json.loads(sys.argv[1]))'
+    code = _TIED_TO_PARENT + f'import json, {module}\n{module}.{entry}(json.loads(sys.argv[1]))\n'
     processes = []
     for i, job in enumerate(jobs):
         log = tempfile.TemporaryFile(mode='w+')  # (a pipe could fill up and stall the process)
-        proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(job)], cwd=here, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(job), str(os.getpid())], cwd=here, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
         processes.append((i, proc, log))
     return CacheWarmer(processes, start)
 

@@ -408,8 +408,9 @@ def model_kwargs(args: argparse.Namespace, name: str) -> dict:
 
 def start_cache_warming(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                         amp_dtype: torch.dtype) -> Optional['SLaK.CacheWarmer']:
-    """A single-process CUDA training run of a SLaK model compiles its stages' kernels and block tails side by side
-    in helper processes while it sets up (``SLaK.warm_compile_caches``; ``SLAK_WARM_CACHES=0`` turns it off)."""
+    """With ``SLAK_WARM_CACHES=1``, a single-process CUDA training run of a SLaK model compiles its stages' kernels
+    and block tails side by side in helper processes while it sets up (``SLaK.warm_compile_caches``; off by default:
+    measured slower than compiling in the training process, cold and warm)."""
     if args.eval or args.compile or args.distributed:
         return None
     eval_batch = None if args.disable_eval else int(1.5 * args.batch_size)

@@ -33,7 +33,9 @@ Steps:
    that would start after it and cuts a run at it.
 4. Figures per run, from mmengine's ``vis_data/scalars.json``: iterations, median seconds per iteration over the steady
    ones (after ``--skip_iters``, without the profiled ones), loss first / last (and means of the first / last 5),
-   peak GPU memory (mmengine's ``memory``: ``max_memory_allocated``), the validation metrics (mIoU; COCO bbox / segm
+   peak GPU memory (mmengine's ``memory``: ``max_memory_allocated`` since the previous log line) over the steady
+   iterations and, apart, over the first ones (cuDNN's autotuning of new shapes, which mmseg's configs turn on,
+   briefly holds tens of GB of trial workspace there: 38 GB for both backbones), the validation metrics (mIoU; COCO bbox / segm
    AP); from the probe: NMS / RoIAlign calls by device and a ``torch.profiler`` table of the last
    ``--profile_iters`` detection iterations, SLaK tail graphs compiled (after each iteration) and torch.compile seconds.
 
@@ -397,7 +399,8 @@ def parse_scalars(lines: List[dict], skip: int, untimed_tail: int) -> Dict[str, 
     times = [float(train[i]['time']) for i in iters if 'time' in train[i]]
     steady = [float(train[i]['time']) for i in iters if skip < i <= iters[-1] - untimed_tail and 'time' in train[i]]
     median = statistics.median(steady) if steady else None
-    memory = [float(train[i]['memory']) for i in iters if 'memory' in train[i]]
+    memory = [float(train[i]['memory']) for i in iters if 'memory' in train[i] and i > skip]
+    memory_first = [float(train[i]['memory']) for i in iters if 'memory' in train[i] and i <= skip]
     out.update({
         'iter_s': median, 'iter_s_mean': statistics.fmean(steady) if steady else None, 'timed_iters': len(steady),
         'slow_iters': sum(t > 2 * median for t in steady) if median else None,
@@ -406,6 +409,7 @@ def parse_scalars(lines: List[dict], skip: int, untimed_tail: int) -> Dict[str, 
         'loss_first5': statistics.fmean(losses[:5]), 'loss_last5': statistics.fmean(losses[-5:]),
         'loss_finite': all(math.isfinite(v) for v in losses),
         'peak_mem_gb': round(max(memory) / 1024, 2) if memory else None,
+        'peak_mem_gb_first_iters': round(max(memory_first) / 1024, 2) if memory_first else None,
         'iter_times': [round(t, 4) for t in times], 'losses': [round(v, 4) for v in losses],
     })
     out['loss_decreased'] = out['loss_finite'] and out['loss_last5'] < out['loss_first5']
@@ -529,8 +533,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         report['runs'][name] = parsed
         records.append({
             'task': task, 'backbone': backbone, 'iters': parsed['iters'], 'iter_s': parsed.get('iter_s'),
-            'peak_mem_gb': parsed.get('peak_mem_gb'), 'first_loss': parsed.get('first_loss'),
-            'last_loss': parsed.get('last_loss'), 'nms_roi_on_gpu': probe.get('box_ops_on_gpu'),
+            'peak_mem_gb': parsed.get('peak_mem_gb'), 'peak_mem_gb_first_iters': parsed.get('peak_mem_gb_first_iters'),
+            'first_loss': parsed.get('first_loss'), 'last_loss': parsed.get('last_loss'),
+            'loss_first5': parsed.get('loss_first5'), 'loss_last5': parsed.get('loss_last5'), 'nms_roi_on_gpu': probe.get('box_ops_on_gpu'),
             'compiled_tail_graphs': parsed['compiled_tail_graphs'], 'card': card,
             'compile_tail': extra_env.get('SLAK_COMPILE_TAIL', 'default'), 'amp': args.amp,
             'tail_compile_s': parsed['compile_s_train'], 'loss_decreased': parsed.get('loss_decreased'),

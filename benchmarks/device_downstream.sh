@@ -19,7 +19,9 @@ mkdir -p "$OUT"
 import distutils.errors  # mmengine's collect_env needs it: on Python 3.12 only setuptools' shim provides it
 print('torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'timm',
       timm.__version__, 'mmengine', mmengine.__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__,
-      'mmdet', mmdet.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
+      'mmdet', mmdet.__version__)"
+  uptime; ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | head -8 | cut -c1-160  # left over from a call before?
+} 2>&1 | tee "$OUT/machine.txt"
 left() { echo $(( $1 - $(date +%s) + START )); }
 case "${1:-}" in
   dwconv)

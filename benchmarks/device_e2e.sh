@@ -19,7 +19,9 @@ export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; nproc;
   python3 -c "import torch, triton, timm, torchvision; print('torch', torch.__version__, 'triton', triton.__version__,
-  'timm', timm.__version__, 'torchvision', torchvision.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
+  'timm', timm.__version__, 'torchvision', torchvision.__version__)"
+  uptime; ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | head -8 | cut -c1-160  # left over from a call before?
+} 2>&1 | tee "$OUT/machine.txt"
 left() { echo $(( $1 - $(date +%s) + START )); }
 case "${1:-main}" in
   main)

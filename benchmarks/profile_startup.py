@@ -235,7 +235,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='.', help='folder for startup_<run>.json')
     parser.add_argument('--runs', default='cold,warm',
-                        help='cold (fresh caches), warm (reusing them), cold_nowarm (fresh caches, SLAK_WARM_CACHES=0)')
+                        help='cold (fresh caches), warm (reusing them); a _warmers suffix (cold_warmers, '
+                             'warm_warmers) runs with SLAK_WARM_CACHES=1 (the per-stage compile helpers, off by default)')
     parser.add_argument('--cache_root', default='', help='Inductor/Triton caches (default: a temporary folder)')
     parser.add_argument('--steps', type=int, default=3, help='training steps to time')
     parser.add_argument('--eval_batches', type=int, default=2)
@@ -258,8 +259,7 @@ def main() -> None:
             shutil.rmtree(caches, ignore_errors=True)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / 'inductor'), TRITON_CACHE_DIR=str(caches / 'triton'),
                    PYTHONUNBUFFERED='1')
-        if run == 'cold_nowarm':
-            env['SLAK_WARM_CACHES'] = '0'
+        env['SLAK_WARM_CACHES'] = '1' if run.endswith('_warmers') else '0'
         result_path = out / f'startup_{run}.json'
         cmd = [sys.executable, __file__, '--child', '--result', str(result_path), '--steps', str(args.steps),
                '--eval_batches', str(args.eval_batches), '--interval_ms', str(args.interval_ms), '--', *main_argv]

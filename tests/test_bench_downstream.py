@@ -45,8 +45,8 @@ def test_cfg_values_read_back_through_mmengine():
 
 
 def test_parse_scalars_takes_the_steady_median_and_the_metrics():
-    lines = [{'loss': 5. - 0.1 * i, 'time': 10. if i <= 2 else 1. + 0.01 * i, 'data_time': 0.1, 'memory': 2048 + i,
-              'iter': i, 'step': i} for i in range(1, 13)]
+    lines = [{'loss': 5. - 0.1 * i, 'time': 10. if i <= 2 else 1. + 0.01 * i, 'data_time': 0.1,
+              'memory': 30000 if i == 1 else 2048 + i, 'iter': i, 'step': i} for i in range(1, 13)]
     lines[-1]['time'] = 50.  # a profiled iteration: left out
     lines.append({'mIoU': 1.5, 'aAcc': 20., 'data_time': 0.1, 'time': 0.2, 'step': 12})
     out = bench_downstream.parse_scalars(lines, skip=2, untimed_tail=1)
@@ -54,6 +54,7 @@ def test_parse_scalars_takes_the_steady_median_and_the_metrics():
     assert out['iter_s'] == pytest.approx(1.07)
     assert out['first_loss'] == 4.9 and out['last_loss'] == pytest.approx(3.8) and out['loss_decreased']
     assert out['peak_mem_gb'] == round(2060 / 1024, 2) and out['metrics'] == {'mIoU': 1.5, 'aAcc': 20.}
+    assert out['peak_mem_gb_first_iters'] == round(30000 / 1024, 2)  # cuDNN autotuning's trial workspaces, apart
 
 
 def test_box_ops_on_gpu_rule():

@@ -2,7 +2,10 @@
 inference folding, the conv seam, modern execution paths and bad-input errors."""
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -10,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import SLaK  # noqa: E402  (registers the models)
 import timm  # noqa: E402
 
@@ -770,23 +774,63 @@ def test_stage_input_is_what_each_stage_receives():
 def test_warm_compile_caches_runs_each_stage_in_its_own_process(tail_backend, monkeypatch):
     """Where it applies (CUDA with the compiled tail; forced here on CPU with the tracing backend), one process per
     stage builds the model from its spec and compiles that stage's training graph and folded evaluation graph; the
-    processes report them and the summary line counts them. It stands aside on CPU, for other models and when
-    SLAK_WARM_CACHES=0."""
+    processes report them and the summary line counts them. It stands aside on CPU, for other models and unless
+    SLAK_WARM_CACHES=1 asks for it (measured slower than compiling in-process, so off by default)."""
     kwargs = dict(num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1, kernel_size=[7, 5, 5, 3, 3], Decom=True,
                   conv_impl='torch', drop_path_rate=0.1)
     model = timm.create_model('SLaK_tiny', **kwargs)
     spec = {'name': 'SLaK_tiny', 'kwargs': kwargs}
     assert SLaK.warm_compile_caches(model, spec, 2, 64, torch.bfloat16, device='cpu') is None
     assert SLaK.warm_compile_caches(torch.nn.Linear(2, 2), spec, 2, 64, None, force=True) is None
-    monkeypatch.setattr(SLaK, 'WARM_CACHES', False)
+    for setting in (False, 'auto'):  # 'auto': SLAK_WARM_CACHES unset
+        monkeypatch.setattr(SLaK, 'WARM_CACHES', setting)
+        assert SLaK.warm_compile_caches(model, spec, 2, 64, None, device='cuda') is None
+    monkeypatch.setattr(SLaK, 'WARM_CACHES', True)
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
     assert SLaK.warm_compile_caches(model, spec, 2, 64, None, device='cuda') is None
-    monkeypatch.setattr(SLaK, 'WARM_CACHES', 'auto')
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     warmer = SLaK.warm_compile_caches(model, spec, 2, 64, torch.bfloat16, device='cpu', eval_batch=3, force=True)
     assert len(warmer.processes) == 4
     summary = warmer.wait(timeout=240)
     assert summary['failed'] == [] and summary['processes'] == 4
     assert summary['graphs'] == 8  # per stage: the training graph and the folded evaluation graph
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc ('Z': a zombie, finished), or 'gone'."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return 'gone'
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux-only')
+def test_warm_up_processes_end_with_the_process_that_started_them(tmp_path):
+    """A run killed by a signal (a scheduler's time limit, the OOM killer: no atexit) leaves no warm-up process
+    compiling on its machine: each one asks Linux for SIGTERM when its parent dies. Here the warm-up job would sleep
+    two minutes; its parent is SIGKILLed and the job must be gone within seconds."""
+    (tmp_path / 'napper.py').write_text('import time\n\ndef nap(job):\n    time.sleep(job["s"])\n')
+    parent = (f'import sys, time\nsys.path.insert(0, {REPO!r})\nimport SLaK\n'
+              f'w = SLaK._start_warmers("nap", [{{"s": 120}}], module="napper")\n'
+              f'print(w.processes[0][1].pid, flush=True)\ntime.sleep(120)\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.Popen([sys.executable, '-c', parent], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        time.sleep(1.)
+        assert _process_state(child) not in ('gone', 'Z')  # asleep in its job
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 30
+    while _process_state(child) not in ('gone', 'Z') and time.time() < deadline:
+        time.sleep(0.2)
+    state = _process_state(child)
+    if state not in ('gone', 'Z'):
+        os.kill(child, signal.SIGKILL)
+    assert state in ('gone', 'Z'), f'the warm-up process outlived its parent (state {state})'
 
 
 def test_warm_compile_caches_failures_are_reported_not_raised(tail_backend, monkeypatch, capsys):
