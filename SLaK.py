@@ -1045,17 +1045,24 @@ def _start_warmers(entry: str, jobs: List[Dict[str, object]], env: Optional[Dict
     return CacheWarmer(processes, start)
 
 
-def fast_dwconv_layers(model: nn.Module) -> List[Tuple[int, int, int, int]]:
+def fast_dwconv_layers(model: nn.Module, dtype: Optional[torch.dtype] = None,
+                       device_type: str = 'cuda') -> List[Tuple[int, int, int, int]]:
     """(channels, kh, kw, stride) of every distinct depthwise layer of ``model`` (a :class:`SLaK`) that runs our
-    Triton kernels, with the stride of its stage's maps relative to the input (4, 8, 16, 32)."""
+    Triton kernels, with the stride of its stage's maps relative to the input (4, 8, 16, 32); with ``dtype``, less
+    those that inputs of that dtype on ``device_type`` send to cuDNN instead (fp32 small kernels:
+    ``routes_to_cudnn``)."""
     fast = _load_fast_dwconv()
     if fast is None or not isinstance(model, SLaK):
         return []
+    routes_to_cudnn = getattr(sys.modules[fast.__module__], 'routes_to_cudnn', None)
     layers = []
     for i, stage in enumerate(model.stages):
         for m in stage.modules():
             if isinstance(m, fast):
                 layer = (m.weight.shape[0], *m.weight.shape[2:], 4 * 2 ** i)
+                if dtype is not None and routes_to_cudnn is not None and routes_to_cudnn(dtype, device_type,
+                                                                                           *layer[1:3]):
+                    continue
                 if layer not in layers:
                     layers.append(layer)
     return layers
@@ -1084,7 +1091,7 @@ def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
     if not force and (device.type != 'cuda' or WARM_CACHES is False or kernels is None
                       or kernels.SPECIALISED_SIZES != 0):
         return None
-    layers = fast_dwconv_layers(model)
+    layers = fast_dwconv_layers(model, dtype, device.type)
     if not layers:
         return None
     workers = processes or max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -100,18 +100,35 @@ class Recorder:
         return launch
 
 
-def slak_t_layers(h, w):
-    """(channels, map height, map width, kh, kw) of SLaK-T's depthwise layers for an h x w (padded) input."""
+def cudnn_rule():
+    """``routes_to_cudnn(dtype, device_type, kh, kw)`` of ``cutlass/depthwise_conv2d_implicit_gemm.py``: the layers
+    it sends to cuDNN (fp32 small kernels) never reach our launchers."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import SLaK
+    finally:
+        sys.path.pop(0)
+    fast = SLaK._load_fast_dwconv()
+    return getattr(sys.modules[fast.__module__], "routes_to_cudnn", None) if fast is not None else None
+
+
+def slak_t_layers(h, w, dtype=None):
+    """(channels, map height, map width, kh, kw) of SLaK-T's depthwise layers for an h x w (padded) input; with
+    ``dtype``, only those that run our kernels on CUDA in that dtype."""
+    routes = cudnn_rule() if dtype is not None else None
     for stage, (c, k) in enumerate(STAGES):
         s = 4 * 2 ** stage
         for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
-            yield c, h // s, w // s, kh, kw
+            if routes is None or not routes(dtype, "cuda", kh, kw):
+                yield c, h // s, w // s, kh, kw
 
 
-def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None, eval_images=0):
+def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None, eval_images=0, cudnn_routing=True):
     """Distinct keys after each training iteration, then after ``eval_images`` test images (batch 1, the test
     pipeline's resize to 1333 x 800, forward only), with the module's SPECIALISED_SIZES or ``specialised_sizes``;
-    ``key_set`` holds the keys themselves (twins' kernel names end in " (twin)")."""
+    ``key_set`` holds the keys themselves (twins' kernel names end in " (twin)"). ``cudnn_routing``: leave out the
+    layers that run on cuDNN in ``dtype`` (fp32: the 5x5 branches and stage 4)."""
+    layer_dtype = dtype if cudnn_routing else None
     kern = load_kernels()
     keys = set()
     for name in [k for k in dir(kern) if k.startswith("dwconv_") and k.endswith("_kernel")]:
@@ -124,13 +141,13 @@ def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None
     for _ in range(iters):
         h, w = batch_size_padded(rng, batch)
         sizes.append((h, w))
-        for c, mh, mw, kh, kw in slak_t_layers(h, w):
+        for c, mh, mw, kh, kw in slak_t_layers(h, w, layer_dtype):
             kern.launch_layer_on_meta(batch, c, mh, mw, kh, kw, dtype)
         per_iter.append(len(keys))
     for _ in range(eval_images):
         w, h = rescale(*rng.choice(COCO_SIZES), (1333, 800))
         h, w = -(-h // 32) * 32, -(-w // 32) * 32
-        for c, mh, mw, kh, kw in slak_t_layers(h, w):
+        for c, mh, mw, kh, kw in slak_t_layers(h, w, layer_dtype):
             kern.launch_forward(torch.empty(1, c, mh, mw, device="meta", dtype=dtype),
                                 torch.empty(c, 1, kh, kw, device="meta", dtype=dtype))
     by_kernel = Counter(k[0] for k in keys)
@@ -147,10 +164,12 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = {}
-    for label, sizes in (("first 8 sizes specialised (the default)", None),
-                         ("every size specialised (before)", 10 ** 9), ("4 specialised sizes", 4),
-                         ("every size through the twins (detection.slak)", 0)):
-        r = out[label] = count(args.iters, args.seed, specialised_sizes=sizes, eval_images=args.eval_images)
+    for label, sizes, routing in (("first 8 sizes specialised (the default)", None, True),
+                                  ("every size specialised (before)", 10 ** 9, False), ("4 specialised sizes", 4, True),
+                                  ("every size through the twins, no cuDNN routing", 0, False),
+                                  ("every size through the twins (detection.slak)", 0, True)):
+        r = out[label] = count(args.iters, args.seed, specialised_sizes=sizes, eval_images=args.eval_images,
+                               cudnn_routing=routing)
         print(f"{label}: {args.iters} iterations, {r['distinct_inputs']} distinct padded input sizes, {r['keys']} "
               f"kernel specialisations ({', '.join(f'{k} {v}' for k, v in sorted(r['by_kernel'].items()))})")
         marks = [0, 1, 2, 4, 9, 19, 29, 49, 99, 199]

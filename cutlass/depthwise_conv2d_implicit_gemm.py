@@ -38,9 +38,10 @@ Fallback. ``is_supported(x, weight)`` says whether the Triton path runs. It does
 the tensors are on CPU and ``TRITON_INTERPRET=1`` was not set before Triton was imported (with it, the kernels run
 through Triton's interpreter, which is how CPU-only CI tests them); the dtype is not fp32/fp16/bf16; a kernel side
 exceeds ``MAX_KERNEL_SIZE``; or the weight is not depthwise-shaped for ``x``. Then the module computes
-``F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=C)`` and warns once per reason. Even kernel sizes raise
-``ValueError`` (constructor and functional form): "same" padding is not defined for them and the original extension
-wrote out of bounds.
+``F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=C)`` and warns once per reason. Small kernels in fp32 on
+CUDA (5x5, 13x5: ``routes_to_cudnn``) take that path by choice, silently: cuDNN was measured faster there. Even
+kernel sizes raise ``ValueError`` (constructor and functional form): "same" padding is not defined for them and the
+original extension wrote out of bounds.
 
 Name-clash rule: this folder is called ``cutlass/`` for fidelity with the original repository but has no
 ``__init__.py`` and must never get one: NVIDIA ships a real ``cutlass`` Python package, which must stay importable.
@@ -129,6 +130,20 @@ def is_supported(x: torch.Tensor, weight: torch.Tensor) -> Tuple[bool, str]:
     return True, ""
 
 
+# Small kernels in fp32 run on cuDNN. Measured on one H100 (benchmarks/RESULTS.md, issue 19, session 9; detection's
+# fp32 maps at batch 2, forward + both gradients): cuDNN took 0.43-0.92x our time on every 5x5 layer and on stage 4's
+# 13x5 / 5x13, while our kernels won the long ones (51x5 at 200x336: 2.66 vs 11.08 ms). In bf16 (autocast
+# training) ours stay: there cuDNN took 2.0x ours on the 5x5 (RESULTS round 4). Kernels of at most this many taps
+# go to cuDNN in fp32 on CUDA; SLAK_DWCONV_CUDNN_FP32_MAX_TAPS=0 keeps every size on ours.
+CUDNN_FP32_MAX_TAPS = int(os.environ.get("SLAK_DWCONV_CUDNN_FP32_MAX_TAPS", "65"))
+
+
+def routes_to_cudnn(dtype: torch.dtype, device_type: str, kh: int, kw: int) -> bool:
+    """Whether a (kh, kw) depthwise conv of ``dtype`` input on ``device_type`` runs on cuDNN by choice (fp32 small
+    kernels on CUDA, see ``CUDNN_FP32_MAX_TAPS``)."""
+    return device_type == "cuda" and dtype == torch.float32 and kh * kw <= CUDNN_FP32_MAX_TAPS
+
+
 # Set to True to route every call through the registered op (benchmarks compare the two routes).
 ALWAYS_REGISTERED_OP = False
 
@@ -171,8 +186,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         x = x.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     ok, reason = is_supported(x, weight)
-    if not ok:
-        _warn_once(reason)
+    if not ok or routes_to_cudnn(x.dtype, x.device.type, kh, kw):
+        if not ok:
+            _warn_once(reason)
         bias = bias.to(x.dtype) if bias is not None else None  # e.g. a folded fp32 bias with bf16 input
         return F.conv2d(x, weight.to(x.dtype), bias, padding=(kh // 2, kw // 2), groups=weight.shape[0])
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

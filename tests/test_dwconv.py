@@ -467,6 +467,42 @@ def test_cpu_falls_back_to_conv2d_with_one_warning():
     assert torch.equal(y, ref)
 
 
+def test_fp32_small_kernels_route_to_cudnn_by_rule(monkeypatch):
+    """The rule measured on an H100 (fp32: cuDNN faster on kernels of <= 65 taps; half precision: ours faster)."""
+    assert dw.routes_to_cudnn(torch.float32, "cuda", 5, 5) and dw.routes_to_cudnn(torch.float32, "cuda", 13, 5)
+    assert dw.routes_to_cudnn(torch.float32, "cuda", 5, 13) and dw.routes_to_cudnn(torch.float32, "cuda", 3, 3)
+    assert not dw.routes_to_cudnn(torch.float32, "cuda", 47, 5) and not dw.routes_to_cudnn(torch.float32, "cuda", 5, 51)
+    assert not dw.routes_to_cudnn(torch.bfloat16, "cuda", 5, 5) and not dw.routes_to_cudnn(torch.float16, "cuda", 5, 5)
+    assert not dw.routes_to_cudnn(torch.float32, "cpu", 5, 5)  # the interpreter's CPU runs keep our kernels
+    monkeypatch.setattr(dw, "CUDNN_FP32_MAX_TAPS", 0)  # SLAK_DWCONV_CUDNN_FP32_MAX_TAPS=0: never
+    assert not dw.routes_to_cudnn(torch.float32, "cuda", 3, 3)
+
+
+def test_routed_calls_run_conv2d_without_a_warning(monkeypatch):
+    """Where the rule sends a supported call to cuDNN, ``depthwise_conv2d`` returns ``F.conv2d``'s result (bias
+    included) without touching our kernels and without the fallback's warning; where it does not, our kernels run."""
+    calls = []
+
+    class Kernels:  # stands in for the Triton launchers: records and returns a marker
+        def dwconv2d_eager(self, x, weight):
+            calls.append("ours")
+            return torch.full_like(x, 7.0)
+
+        dwconv2d = dwconv2d_eager
+
+    monkeypatch.setattr(dw, "_kernels", Kernels())
+    monkeypatch.setattr(dw, "is_supported", lambda x, weight: (True, ""))
+    x, weight, bias = torch.randn(2, 4, 9, 11), torch.randn(4, 1, 5, 5), torch.randn(4)
+    monkeypatch.setattr(dw, "routes_to_cudnn", lambda dtype, device_type, kh, kw: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = dw.depthwise_conv2d(x, weight, bias)
+    torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=2, groups=4), rtol=0, atol=0)
+    assert calls == []
+    monkeypatch.setattr(dw, "routes_to_cudnn", lambda dtype, device_type, kh, kw: False)
+    assert (dw.depthwise_conv2d(x, weight) == 7.0).all() and calls == ["ours"]
+
+
 def test_even_kernel_raises():
     with pytest.raises(ValueError, match="odd"):
         dw.DepthWiseConv2dImplicitGEMM(4, (4, 3))
@@ -604,7 +640,7 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
     big_kernels = {c: big for c, big in tv.STAGES[2:]}
     # the simulator's twin keys, in twin_launch_keys' form (kernel names without the " (twin)" suffix)
     simulated = {(name[:-len(" (twin)")], sig, kwargs)
-                 for name, sig, kwargs in tv.count(iters=60, specialised_sizes=0)["key_set"]
+                 for name, sig, kwargs in tv.count(iters=60, specialised_sizes=0, cudnn_routing=False)["key_set"]
                  if {dict(kwargs).get("KH"), dict(kwargs).get("KW")} & set(big_kernels.values())}
     sides = range(320, 1345, 32)
     planned, maps = set(), 0

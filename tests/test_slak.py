@@ -935,10 +935,26 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
     c = model.dims  # kernel_size [7, 5, 5, 3, 3]: Decom branches (K, 3), (3, K) and the small 3 x 3, one per stage
     assert layers == [(c[0], 7, 3, 4), (c[0], 3, 7, 4), (c[0], 3, 3, 4), (c[1], 5, 3, 8), (c[1], 3, 5, 8),
                       (c[1], 3, 3, 8), (c[2], 5, 3, 16), (c[2], 3, 5, 16), (c[2], 3, 3, 16), (c[3], 3, 3, 32)]
+    assert SLaK.fast_dwconv_layers(model, torch.bfloat16, 'cuda') == layers
+    assert SLaK.fast_dwconv_layers(model, torch.float32, 'cpu') == layers
+    assert SLaK.fast_dwconv_layers(model, torch.float32, 'cuda') == []  # all <= 65 taps: cuDNN's in fp32
     assert SLaK.fast_dwconv_layers(torch.nn.Linear(2, 2)) == []
     assert SLaK.fast_dwconv_layers(timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1],
                                                      width_factor=0.1, kernel_size=[7, 5, 5, 3, 3],
                                                      conv_impl='torch')) == []
+
+
+def test_fp32_twin_warm_up_leaves_out_the_layers_cudnn_runs():
+    """SLaK-T's layers in fp32 on CUDA (detection's default): the long branches of stages 1-3 run our kernels, the
+    5x5 branches and all of stage 4 (13x5, 5x13, 5x5) run cuDNN, so the background compiles skip them."""
+    if SLaK._load_fast_dwconv() is None:
+        pytest.skip('triton is not installed')
+    model = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=1.3,
+                              kernel_size=[51, 49, 47, 13, 5], Decom=True, conv_impl='cutlass', device='meta')
+    c = model.dims
+    assert SLaK.fast_dwconv_layers(model, torch.float32, 'cuda') == [
+        (c[0], 51, 5, 4), (c[0], 5, 51, 4), (c[1], 49, 5, 8), (c[1], 5, 49, 8), (c[2], 47, 5, 16), (c[2], 5, 47, 16)]
+    assert len(SLaK.fast_dwconv_layers(model, torch.bfloat16, 'cuda')) == 12
 
 
 def test_warm_size_agnostic_kernels_splits_the_plan_over_processes(monkeypatch):
