@@ -16,7 +16,8 @@ the op namespaces, such as the ONNX exporter); the profiler table below shows th
 
 The hook records, after every training iteration, how many SLaK block-tail graphs are compiled so far
 (``SLaK._TAIL_STATE['keys']``) and the seconds torch.compile has spent (dynamo's ``_compile.compile_inner``
-timings: tracing plus Inductor's forward and backward code generation) and the ``@triton.jit`` kernels compiled so
+timings: tracing plus Inductor's forward code generation; plus ``bw_compiler``'s: AOTAutograd compiles the backward
+graph later, at its first backward call, outside those) and the ``@triton.jit`` kernels compiled so
 far with their seconds (``count_triton_compiles``: our depthwise kernels specialise on map sizes); it runs ``torch.profiler`` over the training
 iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time: a GPU kernel ran
 under the op) plus the top rows by GPU time. Everything is written as JSON to ``out_file`` after the run (and at
@@ -98,8 +99,9 @@ def compile_seconds() -> Optional[float]:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:
         return None
-    if '_compile.compile_inner' in compilation_time_metrics:
-        return round(float(sum(compilation_time_metrics['_compile.compile_inner'])), 3)
+    if '_compile.compile_inner' in compilation_time_metrics:  # (the backward graphs are compiled lazily, apart)
+        return round(sum(float(sum(compilation_time_metrics.get(key, ())))
+                         for key in ('_compile.compile_inner', 'compile_fx.<locals>.bw_compiler')), 3)
     return 0.0 if not compilation_time_metrics else None  # nothing compiled yet, or timings under another name
 
 
