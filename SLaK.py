@@ -28,6 +28,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import warnings
@@ -1066,6 +1067,71 @@ def fast_dwconv_layers(model: nn.Module, dtype: Optional[torch.dtype] = None,
                 if layer not in layers:
                     layers.append(layer)
     return layers
+
+
+# ---- our Triton kernels, compiled in parallel before the first step ----------------------------------------------
+# On a fresh machine the first training step compiled our depthwise kernels one after another as it met them (each
+# layer's forward, input and weight gradient at each stage: tens of versions, ~0.3-0.7 s each measured on an H100).
+# precompile_step_kernels finds the step's launches without launching anything (meta tensors) and compiles them in a
+# background thread with Triton's parallel compile while main.py loads data and computes the SNIP masks (which use
+# plain convolutions). One process, so nothing is traced twice (unlike the per-stage helper processes above).
+PRECOMPILE: Union[str, bool] = _env_switch('SLAK_PRECOMPILE')
+
+
+class KernelPrecompile:
+    """The background compile started by :func:`precompile_step_kernels`; :meth:`wait` joins it and prints one line
+    (its failures only cost time: the first step compiles what is missing)."""
+
+    def __init__(self, launches: list, workers: int, cuda_index: Optional[int] = None):
+        self.start, self.result = time.time(), {'kernels': 0, 'error': None}
+        kernels = sys.modules[_DWCONV_MODULE_NAME]._kernels
+
+        def run():
+            try:
+                if cuda_index is not None:  # a new thread starts on GPU 0; Triton compiles for the current device
+                    torch.cuda.set_device(cuda_index)
+                self.result['kernels'] = kernels.precompile(launches, workers)
+            except Exception as e:  # noqa: BLE001 - reported by wait(); the first step compiles instead
+                self.result['error'] = f'{type(e).__name__}: {str(e)[:200]}'
+            self.result['seconds'] = time.time() - self.start
+
+        self.thread = threading.Thread(target=run, name='slak-precompile', daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float = 300.) -> Dict[str, object]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.result['error'] = f'still compiling after {timeout:.0f} s'
+        self.result.setdefault('seconds', time.time() - self.start)
+        print(f'Triton kernels: {self.result["kernels"]} versions compiled ahead of the first step in '
+              f'{self.result["seconds"]:.1f} s' + (f' (failed, the first step compiles them: {self.result["error"]})'
+                                                   if self.result['error'] else ''))
+        return self.result
+
+
+def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype: torch.dtype,
+                            device: Union[str, torch.device] = 'cuda', workers: Optional[int] = None,
+                            force: bool = False) -> Optional[KernelPrecompile]:
+    """Start compiling, in a background thread, the versions of our Triton kernels that a training step of ``model``
+    (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
+    every depthwise layer's forward, input gradient and weight gradient at its stage's map size. Returns None where
+    it does not apply: not CUDA, ``SLAK_PRECOMPILE=0``, no layer on our kernels. The launches are found here, in
+    the calling thread (a dry run that must not overlap real launches); only the compiles run in the background.
+    ``force`` plans on any device (tests)."""
+    device = torch.device(device)
+    kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
+    if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is False):
+        return None
+    launches = []
+    for c, kh, kw, stride in fast_dwconv_layers(model, dtype, device.type):
+        side = input_size // stride  # (the stem and the downsampling convs have no padding: floors)
+        launches += kernels.layer_launches(batch, c, side, side, kh, kw, dtype)
+    if not launches:
+        return None
+    cuda_index = None
+    if device.type == 'cuda':
+        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+    return KernelPrecompile(launches, workers or max(1, min(8, (os.cpu_count() or 2) // 2)), cuda_index)
 
 
 TWIN_WARM_SIDES = range(320, 1345, 32)  # padded input sides of detection's multi-scale configs (480-800 x <= 1333)

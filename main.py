@@ -406,6 +406,17 @@ def model_kwargs(args: argparse.Namespace, name: str) -> dict:
     return kwargs
 
 
+def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                            amp_dtype: torch.dtype) -> Optional['SLaK.KernelPrecompile']:
+    """A CUDA training run of a SLaK model compiles the Triton kernel versions its training step launches in a
+    background thread (parallel compiles) while it loads data and computes the masks
+    (``SLaK.precompile_step_kernels``; ``SLAK_PRECOMPILE=0`` turns it off)."""
+    if args.eval:
+        return None
+    return SLaK.precompile_step_kernels(model, args.batch_size, args.input_size,
+                                        amp_dtype if args.use_amp else torch.float32, device)
+
+
 def start_cache_warming(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                         amp_dtype: torch.dtype) -> Optional['SLaK.CacheWarmer']:
     """With ``SLAK_WARM_CACHES=1``, a single-process CUDA training run of a SLaK model compiles its stages' kernels
@@ -849,6 +860,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         load_finetune(args, model)
     model = prepare_model(args, model, device)
     warmer = start_cache_warming(args, model, device, amp_dtype)
+    precompiler = start_kernel_precompile(args, model, device, amp_dtype)
     model_ema = build_ema(args, model)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -887,8 +899,9 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=mask is not None)
     if args.compile:
         model.compile()
-    if warmer is not None:
-        warmer.wait()
+    for pending in (warmer, precompiler):
+        if pending is not None:
+            pending.wait()
     if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's
         print(f'Peak GPU memory before training: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB')
         torch.cuda.reset_peak_memory_stats(device)

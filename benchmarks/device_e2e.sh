@@ -3,8 +3,8 @@
 #   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
 #                                          SLaK-T warm (~8-9 min on one H100)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
-#   bash benchmarks/device_e2e.sh profile  start-up phase by phase, cold and warm (profile_startup.py), then
-#                                          bench_dwconv.py --detection_shapes in the time left
+#   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold without and with the
+#                                          parallel kernel precompile, then warm (~7 min; PROFILE_RUNS to choose)
 #   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
 #                                          ConvNeXt-T (graph replays, training batch B, default 64)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
@@ -39,12 +39,10 @@ root = Path('.bench/data')
 print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
     FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
 print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
-    timeout "$(left 175)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
-      --runs cold,warm --steps 3 --eval_batches 2 -- $FLAGS --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 \
-      2>&1 | tee "$OUT/profile_startup.txt"
-    # then, in what time is left, issue 19's GPU correctness check of the kernels on detection's map sizes
-    timeout "$(left 228)" python3 benchmarks/bench_dwconv.py --detection_shapes 2>&1 \
-      | tee "$OUT/dwconv_detection.txt" | tail -12 ;;
+    # cold without the parallel kernel precompile (as before), cold with it (the default), then warm
+    timeout "$(left 440)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
+      --runs "${PROFILE_RUNS:-cold_noprecompile,cold,warm}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
+      --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 2>&1 | tee "$OUT/profile_startup.txt" ;;
   compile)
     # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than
     # eager + the blocks' compiled tails? Graph replays at training batch ${2:-64}, beside compiled ConvNeXt-T.

@@ -145,6 +145,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     mark('prepare_model')
     model = main_py.prepare_model(args_main, model, device)
     warmer = main_py.start_cache_warming(args_main, model, device, amp_dtype)
+    precompiler = main_py.start_kernel_precompile(args_main, model, device, amp_dtype)
     mark('build_ema')
     model_ema = main_py.build_ema(args_main, model)
     num_steps = main_py.steps_per_epoch(args_main, data)
@@ -158,10 +159,13 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
                              sparse=mask is not None)
     if args_main.compile:
         model.compile()
-    cache_warming = None
+    cache_warming = precompile = None
     if warmer is not None:
         mark('wait for cache warming')
         cache_warming = warmer.wait()
+    if precompiler is not None:
+        mark('wait for kernel precompile')
+        precompile = precompiler.wait()
 
     class Steps:
         """The training loader's first ``args.steps`` batches, a mark (GPU synchronised) before each."""
@@ -205,6 +209,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     result = {'marks': [(name, round(t, 3)) for name, t in marks], 'durations': durations,
               'first_step_s': times.get('train 1', times.get('end')),  # the first step done = the second begins
               'triton_compiles_in_process': triton_compiles, 'cache_warming': cache_warming,
+              'kernel_precompile': precompile,
               'profile': {name: sampler.report(name) for name in phases if name in sampler.samples}}
     try:
         import SLaK
@@ -218,7 +223,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
 def print_report(name: str, result: dict) -> None:
     print(f'\n==== {name}: first training step done {result["first_step_s"]:.1f} s after launch; tail graphs '
           f'{result.get("tail_graphs")}; Triton compiles in-process {result["triton_compiles_in_process"]}; '
-          f'cache warming {result.get("cache_warming")}')
+          f'cache warming {result.get("cache_warming")}; kernel precompile {result.get("kernel_precompile")}')
     for phase, seconds in result['durations'].items():
         prof = result['profile'].get(phase, {})
         cats = ', '.join(f'{c} {share:.0%}' for c, share in list(prof.get('categories', {}).items())[:6])
@@ -235,8 +240,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='.', help='folder for startup_<run>.json')
     parser.add_argument('--runs', default='cold,warm',
-                        help='cold (fresh caches), warm (reusing them); a _warmers suffix (cold_warmers, '
-                             'warm_warmers) runs with SLAK_WARM_CACHES=1 (the per-stage compile helpers, off by default)')
+                        help='cold (fresh caches), warm (reusing them); suffixes: _warmers (SLAK_WARM_CACHES=1: the '
+                             'per-stage compile helpers, off by default), _noprecompile (SLAK_PRECOMPILE=0: no '
+                             'parallel compile of the step\'s Triton kernels ahead of it), e.g. cold_noprecompile')
     parser.add_argument('--cache_root', default='', help='Inductor/Triton caches (default: a temporary folder)')
     parser.add_argument('--steps', type=int, default=3, help='training steps to time')
     parser.add_argument('--eval_batches', type=int, default=2)
@@ -259,13 +265,20 @@ def main() -> None:
             shutil.rmtree(caches, ignore_errors=True)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / 'inductor'), TRITON_CACHE_DIR=str(caches / 'triton'),
                    PYTHONUNBUFFERED='1')
-        env['SLAK_WARM_CACHES'] = '1' if run.endswith('_warmers') else '0'
+        env['SLAK_WARM_CACHES'] = '1' if '_warmers' in run else '0'
+        env['SLAK_PRECOMPILE'] = '0' if '_noprecompile' in run else '1'
         result_path = out / f'startup_{run}.json'
         cmd = [sys.executable, __file__, '--child', '--result', str(result_path), '--steps', str(args.steps),
                '--eval_batches', str(args.eval_batches), '--interval_ms', str(args.interval_ms), '--', *main_argv]
         start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout_s, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout_s, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        except subprocess.TimeoutExpired as e:  # report it and go on with the next run
+            tail = (e.stdout or b'')[-4000:]
+            print(f'==== {run}: still running after {args.timeout_s:.0f} s, stopped\n'
+                  f'{tail.decode(errors="replace") if isinstance(tail, bytes) else tail}')
+            continue
         if proc.returncode != 0 or not result_path.exists():
             print(f'==== {run}: exit code {proc.returncode} after {time.time() - start:.0f} s\n{proc.stdout[-4000:]}')
             continue

@@ -531,6 +531,56 @@ def twin_warm_plan(n: int, c: int, kh: int, kw: int, lengths, dtype: torch.dtype
     return plan
 
 
+_capturing: Optional[list] = None  # set by layer_launches: _pick wraps the kernel it chose in a _LaunchCapture
+
+
+class _LaunchCapture:
+    """Stands in for a kernel in a capture run: appends ``(kernel, args, kwargs)`` of each launch to ``out``, tensor
+    arguments replaced by their dtypes (what ``JITFunction.warmup`` takes for a tensor)."""
+
+    def __init__(self, kernel, out: list):
+        self.kernel, self.out = kernel, out
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.out.append((self.kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                             dict(kwargs)))
+        return launch
+
+
+def layer_launches(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> list:
+    """The launches (kernel, args with tensors as dtypes, kwargs) of one layer's forward, input gradient and weight
+    gradient on an (n, c, h, w) map, with the kernels a real call would pick (specialised or twin; the map size
+    counts as seen), found on meta tensors without launching anything. Not thread-safe: call it from the thread
+    that launches the kernels."""
+    global _capturing
+    out: list = []
+    _capturing = out
+    try:
+        launch_layer_on_meta(n, c, h, w, kh, kw, dtype)
+    finally:
+        _capturing = None
+    return out
+
+
+def precompile(launches: list, workers: int = 8) -> int:
+    """Compile, without launching, every distinct launch of ``launches`` (from :func:`layer_launches`) for the
+    current CUDA device, ``workers`` at a time through Triton's ``AsyncCompileMode`` (compiles in threads; its
+    passes run without the GIL), into the kernels' in-memory and on-disk caches. Returns how many; 0 where Triton
+    has no ``AsyncCompileMode`` (then the first launches compile, as before)."""
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or not launches:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+    distinct: dict = {}
+    for kernel, args, kwargs in launches:
+        distinct.setdefault((id(kernel), args, tuple(sorted(kwargs.items()))), (kernel, args, kwargs))
+    with ThreadPoolExecutor(max(1, workers)) as pool, mode(pool):
+        for kernel, args, kwargs in distinct.values():
+            kernel.warmup(*args, grid=(1,), **kwargs)
+    return len(distinct)
+
+
 def _pick(name: str, h: int, w: int):
     """The kernel ``name`` for an h x w map: the specialised one for the first SPECIALISED_SIZES sizes, else its
     size-agnostic twin. Looked up in the module's globals at call time, so tests may replace either."""
@@ -539,11 +589,13 @@ def _pick(name: str, h: int, w: int):
     kernel = globals()[name]
     if (h, w) in _specialised_sizes or len(_specialised_sizes) < SPECIALISED_SIZES:
         _specialised_sizes.add((h, w))
-        return kernel
-    twin = _TWINS.get(name)
-    if twin is None or twin[0] is not kernel:
-        twin = _TWINS[name] = (kernel, _size_agnostic_twin(kernel))
-    return twin[1]
+        chosen = kernel
+    else:
+        twin = _TWINS.get(name)
+        if twin is None or twin[0] is not kernel:
+            twin = _TWINS[name] = (kernel, _size_agnostic_twin(kernel))
+        chosen = twin[1]
+    return _LaunchCapture(chosen, _capturing) if _capturing is not None else chosen
 
 
 def _use_tf32(dtype: torch.dtype) -> bool:

@@ -658,6 +658,66 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
     assert maps < 50 and len(planned) < 2 * len(simulated)
 
 
+@pytest.mark.parametrize("twins", [False, True])
+def test_layer_launches_capture_every_launch_with_the_kernel_a_call_picks(monkeypatch, twins):
+    """layer_launches (what SLaK.precompile_step_kernels compiles ahead): one entry per launch of the layer's
+    forward, input and weight gradient, in order, each with the kernel a real call would pick (specialised for a
+    classifier's sizes, the twin in twin mode) and the tensors given as their dtypes (JITFunction.warmup's form)."""
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(k, "SPECIALISED_SIZES", 0 if twins else 8)
+    monkeypatch.setattr(k, "_specialised_sizes", set())
+    for shape in ((4, 6, 14, 14, 13, 5), (2, 5, 7, 7, 5, 13), (3, 4, 20, 18, 5, 5)):
+        names: list = []
+        monkeypatch.setattr(k, "_recording", names)
+        k.launch_layer_on_meta(*shape, torch.bfloat16)
+        monkeypatch.setattr(k, "_recording", None)
+        launches = k.layer_launches(*shape, torch.bfloat16)
+        assert [kernel.fn.__name__ for kernel, _, _ in launches] == [name for name, _, _ in names]
+        for kernel, args, kwargs in launches:
+            plain = getattr(k, kernel.fn.__name__)
+            assert (kernel is not plain) == twins and (not twins or kernel is k._TWINS[kernel.fn.__name__][1])
+            assert not any(isinstance(a, torch.Tensor) for a in args) and torch.bfloat16 in args
+            assert "num_warps" in kwargs
+        assert k._capturing is None
+    assert k._specialised_sizes == (set() if twins else {(14, 14), (7, 7), (20, 18)})
+
+
+def test_precompile_compiles_each_distinct_launch_once_in_async_mode(monkeypatch):
+    k = dw._kernels
+    if k is None:
+        pytest.skip("triton is not installed")
+    events = []
+
+    class Mode:  # stands in for triton.AsyncCompileMode
+        def __init__(self, executor):
+            self.executor = executor
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def warmup(self, *args, grid, **kwargs):
+            events.append((self.name, args, grid, kwargs))
+
+    a, b = Kernel("a"), Kernel("b")
+    launches = [(a, (torch.bfloat16, 7), {"num_warps": 4}), (a, (torch.bfloat16, 7), {"num_warps": 4}),
+                (a, (torch.bfloat16, 8), {"num_warps": 4}), (b, (torch.bfloat16, 7), {"num_warps": 4})]
+    monkeypatch.setattr(k, "triton", type("T", (), {"AsyncCompileMode": Mode}))
+    assert k.precompile(launches, workers=2) == 3
+    assert events[0] == "enter" and events[-1] == "exit" and len(events) == 5
+    assert ("a", (torch.bfloat16, 7), (1,), {"num_warps": 4}) in events
+    monkeypatch.setattr(k, "triton", type("T", (), {}))  # a Triton without AsyncCompileMode: nothing ahead of time
+    assert k.precompile(launches) == 0
+
+
 def test_a_triton_without_the_twin_options_keeps_the_specialised_kernel(monkeypatch):
     k = dw._kernels
     if k is None:

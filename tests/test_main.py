@@ -780,3 +780,19 @@ def test_resumed_schedule_keeps_an_unchanged_decay_and_follows_a_longer_run(caps
         restored.step()
         rates.append(restored.get_dr())
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.005, abs=1e-15)
+
+
+def test_training_runs_precompile_the_step_kernels_in_the_autocast_dtype(monkeypatch):
+    """main.py hands SLaK.precompile_step_kernels the per-GPU batch, the input size and the dtype the step runs
+    in (the autocast dtype with --use_amp, else float32); evaluation-only runs compile nothing ahead."""
+    import SLaK
+    calls = []
+    monkeypatch.setattr(SLaK, 'precompile_step_kernels', lambda *a, **k: calls.append(a) or 'handle')
+    model, device = torch.nn.Linear(2, 2), torch.device('cpu')
+    args = argparse.Namespace(eval=False, batch_size=96, input_size=192, use_amp=True)
+    assert main.start_kernel_precompile(args, model, device, torch.bfloat16) == 'handle'
+    args.use_amp = False
+    main.start_kernel_precompile(args, model, device, torch.bfloat16)
+    assert calls == [(model, 96, 192, torch.bfloat16, device), (model, 96, 192, torch.float32, device)]
+    args.eval = True
+    assert main.start_kernel_precompile(args, model, device, torch.bfloat16) is None and len(calls) == 2

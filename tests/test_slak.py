@@ -944,6 +944,40 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
                                                      conv_impl='torch')) == []
 
 
+def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch, capsys):
+    """The training step's kernels are compiled ahead in a background thread: the launches of every Triton layer at
+    its stage's map size (input 64: 16, 8, 4, 2) at the training batch and dtype, handed to the compiler once; the
+    summary line reports them, and a failure is reported, not raised. Not on CPU, nor with SLAK_PRECOMPILE=0."""
+    if SLaK._load_fast_dwconv() is None:
+        pytest.skip('triton is not installed')
+    kernels = sys.modules['depthwise_conv2d_implicit_gemm']._kernels
+    model = _tiny_cutlass_slak()
+    assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu') is None
+    monkeypatch.setattr(SLaK, 'PRECOMPILE', False)
+    assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cuda') is None
+    monkeypatch.setattr(kernels, '_specialised_sizes', set())
+    seen = []
+    monkeypatch.setattr(kernels, 'precompile', lambda launches, workers: seen.extend(launches) or len(launches))
+    handle = SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu', force=True)
+    result = handle.wait(timeout=60)
+    assert result['error'] is None and result['kernels'] == len(seen) > 0
+    expected = []
+    for c, kh, kw, stride in SLaK.fast_dwconv_layers(model, torch.bfloat16):
+        expected += kernels.layer_launches(3, c, 64 // stride, 64 // stride, kh, kw, torch.bfloat16)
+    assert [(kern.fn.__name__, args, kw) for kern, args, kw in seen] == \
+           [(kern.fn.__name__, args, kw) for kern, args, kw in expected]
+    assert {args[:1] for _, args, _ in seen} == {(torch.bfloat16,)}  # the input tensor, as its dtype
+    assert f'{len(seen)} versions compiled ahead of the first step' in capsys.readouterr().out
+
+    def broken(launches, workers):
+        raise RuntimeError('no GPU here')
+
+    monkeypatch.setattr(kernels, 'precompile', broken)
+    result = SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu', force=True).wait(timeout=60)
+    assert result['kernels'] == 0 and 'RuntimeError: no GPU here' in result['error']
+    assert 'failed, the first step compiles them' in capsys.readouterr().out
+
+
 def test_fp32_twin_warm_up_leaves_out_the_layers_cudnn_runs():
     """SLaK-T's layers in fp32 on CUDA (detection's default): the long branches of stages 1-3 run our kernels, the
     5x5 branches and all of stage 4 (13x5, 5x13, 5x5) run cuDNN, so the background compiles skip them."""
