@@ -1075,6 +1075,8 @@ def fast_dwconv_layers(model: nn.Module, dtype: Optional[torch.dtype] = None,
 # precompile_step_kernels finds the step's launches without launching anything (meta tensors) and compiles them in a
 # background thread with Triton's parallel compile while main.py loads data and computes the SNIP masks (which use
 # plain convolutions). One process, so nothing is traced twice (unlike the per-stage helper processes above).
+# Opt-in (SLAK_PRECOMPILE=1) until a GPU measurement shows it helps: the per-stage helpers, on by default before
+# they were measured, turned out slower (benchmarks/profile_startup.py's cold_noprecompile/cold runs compare).
 PRECOMPILE: Union[str, bool] = _env_switch('SLAK_PRECOMPILE')
 
 
@@ -1115,12 +1117,12 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
     """Start compiling, in a background thread, the versions of our Triton kernels that a training step of ``model``
     (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
     every depthwise layer's forward, input gradient and weight gradient at its stage's map size. Returns None where
-    it does not apply: not CUDA, ``SLAK_PRECOMPILE=0``, no layer on our kernels. The launches are found here, in
+    it does not apply: not asked for (``SLAK_PRECOMPILE=1``), not CUDA, no layer on our kernels. The launches are found here, in
     the calling thread (a dry run that must not overlap real launches); only the compiles run in the background.
     ``force`` plans on any device (tests)."""
     device = torch.device(device)
     kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
-    if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is False):
+    if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is not True):
         return None
     launches = []
     for c, kh, kw, stride in fast_dwconv_layers(model, dtype, device.type):

@@ -408,9 +408,9 @@ def model_kwargs(args: argparse.Namespace, name: str) -> dict:
 
 def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                             amp_dtype: torch.dtype) -> Optional['SLaK.KernelPrecompile']:
-    """A CUDA training run of a SLaK model compiles the Triton kernel versions its training step launches in a
-    background thread (parallel compiles) while it loads data and computes the masks
-    (``SLaK.precompile_step_kernels``; ``SLAK_PRECOMPILE=0`` turns it off)."""
+    """With ``SLAK_PRECOMPILE=1``, a CUDA training run of a SLaK model compiles the Triton kernel versions its
+    training step launches in a background thread (parallel compiles) while it loads data and computes the masks
+    (``SLaK.precompile_step_kernels``; opt-in until measured on a GPU)."""
     if args.eval:
         return None
     return SLaK.precompile_step_kernels(model, args.batch_size, args.input_size,

@@ -242,7 +242,8 @@ def main() -> None:
     parser.add_argument('--runs', default='cold,warm',
                         help='cold (fresh caches), warm (reusing them); suffixes: _warmers (SLAK_WARM_CACHES=1: the '
                              'per-stage compile helpers, off by default), _noprecompile (SLAK_PRECOMPILE=0: no '
-                             'parallel compile of the step\'s Triton kernels ahead of it), e.g. cold_noprecompile')
+                             'parallel compile of the step\'s Triton kernels ahead of it; without the suffix this '
+                             'script sets SLAK_PRECOMPILE=1, opt-in in main.py), e.g. cold_noprecompile')
     parser.add_argument('--cache_root', default='', help='Inductor/Triton caches (default: a temporary folder)')
     parser.add_argument('--steps', type=int, default=3, help='training steps to time')
     parser.add_argument('--eval_batches', type=int, default=2)

@@ -947,14 +947,15 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
 def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch, capsys):
     """The training step's kernels are compiled ahead in a background thread: the launches of every Triton layer at
     its stage's map size (input 64: 16, 8, 4, 2) at the training batch and dtype, handed to the compiler once; the
-    summary line reports them, and a failure is reported, not raised. Not on CPU, nor with SLAK_PRECOMPILE=0."""
+    summary line reports them, and a failure is reported, not raised. Not on CPU, nor unless SLAK_PRECOMPILE=1."""
     if SLaK._load_fast_dwconv() is None:
         pytest.skip('triton is not installed')
     kernels = sys.modules['depthwise_conv2d_implicit_gemm']._kernels
     model = _tiny_cutlass_slak()
     assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu') is None
-    monkeypatch.setattr(SLaK, 'PRECOMPILE', False)
-    assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cuda') is None
+    for setting in (False, 'auto'):  # off, and unset: opt-in until measured
+        monkeypatch.setattr(SLaK, 'PRECOMPILE', setting)
+        assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cuda') is None
     monkeypatch.setattr(kernels, '_specialised_sizes', set())
     seen = []
     monkeypatch.setattr(kernels, 'precompile', lambda launches, workers: seen.extend(launches) or len(launches))
