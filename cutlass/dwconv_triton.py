@@ -496,14 +496,19 @@ class _TwinKeyRecorder:
 def twin_launch_keys(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> set:
     """The twin-kernel versions (Triton compile keys) that one layer's forward, input gradient and weight gradient
     on an (n, c, h, w) map launch, found without launching anything (meta tensors, recorders)."""
-    global _recording
-    keys: list = []
-    _recording = keys
+    return set(_dry_run("_recording", n, c, h, w, kh, kw, dtype))
+
+
+def _dry_run(switch: str, n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> list:
+    """One layer's launches on meta tensors with the module global ``switch`` (``_recording``: twin keys, or
+    ``_capturing``: launches) set to a fresh list for ``_pick``'s stand-ins to fill; returns the list."""
+    out: list = []
+    globals()[switch] = out
     try:
         launch_layer_on_meta(n, c, h, w, kh, kw, dtype)
     finally:
-        _recording = None
-    return set(keys)
+        globals()[switch] = None
+    return out
 
 
 def launch_layer_on_meta(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> None:
@@ -553,14 +558,7 @@ def layer_launches(n: int, c: int, h: int, w: int, kh: int, kw: int, dtype: torc
     gradient on an (n, c, h, w) map, with the kernels a real call would pick (specialised or twin; the map size
     counts as seen), found on meta tensors without launching anything. Not thread-safe: call it from the thread
     that launches the kernels."""
-    global _capturing
-    out: list = []
-    _capturing = out
-    try:
-        launch_layer_on_meta(n, c, h, w, kh, kw, dtype)
-    finally:
-        _capturing = None
-    return out
+    return _dry_run("_capturing", n, c, h, w, kh, kw, dtype)
 
 
 def precompile(launches: list, workers: int = 8) -> int:
