@@ -136,7 +136,7 @@ def test_ade20k_loads_through_mmseg(data):
 def test_ade20k_labels_can_be_learnt_from_the_colours(data):
     """A segmentation run can only show a falling loss if the labels follow from the image: the nearest class colour
     of each labelled pixel (JPEG, blur, noise and the background's texture included) must name its class for most
-    pixels, the large background class included (0.77 here; 0.08 with v1's random backgrounds)."""
+    pixels, the large background class included (0.78 here; 0.08 with v1's random backgrounds)."""
     from PIL import Image
     root, _, _ = data
     base = root / bench_downstream.ADE_DIR / 'ADEChallengeData2016'
@@ -151,6 +151,20 @@ def test_ade20k_labels_can_be_learnt_from_the_colours(data):
         hits += int((nearest == truth).sum())
         total += truth.size
     assert total > 0 and hits / total > 0.7, hits / total
+
+
+def test_ade20k_background_classes_are_few_and_colours_far_apart(data):
+    """v3: each image's background ("stuff") class is one of the few frequent ones, as in ADE20K, so the most common
+    label of every map is among them; any two class colours are at least 39 apart (a grid palette)."""
+    from PIL import Image
+    root, _, _ = data
+    base = root / bench_downstream.ADE_DIR / 'ADEChallengeData2016' / 'annotations'
+    for label_path in sorted(base.glob('*/*.png')):
+        values, counts = np.unique(np.asarray(Image.open(label_path)), return_counts=True)
+        assert 1 <= values[np.argmax(counts)] <= bench_downstream.STUFF_CLASSES
+    colours = np.stack([bench_downstream._class_colour(c) for c in range(151)]).astype(np.float64)
+    gaps = np.sqrt(((colours[:, None] - colours[None]) ** 2).sum(-1)) + np.eye(151) * 1e9
+    assert gaps.min() >= 39
 
 
 def test_coco_loads_through_mmdet_with_polygons_and_rle(data):
