@@ -41,7 +41,9 @@ Steps:
 
 Writes ``downstream_<card>.json`` (issue 19's records) and ``downstream_<card>_runs.json`` (everything, with log
 tails) under ``--out`` after every run, so a cut-off call still leaves what was measured, and prints a summary.
-``--smoke`` shrinks models, images and runs for a CPU check of the whole chain (tests/test_bench_downstream.py).
+``--smoke`` shrinks models, images and runs for a CPU check of the whole chain (tests/test_bench_downstream.py);
+with ``--learning_check`` it keeps UperNet's model, lr and batch and only shrinks the crops (128 px), to check on a
+CPU that the loss falls on the generated data (``benchmarks/RESULTS.md``, issue 19).
 """
 from __future__ import annotations
 
@@ -345,6 +347,20 @@ def run_options(task: str, data_root: Path, checkpoint: Path, backbone: str, ite
     return options
 
 
+def learning_check_options(crop: int = 128) -> Dict[str, object]:
+    """``--learning_check``: UperNet as configured (full-width backbone and heads, lr, batch) on crops of ``crop``
+    px, no loader workers: on CPU, whether the loss falls within the benchmark's iterations on this data."""
+    options: Dict[str, object] = {}
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options.update({f'{loader}.num_workers': 0, f'{loader}.persistent_workers': False})
+    options.update({'model.data_preprocessor.size': (crop, crop), 'model.test_cfg.crop_size': (crop, crop),
+                    'model.test_cfg.stride': (crop * 2 // 3, crop * 2 // 3),
+                    'train_dataloader.dataset.pipeline.2.scale': (4 * crop, crop),
+                    'train_dataloader.dataset.pipeline.3.crop_size': (crop, crop),
+                    'val_dataloader.dataset.pipeline.1.scale': (4 * crop, crop)})
+    return options
+
+
 def smoke_options(task: str, backbone: str) -> Dict[str, object]:
     """``--smoke``: width-0.125 backbones, 32-channel heads, images of ~64-128 px, no loader workers (CPU check)."""
     kernels = [7, 7, 5, 5, 3] if backbone == 'SLaK-T' else [3, 3, 3, 3, 100]
@@ -463,6 +479,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument('--seg_train_py', default='', help="mmsegmentation's tools/train.py (default: the wheel's)")
     parser.add_argument('--det_train_py', default='', help="mmdet's tools/train.py (default: the wheel's)")
     parser.add_argument('--smoke', action='store_true', help='tiny models and images: a CPU check of the chain')
+    parser.add_argument('--learning_check', action='store_true',
+                        help='with --smoke and --runs upernet_slak: the configured model on 128 px crops (CPU, '
+                             '~4 s an iteration): does the loss fall on this data?')
     args = parser.parse_args(argv)
     t0 = time.time()
     wanted = list(RUNS) if args.runs == 'all' else args.runs.split(',')
@@ -498,7 +517,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if not (data_root / 'coco' / 'annotations' / 'instances_val2017.json').is_file():
             report['data']['coco'] = write_coco(data_root / 'coco', args.train_images, args.val_images, args.workers,
                                                 short['cascade_mask_rcnn'])
-    flags = SMOKE_BACKBONE_FLAGS if args.smoke else BACKBONE_FLAGS
+    flags = SMOKE_BACKBONE_FLAGS if args.smoke and not args.learning_check else BACKBONE_FLAGS
     checkpoints, report['checkpoints'] = {}, {}
     for backbone in sorted({RUNS[r][1] for r in wanted}):
         path = work_root / f'{backbone}_classification.pth'
@@ -523,7 +542,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             if task == 'cascade_mask_rcnn' and args.profile_iters else []
         config = probe_config(run_dir / 'config.py', task, run_dir / 'probe.json', profile)
         options = run_options(task, data_root, checkpoints[backbone], backbone, args.iters, args.warmup_iters)
-        if args.smoke:
+        if args.learning_check:
+            options.update(learning_check_options())
+        elif args.smoke:
             options.update(smoke_options(task, backbone))
         cmd = [sys.executable, '-m', 'segmentation.mmcv_ext_fallback', str(tools[framework]), str(config),
                '--work-dir', str(run_dir / 'work'), *(['--amp'] if args.amp else []),
