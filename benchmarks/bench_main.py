@@ -118,6 +118,7 @@ EPOCH_END = re.compile(r'^Epoch: \[(\d+)\] Total time')
 EVAL_END = re.compile(r'^\* Acc@1')
 IPS = re.compile(r'img/s: ([\d.]+)')
 MEM = re.compile(r'max mem: (\d+)')
+PRECOMPILED = re.compile(r'^Triton kernels: (\d+) versions compiled ahead of the first step in ([\d.]+) s')
 PHASES = {  # first log line of each start-up phase (main.py's order)
     'data_ready': re.compile(r'^(Mixup is activated|Model: )'),
     'masks_ready': re.compile(r'^sparse masks'),
@@ -184,6 +185,9 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
             m = MEM.search(line)
             if m:
                 mems.append(float(m.group(1)) / 1024)
+        m = PRECOMPILED.search(line)
+        if m:  # SLAK_PRECOMPILE=1: the step's Triton kernels compiled in a background thread
+            out['precompiled_kernels'], out['precompile_s'] = int(m.group(1)), float(m.group(2))
         if line.startswith('Peak GPU memory before training'):
             m = re.search(r'([\d.]+) GiB', line)
             out['startup_peak_mem_gb'] = float(m.group(1)) if m else None
@@ -263,8 +267,8 @@ def main() -> None:
     parser.add_argument('--num_workers', type=int, default=os.cpu_count())
     parser.add_argument('--runs', default='all',
                         help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
-                             'throughput, throughput_graph; also slak_compile (SLaK-T with --compile true; not in '
-                             '"all")')
+                             'throughput, throughput_graph; also (not in "all") slak_compile (SLaK-T with --compile '
+                             'true) and slak_cold_precompile, slak_warm_precompile (SLAK_PRECOMPILE=1, own caches)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
@@ -305,7 +309,7 @@ def main() -> None:
         (out_dir / f'e2e_{card}{suffix}.json').write_text(json.dumps(records, indent=1))
         (out_dir / f'e2e_{card}{suffix}_runs.json').write_text(json.dumps(report, indent=1))
 
-    def main_run(name: str, flags: List[str], cache: str) -> Optional[Dict]:
+    def main_run(name: str, flags: List[str], cache: str, **env) -> Optional[Dict]:
         if name not in wanted:
             return None
         if time.time() - t0 > args.budget_s:
@@ -315,7 +319,7 @@ def main() -> None:
         cmd = [sys.executable, 'main.py', *flags, *COMMON_FLAGS, '--batch_size', str(args.batch_size),
                '--epochs', str(args.epochs), '--data_path', data_path, '--num_workers', str(args.num_workers),
                '--output_dir', out, '--gpu_pipeline', args.gpu_pipeline]
-        lines = run_logged(cmd, env_with(cache), args.run_timeout_s)
+        lines = run_logged(cmd, env_with(cache, **env), args.run_timeout_s)
         parsed = parse_main_log(lines, args.val_images)
         parsed['command'] = ' '.join(cmd[1:])
         parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines if not line.startswith(('Test:', '  '))][-60:]
@@ -338,6 +342,9 @@ def main() -> None:
     convnext_c = main_run('convnext_compile', CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext')
     slak_warm = main_run('slak_warm', SLAK_T_FLAGS, 'slak')
     slak_c = main_run('slak_compile', SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile')  # cold caches
+    # opt-in: the step's Triton kernels compiled ahead in a background thread (SLAK_PRECOMPILE=1), own caches
+    main_run('slak_cold_precompile', SLAK_T_FLAGS, 'slak_precompile', SLAK_PRECOMPILE='1')
+    main_run('slak_warm_precompile', SLAK_T_FLAGS, 'slak_precompile', SLAK_PRECOMPILE='1')
 
     bench = {}
     names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of issue 18's end-to-end measurement (see benchmarks/bench_main.py and RESULTS.md "End to end").
 #   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
-#                                          SLaK-T warm (~8-9 min on one H100)
+#                                          SLaK-T warm (~8-9 min on one H100); MAIN_RUNS picks others (bench_main.py
+#                                          --runs, e.g. slak_cold_precompile,slak_warm_precompile)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold without and with the
 #                                          parallel kernel precompile, then warm (~7 min; PROFILE_RUNS to choose)
@@ -26,7 +27,7 @@ left() { echo $(( $1 - $(date +%s) + START )); }
 case "${1:-main}" in
   main)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
-      --runs loader,slak_cold,convnext,convnext_compile,slak_warm --budget_s "$(left 480)" --run_timeout_s 250 \
+      --runs "${MAIN_RUNS:-loader,slak_cold,convnext,convnext_compile,slak_warm}" --budget_s "$(left 480)" --run_timeout_s 250 \
       2>&1 | grep -v -e '^Test:' -e '^  ' | tee "$OUT/bench_main.log" | tail -40 ;;
   bench)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
