@@ -1111,15 +1111,20 @@ class KernelPrecompile:
         return self.result
 
 
+def _background_workers() -> int:
+    """How many compiles the background kernel warm-ups run side by side: half the cores, 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype: torch.dtype,
                             device: Union[str, torch.device] = 'cuda', workers: Optional[int] = None,
                             force: bool = False) -> Optional[KernelPrecompile]:
     """Start compiling, in a background thread, the versions of our Triton kernels that a training step of ``model``
     (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
     every depthwise layer's forward, input gradient and weight gradient at its stage's map size. Returns None where
-    it does not apply: not asked for (``SLAK_PRECOMPILE=1``), not CUDA, no layer on our kernels. The launches are found here, in
-    the calling thread (a dry run that must not overlap real launches); only the compiles run in the background.
-    ``force`` plans on any device (tests)."""
+    it does not apply: not asked for (``SLAK_PRECOMPILE=1``), not CUDA, no layer on our kernels. The launches are
+    found here, in the calling thread (a dry run that must not overlap real launches); only the compiles run in the
+    background. ``force`` plans on any device (tests)."""
     device = torch.device(device)
     kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
     if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is not True):
@@ -1133,7 +1138,7 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
     cuda_index = None
     if device.type == 'cuda':
         cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-    return KernelPrecompile(launches, workers or max(1, min(8, (os.cpu_count() or 2) // 2)), cuda_index)
+    return KernelPrecompile(launches, workers or _background_workers(), cuda_index)
 
 
 TWIN_WARM_SIDES = range(320, 1345, 32)  # padded input sides of detection's multi-scale configs (480-800 x <= 1333)
@@ -1162,7 +1167,7 @@ def warm_size_agnostic_kernels(model: nn.Module, batch: int, dtype: torch.dtype,
     layers = fast_dwconv_layers(model, dtype, device.type)
     if not layers:
         return None
-    workers = processes or max(1, min(8, (os.cpu_count() or 2) // 2))
+    workers = processes or _background_workers()
     jobs = [dict(layers=layers, batch=batch, dtype=str(dtype).replace('torch.', ''), sides=list(sides),
                  device=str(device), worker=worker, workers=workers, dry_run=dry_run) for worker in range(workers)]
     return _start_warmers('_warm_twins', jobs, env={'SLAK_DWCONV_SPECIALISED_SIZES': '0'})

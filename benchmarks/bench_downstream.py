@@ -35,8 +35,8 @@ Steps:
    ones (after ``--skip_iters``, without the profiled ones), loss first / last (and means of the first / last 5),
    peak GPU memory (mmengine's ``memory``: ``max_memory_allocated`` since the previous log line) over the steady
    iterations and, apart, over the first ones (cuDNN's autotuning of new shapes, which mmseg's configs turn on,
-   briefly holds tens of GB of trial workspace there: 38 GB for both backbones), the validation metrics (mIoU; COCO bbox / segm
-   AP); from the probe: NMS / RoIAlign calls by device and a ``torch.profiler`` table of the last
+   briefly holds tens of GB of trial workspace there: 38 GB for both backbones), the validation metrics (mIoU;
+   COCO bbox / segm AP); from the probe: NMS / RoIAlign calls by device and a ``torch.profiler`` table of the last
    ``--profile_iters`` detection iterations, SLaK tail graphs compiled (after each iteration) and torch.compile seconds.
 
 Writes ``downstream_<card>.json`` (issue 19's records) and ``downstream_<card>_runs.json`` (everything, with log
@@ -347,35 +347,41 @@ def run_options(task: str, data_root: Path, checkpoint: Path, backbone: str, ite
     return options
 
 
-def learning_check_options(crop: int = 128) -> Dict[str, object]:
-    """``--learning_check``: UperNet as configured (full-width backbone and heads, lr, batch) on crops of ``crop``
-    px, no loader workers: on CPU, whether the loss falls within the benchmark's iterations on this data."""
+def _cpu_loader_options() -> Dict[str, object]:
+    """No loader worker processes (the CPU checks)."""
     options: Dict[str, object] = {}
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         options.update({f'{loader}.num_workers': 0, f'{loader}.persistent_workers': False})
-    options.update({'model.data_preprocessor.size': (crop, crop), 'model.test_cfg.crop_size': (crop, crop),
-                    'model.test_cfg.stride': (crop * 2 // 3, crop * 2 // 3),
-                    'train_dataloader.dataset.pipeline.2.scale': (4 * crop, crop),
-                    'train_dataloader.dataset.pipeline.3.crop_size': (crop, crop),
-                    'val_dataloader.dataset.pipeline.1.scale': (4 * crop, crop)})
     return options
+
+
+def _upernet_crop_options(crop: int) -> Dict[str, object]:
+    """UperNet on ``crop`` x ``crop`` crops of images resized to a short side of ``crop`` (the config: 512), slid
+    over at test time with a third of overlap."""
+    stride = round(crop * 2 / 3)
+    return {'model.data_preprocessor.size': (crop, crop), 'model.test_cfg.crop_size': (crop, crop),
+            'model.test_cfg.stride': (stride, stride), 'train_dataloader.dataset.pipeline.2.scale': (4 * crop, crop),
+            'train_dataloader.dataset.pipeline.3.crop_size': (crop, crop),
+            'val_dataloader.dataset.pipeline.1.scale': (4 * crop, crop)}
+
+
+def learning_check_options(crop: int = 128) -> Dict[str, object]:
+    """``--learning_check``: UperNet as configured (full-width backbone and heads, lr, batch) on crops of ``crop``
+    px, no loader workers: on CPU, whether the loss falls within the benchmark's iterations on this data."""
+    return {**_cpu_loader_options(), **_upernet_crop_options(crop)}
 
 
 def smoke_options(task: str, backbone: str) -> Dict[str, object]:
     """``--smoke``: width-0.125 backbones, 32-channel heads, images of ~64-128 px, no loader workers (CPU check)."""
     kernels = [7, 7, 5, 5, 3] if backbone == 'SLaK-T' else [3, 3, 3, 3, 100]
     channels = [12, 24, 48, 96]
-    options: Dict[str, object] = {'model.backbone.width_factor': 0.125, 'model.backbone.kernel_size': kernels}
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        options.update({f'{loader}.num_workers': 0, f'{loader}.persistent_workers': False})
+    options: Dict[str, object] = {'model.backbone.width_factor': 0.125, 'model.backbone.kernel_size': kernels,
+                                  **_cpu_loader_options()}
     if task == 'upernet':
         options.update({
-            'model.data_preprocessor.size': (64, 64), 'model.decode_head.in_channels': channels,
+            **_upernet_crop_options(64), 'model.decode_head.in_channels': channels,
             'model.decode_head.channels': 16, 'model.auxiliary_head.in_channels': 48,
-            'model.auxiliary_head.channels': 8, 'model.test_cfg.crop_size': (64, 64),
-            'model.test_cfg.stride': (43, 43), 'train_dataloader.dataset.pipeline.2.scale': (256, 64),
-            'train_dataloader.dataset.pipeline.3.crop_size': (64, 64),
-            'val_dataloader.dataset.pipeline.1.scale': (256, 64)})
+            'model.auxiliary_head.channels': 8})
         return options
     scales = [(96, 160), (128, 213)]
     options.update({
@@ -573,9 +579,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         report['runs'][name] = parsed
         records.append({
             'task': task, 'backbone': backbone, 'iters': parsed['iters'], 'iter_s': parsed.get('iter_s'),
-            'peak_mem_gb': parsed.get('peak_mem_gb'), 'peak_mem_gb_first_iters': parsed.get('peak_mem_gb_first_iters'),
-            'first_loss': parsed.get('first_loss'), 'last_loss': parsed.get('last_loss'),
-            'loss_first5': parsed.get('loss_first5'), 'loss_last5': parsed.get('loss_last5'), 'nms_roi_on_gpu': probe.get('box_ops_on_gpu'),
+            **{key: parsed.get(key) for key in ('peak_mem_gb', 'peak_mem_gb_first_iters', 'first_loss', 'last_loss',
+                                                'loss_first5', 'loss_last5')},
+            'nms_roi_on_gpu': probe.get('box_ops_on_gpu'),
             'compiled_tail_graphs': parsed['compiled_tail_graphs'], 'card': card,
             'compile_tail': extra_env.get('SLAK_COMPILE_TAIL', 'default'), 'amp': args.amp,
             'tail_compile_s': parsed['compile_s_train'], 'loss_decreased': parsed.get('loss_decreased'),
@@ -584,9 +590,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             'triton_compile_s': (probe.get('triton') or {}).get('seconds')})
         print(f'{name}: exit {exit_code}, {parsed["iters"]} iters, iter_s {parsed.get("iter_s")}, loss '
               f'{parsed.get("first_loss")} -> {parsed.get("last_loss")}, peak {parsed.get("peak_mem_gb")} GB, tail '
-              f'graphs {parsed["compiled_tail_graphs"]}, compile {parsed["compile_s_train"]} s, Triton kernels compiled '
-              f'{probe.get("triton")}, box ops '
-              f'{probe.get("box_op_calls")}, metrics {parsed.get("metrics")}', flush=True)
+              f'graphs {parsed["compiled_tail_graphs"]}, compile {parsed["compile_s_train"]} s, Triton kernels '
+              f'compiled {probe.get("triton")}, box ops {probe.get("box_op_calls")}, metrics {parsed.get("metrics")}',
+              flush=True)
         save()
 
     base = {r['task']: r['iter_s'] for r in records if r['backbone'] == 'ConvNeXt-T' and r['iter_s']}

@@ -40,7 +40,8 @@ root = Path('.bench/data')
 print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
     FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
 print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
-    # cold without the parallel kernel precompile (as before), cold with it (the default), then warm
+    # cold without the parallel kernel precompile (main.py's default), cold with it (opt-in; profile_startup.py sets
+    # SLAK_PRECOMPILE=1 unless a run ends in _noprecompile), then warm with it
     timeout "$(left 440)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
       --runs "${PROFILE_RUNS:-cold_noprecompile,cold,warm}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
       --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 2>&1 | tee "$OUT/profile_startup.txt" ;;

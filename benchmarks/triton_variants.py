@@ -78,13 +78,14 @@ def int_key(v, align=True, value=True):
 
 
 class Recorder:
-    """Stands in for a ``@triton.jit`` kernel: records the specialisation key of every launch. ``twin_of``: record
-    as the size-agnostic twin of that kernel (its integer parameters split as ``dwconv_triton._int_params`` does)."""
+    """Stands in for a ``@triton.jit`` kernel: records the specialisation key of every launch. ``sizes``: record as
+    the size-agnostic twin whose unspecialised size parameters these are (``dwconv_triton._int_params``); None: the
+    fully specialised kernel."""
 
-    def __init__(self, name, keys, fn, twin=False):
-        self.name, self.keys, self.fn, self.twin = name, keys, fn, twin
+    def __init__(self, name, keys, fn, sizes=None):
+        self.name, self.keys, self.fn = name, keys, fn
+        self.twin, self.sizes = sizes is not None, set(sizes or ())
         self.params = list(inspect.signature(fn).parameters)
-        self.sizes = {n for n in self.params if not n.islower()} if twin else set()
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -112,14 +113,13 @@ def cudnn_rule():
     return getattr(sys.modules[fast.__module__], "routes_to_cudnn", None) if fast is not None else None
 
 
-def slak_t_layers(h, w, dtype=None):
+def slak_t_layers(h, w, dtype=None, routes=None):
     """(channels, map height, map width, kh, kw) of SLaK-T's depthwise layers for an h x w (padded) input; with
-    ``dtype``, only those that run our kernels on CUDA in that dtype."""
-    routes = cudnn_rule() if dtype is not None else None
+    ``dtype`` and ``routes`` (:func:`cudnn_rule`), only those that run our kernels on CUDA in that dtype."""
     for stage, (c, k) in enumerate(STAGES):
         s = 4 * 2 ** stage
         for kh, kw in ((k, SMALL), (SMALL, k), (SMALL, SMALL)):
-            if routes is None or not routes(dtype, "cuda", kh, kw):
+            if routes is None or dtype is None or not routes(dtype, "cuda", kh, kw):
                 yield c, h // s, w // s, kh, kw
 
 
@@ -128,12 +128,12 @@ def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None
     pipeline's resize to 1333 x 800, forward only), with the module's SPECIALISED_SIZES or ``specialised_sizes``;
     ``key_set`` holds the keys themselves (twins' kernel names end in " (twin)"). ``cudnn_routing``: leave out the
     layers that run on cuDNN in ``dtype`` (fp32: the 5x5 branches and stage 4)."""
-    layer_dtype = dtype if cudnn_routing else None
+    routes = cudnn_rule() if cudnn_routing else None
     kern = load_kernels()
     keys = set()
     for name in [k for k in dir(kern) if k.startswith("dwconv_") and k.endswith("_kernel")]:
         setattr(kern, name, Recorder(name, keys, getattr(kern, name).fn))
-    kern._size_agnostic_twin = lambda rec: Recorder(rec.name + " (twin)", keys, rec.fn, twin=True)
+    kern._size_agnostic_twin = lambda rec: Recorder(rec.name + " (twin)", keys, rec.fn, kern._int_params(rec.fn)[0])
     if specialised_sizes is not None:
         kern.SPECIALISED_SIZES = specialised_sizes
     rng = random.Random(seed)
@@ -141,13 +141,13 @@ def count(iters=50, seed=0, batch=2, dtype=torch.float32, specialised_sizes=None
     for _ in range(iters):
         h, w = batch_size_padded(rng, batch)
         sizes.append((h, w))
-        for c, mh, mw, kh, kw in slak_t_layers(h, w, layer_dtype):
+        for c, mh, mw, kh, kw in slak_t_layers(h, w, dtype, routes):
             kern.launch_layer_on_meta(batch, c, mh, mw, kh, kw, dtype)
         per_iter.append(len(keys))
     for _ in range(eval_images):
         w, h = rescale(*rng.choice(COCO_SIZES), (1333, 800))
         h, w = -(-h // 32) * 32, -(-w // 32) * 32
-        for c, mh, mw, kh, kw in slak_t_layers(h, w, layer_dtype):
+        for c, mh, mw, kh, kw in slak_t_layers(h, w, dtype, routes):
             kern.launch_forward(torch.empty(1, c, mh, mw, device="meta", dtype=dtype),
                                 torch.empty(c, 1, kh, kw, device="meta", dtype=dtype))
     by_kernel = Counter(k[0] for k in keys)
@@ -165,7 +165,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = {}
     for label, sizes, routing in (("first 8 sizes specialised (the default)", None, True),
-                                  ("every size specialised (before)", 10 ** 9, False), ("4 specialised sizes", 4, True),
+                                  ("every size specialised (before)", 10 ** 9, False),
+                                  ("4 specialised sizes", 4, True),
                                   ("every size through the twins, no cuDNN routing", 0, False),
                                   ("every size through the twins (detection.slak)", 0, True)):
         r = out[label] = count(args.iters, args.seed, specialised_sizes=sizes, eval_images=args.eval_images,
