@@ -131,7 +131,7 @@ def is_supported(x: torch.Tensor, weight: torch.Tensor) -> Tuple[bool, str]:
 
 
 # Small kernels in fp32 run on cuDNN. Measured on one H100 (benchmarks/RESULTS.md, issue 19, session 9; detection's
-# fp32 maps at batch 2, forward + both gradients): cuDNN took 0.43-0.92x our time on every 5x5 layer and on stage 4's
+# fp32 maps at batch 2, forward + both gradients): cuDNN took 0.40-0.92x our time on every 5x5 layer and on stage 4's
 # 13x5 / 5x13, while our kernels won the long ones (51x5 at 200x336: 2.66 vs 11.08 ms). In bf16 (autocast
 # training) ours stay: there cuDNN took 2.0x ours on the 5x5 (RESULTS round 4). Kernels of at most this many taps
 # go to cuDNN in fp32 on CUDA; SLAK_DWCONV_CUDNN_FP32_MAX_TAPS=0 keeps every size on ours.
