@@ -233,3 +233,24 @@ def test_probe_writes_its_record_after_every_iteration(tmp_path):
         record = json.loads(out.read_text())
         assert len(record['tail_graphs_by_iter']) == len(record['triton_by_iter']) == i + 1
         assert set(record) >= {'box_op_calls', 'box_ops_on_gpu', 'tail', 'triton', 'seconds'}
+
+
+def test_committed_h100_record_has_every_field_and_the_issue_19_figures():
+    """The record the benchmark wrote on the H100 (session 10): the issue's fields, a like-for-like ConvNeXt-T row
+    per config, and what it measured: <= 1.25x per config, finite falling losses, box ops on the GPU, tail graphs."""
+    path = os.path.join(REPO_ROOT, 'benchmarks', 'results', 'downstream_H100_80GB_HBM3.json')
+    records = json.loads(open(path).read())
+    required = {'task', 'backbone', 'iters', 'iter_s', 'peak_mem_gb', 'first_loss', 'last_loss', 'nms_roi_on_gpu',
+                'compiled_tail_graphs', 'card'}
+    for record in records:
+        assert required <= set(record) and record['card'] == 'H100_80GB_HBM3' and record['iters'] >= 50
+        assert math.isfinite(record['first_loss']) and record['loss_last5'] < record['loss_first5']
+        assert record['nms_roi_on_gpu'] is True and record['exit_code'] == 0
+        assert not any(op.endswith('@cpu') for op in record['box_op_calls'])
+    default = {(r['task'], r['backbone']): r for r in records if r['compile_tail'] == 'default'}
+    for task in ('upernet', 'cascade_mask_rcnn'):
+        ratio = default[(task, 'SLaK-T')]['iter_s'] / default[(task, 'ConvNeXt-T')]['iter_s']
+        assert ratio <= 1.25 and ratio == pytest.approx(default[(task, 'SLaK-T')]['ratio_to_convnext'], abs=1e-3)
+    assert default[('cascade_mask_rcnn', 'SLaK-T')]['box_op_calls'].get('torchvision.ops.roi_align@cuda', 0) > 0
+    notail = [r for r in records if r['compile_tail'] != 'default']
+    assert notail and all(r['compiled_tail_graphs'] == 0 for r in notail)
