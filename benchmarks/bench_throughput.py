@@ -53,6 +53,14 @@ def round9_launch_plans(on):
             setattr(kern, key, value)
 
 
+class IdentityLargeKernel(torch.nn.Identity):
+    """The large-kernel module replaced by the identity, with the ``forward_parts`` that ``SLaK.Block``'s compiled
+    tail asks for (one part, no bias)."""
+
+    def forward_parts(self, x):
+        return [x], None
+
+
 def make(name):
     # "unpadded": the pointwise GEMMs on the raw odd widths (249, 499), as before SLaK.Block padded them on CUDA.
     SLaK.Block.PAD_POINTWISE = False if "unpadded" in name else "auto"
@@ -70,7 +78,7 @@ def make(name):
         return torch.compile(model)
     for block in (b for stage in model.stages for b in stage):
         if "large_kernel=identity" in name:
-            block.large_kernel = torch.nn.Identity()
+            block.large_kernel = IdentityLargeKernel()
         elif "dwconv=identity" in name:
             for branch in ("LoRA1", "LoRA2", "small_conv"):
                 getattr(block.large_kernel, branch).conv = torch.nn.Identity()

@@ -46,3 +46,36 @@ def test_missing_pieces_are_not_measured_never_met():
     record = cb.compose({}, {'rows': {cb.COMPILED: {'train_img_s': float('nan')}}}, {})
     assert record['train']['128']['ratio'] is None and record['infer_128']['ratio'] is None
     assert all(line.endswith('NOT met') and 'not measured' in line for line in cb.verdicts(record))
+
+
+def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatch):
+    """Issue 20's "large_kernel=identity" ceiling (bench_throughput.make): its stand-in module gives the compiled
+    tail the one part it asks for (it failed with AttributeError on the H100), and the block's output through the
+    tail equals the plain path's: x + layer scale * MLP(LayerNorm(x))."""
+    import torch
+
+    import bench_throughput
+    import SLaK
+    # make() sets these process-wide switches (to their defaults here); put them back afterwards whatever they were
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    if fast:
+        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
+    model = bench_throughput.make('SLaK-T large_kernel=identity').eval()
+    block = model.stages[3][0]
+    assert type(block.large_kernel) is bench_throughput.IdentityLargeKernel
+    torch.nn.init.normal_(block.gamma)  # (1e-6 would hide the MLP)
+    x = torch.randn(2, block.pwconv1.in_features, 7, 7)
+    monkeypatch.setattr(SLaK, 'TAIL_BACKEND', 'aot_eager')
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    with torch.no_grad():
+        through_tail = block(x)
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+        plain = block(x)
+        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), block.norm.weight, block.norm.bias,
+                                           block.norm.eps)
+        mlp = block.pwconv2(torch.nn.functional.gelu(block.pwconv1(y)))
+        expected = x + (block.gamma * mlp).permute(0, 3, 1, 2)
+    assert torch.allclose(through_tail, plain, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)
