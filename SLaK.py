@@ -20,6 +20,7 @@ What differs from the original, on purpose (see README "Differences from the ori
 """
 
 import atexit
+import copy
 import importlib.util
 import json
 import logging
@@ -1075,8 +1076,9 @@ def fast_dwconv_layers(model: nn.Module, dtype: Optional[torch.dtype] = None,
 # precompile_step_kernels finds the step's launches without launching anything (meta tensors) and compiles them in a
 # background thread with Triton's parallel compile while main.py loads data and computes the SNIP masks (which use
 # plain convolutions). One process, so nothing is traced twice (unlike the per-stage helper processes above).
-# Opt-in (SLAK_PRECOMPILE=1) until a GPU measurement shows it helps: the per-stage helpers, on by default before
-# they were measured, turned out slower (benchmarks/profile_startup.py's cold_noprecompile/cold runs compare).
+# On by default on CUDA ('auto'; SLAK_PRECOMPILE=0 turns it off): measured on an H100 (benchmarks/RESULTS.md, issue
+# 18, session 10, profile_startup.py in one call) the first step came 58.6 s after launch on a fresh machine instead
+# of 65.3 s, and with warm caches it costs nothing on the training path (0.9 s in the background thread).
 PRECOMPILE: Union[str, bool] = _env_switch('SLAK_PRECOMPILE')
 
 
@@ -1121,24 +1123,157 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
                             force: bool = False) -> Optional[KernelPrecompile]:
     """Start compiling, in a background thread, the versions of our Triton kernels that a training step of ``model``
     (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
-    every depthwise layer's forward, input gradient and weight gradient at its stage's map size. Returns None where
-    it does not apply: not asked for (``SLAK_PRECOMPILE=1``), not CUDA, no layer on our kernels. The launches are
+    every depthwise layer's forward, input gradient and weight gradient at its stage's map size, and every block's
+    fused branch-BatchNorm kernels (forward and backward, :func:`fused_branch_bn_blocks`). Returns None where
+    it does not apply: switched off (``SLAK_PRECOMPILE=0``), not CUDA, no layer on our kernels. The launches are
     found here, in the calling thread (a dry run that must not overlap real launches); only the compiles run in the
     background. ``force`` plans on any device (tests)."""
     device = torch.device(device)
     kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
-    if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is not True):
+    if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is False):
         return None
     launches = []
     for c, kh, kw, stride in fast_dwconv_layers(model, dtype, device.type):
         side = input_size // stride  # (the stem and the downsampling convs have no padding: floors)
         launches += kernels.layer_launches(batch, c, side, side, kh, kw, dtype)
+    bn_kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_bn_kernels', None)
+    blocks = fused_branch_bn_blocks(model)
+    if bn_kernels is not None and blocks:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else None
+        for c, nb, stride, world_size in blocks:
+            side = input_size // stride
+            launches += bn_kernels.block_launches(batch, c, side, side, nb, dtype, sms, world_size)
     if not launches:
         return None
     cuda_index = None
     if device.type == 'cuda':
         cuda_index = device.index if device.index is not None else torch.cuda.current_device()
     return KernelPrecompile(launches, workers or _background_workers(), cuda_index)
+
+
+def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:
+    """(channels, branches, stride, world size) of every distinct block of ``model`` (a :class:`SLaK`) whose branch
+    BatchNorms a training step sums in the fused Triton kernels (``branch_bn_sum``: 2-3 branches on our conv, plain or
+    host-sync-free SyncBatchNorms; world size > 1 for the latter under an initialised process group), with the
+    stride of its stage's maps relative to the input; [] where the fused kernels are off or absent."""
+    fast = sys.modules.get(_DWCONV_MODULE_NAME)
+    conv_type = getattr(fast, 'DepthWiseConv2dImplicitGEMM', None)
+    if conv_type is None or getattr(fast, '_bn_kernels', None) is None or not getattr(fast, 'FUSED_BRANCH_BN', False) \
+            or not isinstance(model, SLaK):
+        return []
+    blocks = []
+    for i, stage in enumerate(model.stages):
+        for m in stage.modules():
+            if not isinstance(m, ReparamLargeKernelConv) or hasattr(m, 'lkb_reparam') or hasattr(m, 'lkb_decomposed'):
+                continue
+            branches = [b for b in m._branches().values()]
+            bns = [getattr(b, 'bn', None) for b in branches]
+            if not 2 <= len(branches) <= 3 or not all(isinstance(b.conv, conv_type) for b in branches) or \
+                    not all(isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine and bn.track_running_stats
+                            for bn in bns):
+                continue
+            world_size = 1
+            if hasattr(bns[0], 'sum_of_branches') and torch.distributed.is_available() and \
+                    torch.distributed.is_initialized():
+                world_size = torch.distributed.get_world_size()
+            block = (m.LoRA1.conv.weight.shape[0] if hasattr(m, 'LoRA1') else m.lkb_origin.conv.weight.shape[0],
+                     len(branches), 4 * 2 ** i, world_size)
+            if block not in blocks:
+                blocks.append(block)
+    return blocks
+
+
+# ---- the training step's compiled tail graphs, traced before the first step (opt-in) ------------------------------
+# With warm caches the first training step still spent ~5 s (H100, benchmarks/RESULTS.md issue 18 session 10) with
+# Dynamo tracing the training tail graphs again and importing Inductor, while SNIP's ~4 s before it were half spent
+# waiting for the first batch; on a fresh machine the first step compiled those graphs (~45 s). warm_step_graphs
+# runs one training step of a small copy (each stage's downsampling layer and first two blocks, drop path off, zeros
+# in) in a background thread after the kernel precompile, so the graphs are traced and compiled while main.py
+# prepares the masks; the real step then finds them in the same process. Nothing of the model is touched (a copy, no
+# random numbers drawn). Opt-in (SLAK_WARM_GRAPHS=1) until measured on a GPU.
+WARM_GRAPHS: Union[str, bool] = _env_switch('SLAK_WARM_GRAPHS')
+
+
+class GraphWarmUp:
+    """The background step started by :func:`warm_step_graphs`; :meth:`wait` joins it and prints one line (a failure
+    only costs time: the first step compiles what is missing)."""
+
+    def __init__(self, run_step, after: Optional[KernelPrecompile] = None, cuda_index: Optional[int] = None):
+        self.start, self.result = time.time(), {'graphs': 0, 'error': None}
+
+        def run():
+            try:
+                if after is not None:  # our kernels first: the step would otherwise compile them a second time
+                    after.thread.join()
+                if cuda_index is not None:
+                    torch.cuda.set_device(cuda_index)
+                before = len(_TAIL_STATE['keys'])
+                run_step()
+                self.result['graphs'] = len(_TAIL_STATE['keys']) - before
+            except Exception as e:  # noqa: BLE001 - reported by wait(); the first step compiles instead
+                self.result['error'] = f'{type(e).__name__}: {str(e)[:200]}'
+            self.result['seconds'] = time.time() - self.start
+
+        self.thread = threading.Thread(target=run, name='slak-warm-graphs', daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float = 600.) -> Dict[str, object]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.result['error'] = f'still tracing after {timeout:.0f} s'
+        self.result.setdefault('seconds', time.time() - self.start)
+        print(f'Block tails: {self.result["graphs"]} training graphs traced ahead of the first step in '
+              f'{self.result["seconds"]:.1f} s' + (f' (failed, the first step traces them: {self.result["error"]})'
+                                                   if self.result['error'] else ''))
+        return self.result
+
+
+def step_graph_copy(model: nn.Module) -> nn.Module:
+    """A small training copy of ``model`` (a :class:`SLaK`) whose step meets every training graph of the blocks'
+    compiled tails: each stage's downsampling layer and first two blocks, copied, with drop path off (the tail's
+    per-sample factors are then ones: the same graph, no random draw). Two blocks, because under autocast a
+    stage's first block takes the downsampling conv's half-precision output as its shortcut and the later blocks
+    the float32 sum that the layer scale promotes to: two graphs (7 for SLaK-T's 4 stages)."""
+    layers = [copy.deepcopy(model.downsample_layers[0])]
+    for i, stage in enumerate(model.stages):
+        if i:
+            layers.append(copy.deepcopy(model.downsample_layers[i]))
+        for block in list(stage)[:2]:
+            block = copy.deepcopy(block)
+            block.drop_path = nn.Identity()
+            layers.append(block)
+    return nn.Sequential(*layers).train(model.training)
+
+
+def warm_step_graphs(model: nn.Module, batch: int, input_size: int, amp_dtype: Optional[torch.dtype],
+                     device: Union[str, torch.device] = 'cuda', channels_last: bool = False,
+                     after: Optional[KernelPrecompile] = None, force: bool = False) -> Optional[GraphWarmUp]:
+    """Start, in a background thread (after ``after``, the kernel precompile, has finished), one forward and backward
+    of :func:`step_graph_copy` at ``batch`` x ``input_size`` under autocast to ``amp_dtype`` (None: no autocast), so
+    that the blocks' compiled tail graphs, forward and backward, are traced and compiled before the first step.
+    Returns None where it does not apply: not asked for (``SLAK_WARM_GRAPHS=1``), not CUDA, the tails not compiled
+    there, a model not a :class:`SLaK` or checkpointing its stages, or SyncBatchNorm (its collectives must not run in
+    a second thread). ``force`` runs it on any device (tests)."""
+    device = torch.device(device)
+    if not force and (device.type != 'cuda' or WARM_GRAPHS is not True):
+        return None
+    if not isinstance(model, SLaK) or model.grad_checkpointing or not Block.COMPILE_TAIL or \
+            any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return None
+    small = step_graph_copy(model)
+    x = torch.zeros(batch, 3, input_size, input_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run_step():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = small(x)
+        out.float().mean().backward()
+
+    cuda_index = None
+    if device.type == 'cuda':
+        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+    return GraphWarmUp(run_step, after, cuda_index)
 
 
 TWIN_WARM_SIDES = range(320, 1345, 32)  # padded input sides of detection's multi-scale configs (480-800 x <= 1333)

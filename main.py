@@ -408,13 +408,24 @@ def model_kwargs(args: argparse.Namespace, name: str) -> dict:
 
 def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                             amp_dtype: torch.dtype) -> Optional['SLaK.KernelPrecompile']:
-    """With ``SLAK_PRECOMPILE=1``, a CUDA training run of a SLaK model compiles the Triton kernel versions its
-    training step launches in a background thread (parallel compiles) while it loads data and computes the masks
-    (``SLaK.precompile_step_kernels``; opt-in until measured on a GPU)."""
+    """A CUDA training run of a SLaK model compiles the Triton kernel versions its training step launches in a
+    background thread (parallel compiles) while it loads data and computes the masks (``SLaK.precompile_step_kernels``;
+    ``SLAK_PRECOMPILE=0`` turns it off)."""
     if args.eval:
         return None
     return SLaK.precompile_step_kernels(model, args.batch_size, args.input_size,
                                         amp_dtype if args.use_amp else torch.float32, device)
+
+
+def start_graph_warm_up(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                        amp_dtype: torch.dtype, after: Optional['SLaK.KernelPrecompile']) -> Optional['SLaK.GraphWarmUp']:
+    """With ``SLAK_WARM_GRAPHS=1``, a CUDA training run of a SLaK model traces and compiles its blocks' training tail
+    graphs in a background thread (one step of a small copy, after the kernel precompile ``after``) while it
+    prepares the masks (``SLaK.warm_step_graphs``; opt-in until measured on a GPU)."""
+    if args.eval or args.compile:
+        return None
+    return SLaK.warm_step_graphs(model, args.batch_size, args.input_size, amp_dtype if args.use_amp else None, device,
+                                 channels_last=args.channels_last, after=after)
 
 
 def start_cache_warming(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
@@ -861,6 +872,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     model = prepare_model(args, model, device)
     warmer = start_cache_warming(args, model, device, amp_dtype)
     precompiler = start_kernel_precompile(args, model, device, amp_dtype)
+    graph_warm_up = start_graph_warm_up(args, model, device, amp_dtype, precompiler)
     model_ema = build_ema(args, model)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -899,7 +911,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=mask is not None)
     if args.compile:
         model.compile()
-    for pending in (warmer, precompiler):
+    for pending in (warmer, precompiler, graph_warm_up):
         if pending is not None:
             pending.wait()
     if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's

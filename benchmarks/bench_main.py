@@ -119,6 +119,7 @@ EVAL_END = re.compile(r'^\* Acc@1')
 IPS = re.compile(r'img/s: ([\d.]+)')
 MEM = re.compile(r'max mem: (\d+)')
 PRECOMPILED = re.compile(r'^Triton kernels: (\d+) versions compiled ahead of the first step in ([\d.]+) s')
+GRAPHS_AHEAD = re.compile(r'^Block tails: (\d+) training graphs traced ahead of the first step in ([\d.]+) s')
 PHASES = {  # first log line of each start-up phase (main.py's order)
     'data_ready': re.compile(r'^(Mixup is activated|Model: )'),
     'masks_ready': re.compile(r'^sparse masks'),
@@ -185,8 +186,11 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
             m = MEM.search(line)
             if m:
                 mems.append(float(m.group(1)) / 1024)
+        m = GRAPHS_AHEAD.search(line)
+        if m:  # SLAK_WARM_GRAPHS=1: the training tail graphs traced in a background thread
+            out['graphs_ahead'], out['graphs_ahead_s'] = int(m.group(1)), float(m.group(2))
         m = PRECOMPILED.search(line)
-        if m:  # SLAK_PRECOMPILE=1: the step's Triton kernels compiled in a background thread
+        if m:  # the step's Triton kernels compiled in a background thread (main.py's default on CUDA)
             out['precompiled_kernels'], out['precompile_s'] = int(m.group(1)), float(m.group(2))
         if line.startswith('Peak GPU memory before training'):
             m = re.search(r'([\d.]+) GiB', line)
@@ -268,7 +272,8 @@ def main() -> None:
     parser.add_argument('--runs', default='all',
                         help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
                              'throughput, throughput_graph; also (not in "all") slak_compile (SLaK-T with --compile '
-                             'true) and slak_cold_precompile, slak_warm_precompile (SLAK_PRECOMPILE=1, own caches)')
+                             'true), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own caches) and '
+                             'slak_cold_graphs, slak_warm_graphs (SLAK_WARM_GRAPHS=1, own caches)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
@@ -342,9 +347,12 @@ def main() -> None:
     convnext_c = main_run('convnext_compile', CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext')
     slak_warm = main_run('slak_warm', SLAK_T_FLAGS, 'slak')
     slak_c = main_run('slak_compile', SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile')  # cold caches
-    # opt-in: the step's Triton kernels compiled ahead in a background thread (SLAK_PRECOMPILE=1), own caches
-    main_run('slak_cold_precompile', SLAK_T_FLAGS, 'slak_precompile', SLAK_PRECOMPILE='1')
-    main_run('slak_warm_precompile', SLAK_T_FLAGS, 'slak_precompile', SLAK_PRECOMPILE='1')
+    # optional: without the background compile of the step's Triton kernels (main.py's default), own caches
+    main_run('slak_cold_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
+    main_run('slak_warm_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
+    # optional: the training tail graphs traced ahead in a background thread (SLAK_WARM_GRAPHS=1), own caches
+    main_run('slak_cold_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
+    main_run('slak_warm_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
 
     bench = {}
     names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (

@@ -2,10 +2,10 @@
 # One device call of issue 18's end-to-end measurement (see benchmarks/bench_main.py and RESULTS.md "End to end").
 #   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold, ConvNeXt-T eager and compiled,
 #                                          SLaK-T warm (~8-9 min on one H100); MAIN_RUNS picks others (bench_main.py
-#                                          --runs, e.g. slak_cold_precompile,slak_warm_precompile)
+#                                          --runs, e.g. slak_cold_noprecompile,slak_warm_noprecompile)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
-#   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold without and with the
-#                                          parallel kernel precompile, then warm (~7 min; PROFILE_RUNS to choose)
+#   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
+#                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
 #   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
 #                                          ConvNeXt-T (graph replays, training batch B, default 64)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
@@ -40,10 +40,10 @@ root = Path('.bench/data')
 print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
     FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
 print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
-    # cold without the parallel kernel precompile (main.py's default), cold with it (opt-in; profile_startup.py sets
-    # SLAK_PRECOMPILE=1 unless a run ends in _noprecompile), then warm with it
+    # cold and warm as main.py runs by default (with the parallel kernel precompile), then cold and warm with the
+    # training tail graphs traced ahead in a background thread (SLAK_WARM_GRAPHS=1, opt-in until measured)
     timeout "$(left 440)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
-      --runs "${PROFILE_RUNS:-cold_noprecompile,cold,warm}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
+      --runs "${PROFILE_RUNS:-cold,warm,cold_graphs,warm_graphs}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
       --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 2>&1 | tee "$OUT/profile_startup.txt" ;;
   compile)
     # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than

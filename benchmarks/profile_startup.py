@@ -146,6 +146,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     model = main_py.prepare_model(args_main, model, device)
     warmer = main_py.start_cache_warming(args_main, model, device, amp_dtype)
     precompiler = main_py.start_kernel_precompile(args_main, model, device, amp_dtype)
+    graph_warm_up = main_py.start_graph_warm_up(args_main, model, device, amp_dtype, precompiler)
     mark('build_ema')
     model_ema = main_py.build_ema(args_main, model)
     num_steps = main_py.steps_per_epoch(args_main, data)
@@ -166,6 +167,10 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     if precompiler is not None:
         mark('wait for kernel precompile')
         precompile = precompiler.wait()
+    graphs_ahead = None
+    if graph_warm_up is not None:
+        mark('wait for graph warm-up')
+        graphs_ahead = graph_warm_up.wait()
 
     class Steps:
         """The training loader's first ``args.steps`` batches, a mark (GPU synchronised) before each."""
@@ -209,7 +214,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     result = {'marks': [(name, round(t, 3)) for name, t in marks], 'durations': durations,
               'first_step_s': times.get('train 1', times.get('end')),  # the first step done = the second begins
               'triton_compiles_in_process': triton_compiles, 'cache_warming': cache_warming,
-              'kernel_precompile': precompile,
+              'kernel_precompile': precompile, 'graph_warm_up': graphs_ahead,
               'profile': {name: sampler.report(name) for name in phases if name in sampler.samples}}
     try:
         import SLaK
@@ -223,7 +228,8 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
 def print_report(name: str, result: dict) -> None:
     print(f'\n==== {name}: first training step done {result["first_step_s"]:.1f} s after launch; tail graphs '
           f'{result.get("tail_graphs")}; Triton compiles in-process {result["triton_compiles_in_process"]}; '
-          f'cache warming {result.get("cache_warming")}; kernel precompile {result.get("kernel_precompile")}')
+          f'cache warming {result.get("cache_warming")}; kernel precompile {result.get("kernel_precompile")}; '
+          f'graph warm-up {result.get("graph_warm_up")}')
     for phase, seconds in result['durations'].items():
         prof = result['profile'].get(phase, {})
         cats = ', '.join(f'{c} {share:.0%}' for c, share in list(prof.get('categories', {}).items())[:6])
@@ -241,9 +247,10 @@ def main() -> None:
     parser.add_argument('--out', default='.', help='folder for startup_<run>.json')
     parser.add_argument('--runs', default='cold,warm',
                         help='cold (fresh caches), warm (reusing them); suffixes: _warmers (SLAK_WARM_CACHES=1: the '
-                             'per-stage compile helpers, off by default), _noprecompile (SLAK_PRECOMPILE=0: no '
-                             'parallel compile of the step\'s Triton kernels ahead of it; without the suffix this '
-                             'script sets SLAK_PRECOMPILE=1, opt-in in main.py), e.g. cold_noprecompile')
+                             'per-stage compile helpers, off by default), _graphs (SLAK_WARM_GRAPHS=1: the training '
+                             'tail graphs traced ahead in a background thread, off by default), _noprecompile '
+                             '(SLAK_PRECOMPILE=0: without the parallel compile of the step\'s Triton kernels ahead '
+                             'of it, on by default), e.g. cold_noprecompile, cold_graphs, warm_graphs')
     parser.add_argument('--cache_root', default='', help='Inductor/Triton caches (default: a temporary folder)')
     parser.add_argument('--steps', type=int, default=3, help='training steps to time')
     parser.add_argument('--eval_batches', type=int, default=2)
@@ -264,8 +271,9 @@ def main() -> None:
     for run in args.runs.split(','):
         if run.startswith('cold'):
             shutil.rmtree(caches, ignore_errors=True)
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / 'inductor'), TRITON_CACHE_DIR=str(caches / 'triton'),
-                   PYTHONUNBUFFERED='1')
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / 'inductor'),
+                   TRITON_CACHE_DIR=str(caches / 'triton'), PYTHONUNBUFFERED='1')
+        env['SLAK_WARM_GRAPHS'] = '1' if '_graphs' in run else '0'
         env['SLAK_WARM_CACHES'] = '1' if '_warmers' in run else '0'
         env['SLAK_PRECOMPILE'] = '0' if '_noprecompile' in run else '1'
         result_path = out / f'startup_{run}.json'

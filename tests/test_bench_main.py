@@ -53,8 +53,10 @@ def test_parser_skips_windows_with_a_prune_grow_update(text, expected):
              (3.0, 'prune/grow at step 120: density 0.6000, prune rate 0.4, 150.0 ms'),
              (4.0, 'Epoch: [1]  [39/100]  img/s: 500.0  max mem: 2048'), (5.0, 'bench_main: exit code 0')]
     lines.insert(0, (0.5, 'Triton kernels: 37 versions compiled ahead of the first step in 4.2 s'))
+    lines.insert(1, (0.6, 'Block tails: 7 training graphs traced ahead of the first step in 12.5 s'))
     figures = bench_main.parse_main_log(lines, val_images=10)
     assert (figures['precompiled_kernels'], figures['precompile_s']) == (37, 4.2)
+    assert (figures['graphs_ahead'], figures['graphs_ahead_s']) == (7, 12.5)
     assert (figures['img_s'], figures['peak_mem_gb']) == expected
     assert figures['img_s_with_updates'] == pytest.approx(750.0)
     assert figures['first_step_s'] == 1.0 and figures['exit_code'] == 0

@@ -111,6 +111,35 @@ with FlopCounterMode(display=False):  # the FLOP counter must see the plain Batc
     declined['under a dispatch mode'] = fast.branch_bn_sum(x, branches) is None
 declined['applies otherwise'] = fast.branch_bn_sum(x, branches) is not None
 results['declined'] = declined
+
+# 4. the launches block_launches finds on meta tensors (to compile them ahead) are those a real pass makes
+def norm(launches):
+    return [(getattr(k, 'fn', k).__name__, [str(a) if isinstance(a, torch.dtype) else a for a in args],
+             sorted(kw.items())) for k, args, kw in launches]
+seen = []
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            seen.append((self.kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+real = {name: getattr(K, name) for name in K._KERNEL_NAMES}
+for name, kernel in real.items():
+    setattr(K, name, Recorder(kernel))
+shape, nb, dt = (3, 5, 7, 6), 3, torch.bfloat16
+ys = [torch.randn(*shape, device=device).to(dt).requires_grad_(True) for _ in range(nb)]
+bns = bns_like(nb, shape[1], 3)
+out = K.BranchBatchNormSum.apply(1e-5, 0.1, nb, None, 1, *ys, *[b.weight for b in bns], *[b.bias for b in bns],
+                                 *[b.running_mean for b in bns], *[b.running_var for b in bns])
+out.float().sum().backward()
+for name, kernel in real.items():
+    setattr(K, name, kernel)
+sms = torch.cuda.get_device_properties(device).multi_processor_count if device == 'cuda' else None
+planned = K.block_launches(*shape, nb, dt, sms)
+results['launches'] = dict(real=norm(seen), planned=norm(planned),
+                           same_kernel_objects=[a[0] for a in seen] == [b[0] for b in planned])
 print(json.dumps(results))
 '''
 
@@ -179,6 +208,26 @@ def worker(rank):
             v.clone() for k, v in block.state_dict().items() if 'running' in k]
         res[f'block_calls_fast{use_fast}'] = calls
     res['block_err'] = max(rel(a, b) for a, b in zip(outs[True], outs[False]))
+    # 3. what block_launches plans for a rank of a 2-rank group (to compile ahead) is what a real pass launches
+    seen = []
+    real = {name: getattr(K, name) for name in K._KERNEL_NAMES}
+
+    def recorder(kernel):
+        return type('Rec', (), {'__getitem__': lambda self, grid: lambda *a, **kw: seen.append(
+            (kernel, tuple(x.dtype if isinstance(x, torch.Tensor) else x for x in a), kw)) or kernel[grid](*a, **kw)})()
+
+    for name, kernel in real.items():
+        setattr(K, name, recorder(kernel))
+    ys = [torch.randn(BATCHES[rank], 5, 4, 6).requires_grad_(True) for _ in range(3)]
+    out = K.BranchBatchNormSum.apply(1e-5, 0.1, 3, dist.group.WORLD, 2, *ys, *[b.weight for b in bns],
+                                     *[b.bias for b in bns], *[b.running_mean for b in bns],
+                                     *[b.running_var for b in bns])
+    out.sum().backward()
+    for name, kernel in real.items():
+        setattr(K, name, kernel)
+    planned = K.block_launches(BATCHES[rank], 5, 4, 6, 3, torch.float32, None, 2)
+    res['launches_match'] = len(seen) == 6 and [(k, a, sorted(kw.items())) for k, a, kw in seen] == \
+        [(k, a, sorted(kw.items())) for k, a, kw in planned]
     with open(os.path.join(TMP, f'rank{rank}.json'), 'w') as f:
         json.dump(res, f)
     sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -212,6 +261,7 @@ def test_fused_branch_bn_across_two_ranks_matches_batchnorm_over_the_whole_batch
         assert max(f['out'], f['dx'], f['dw'], f['db']) < 2e-6 and f['running'] < 1e-6, f
         assert f['dw_local_share'], f
         assert r['block_calls_fastTrue'] == [2] and r['block_calls_fastFalse'] == [], r
+        assert r['launches_match'], r
         assert r['block_err'] < 1e-5, r
 
 
@@ -240,6 +290,9 @@ def check(r: dict) -> None:
         assert b['err'] < 1e-5 and b['running'] < 1e-6 and b['eval'] < 1e-5, b
         assert b['calls'] == [3, 3] and b['tracked'] == [2, 2, 2] and b['layout_kept'], b
     assert all(r['declined'].values()), r['declined']
+    launches = r['launches']  # what is compiled ahead (SLaK.precompile_step_kernels) is what a pass launches
+    assert len(launches['real']) == 6 and launches['planned'] == launches['real'], launches
+    assert launches['same_kernel_objects'], launches
 
 
 @pytest.fixture(scope='module')
@@ -255,7 +308,7 @@ def interpreted():
 
 def test_fused_branch_bn_matches_batchnorm_in_float64(interpreted):
     check({k: v for k, v in interpreted.items() if k.startswith(('2-', '3-'))} | {
-        k: interpreted[k] for k in ('block-clFalse', 'block-clTrue', 'declined')})
+        k: interpreted[k] for k in ('block-clFalse', 'block-clTrue', 'declined', 'launches')})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')

@@ -796,3 +796,23 @@ def test_training_runs_precompile_the_step_kernels_in_the_autocast_dtype(monkeyp
     assert calls == [(model, 96, 192, torch.bfloat16, device), (model, 96, 192, torch.float32, device)]
     args.eval = True
     assert main.start_kernel_precompile(args, model, device, torch.bfloat16) is None and len(calls) == 2
+
+
+def test_training_runs_hand_the_graph_warm_up_the_step_they_will_run(monkeypatch):
+    """main.py hands SLaK.warm_step_graphs the per-GPU batch, input size, autocast dtype (None without --use_amp),
+    layout and the kernel precompile to wait for; evaluation-only runs and whole-model --compile warm nothing."""
+    import SLaK
+    calls = []
+    monkeypatch.setattr(SLaK, 'warm_step_graphs', lambda *a, **k: calls.append((a, k)) or 'handle')
+    model, device = torch.nn.Linear(2, 2), torch.device('cpu')
+    args = argparse.Namespace(eval=False, compile=False, batch_size=96, input_size=192, use_amp=True,
+                              channels_last=True)
+    assert main.start_graph_warm_up(args, model, device, torch.bfloat16, 'precompile') == 'handle'
+    args.use_amp, args.channels_last = False, False
+    main.start_graph_warm_up(args, model, device, torch.bfloat16, None)
+    assert calls == [((model, 96, 192, torch.bfloat16, device), dict(channels_last=True, after='precompile')),
+                     ((model, 96, 192, None, device), dict(channels_last=False, after=None))]
+    for flag in ('eval', 'compile'):
+        setattr(args, flag, True)
+        assert main.start_graph_warm_up(args, model, device, torch.bfloat16, None) is None and len(calls) == 2
+        setattr(args, flag, False)

@@ -944,18 +944,87 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
                                                      conv_impl='torch')) == []
 
 
+@pytest.mark.parametrize('amp_dtype', [None, torch.bfloat16])
+def test_warm_step_graphs_traces_the_step_graphs_ahead_without_touching_the_model(amp_dtype, tail_backend,
+                                                                                 counted_graphs, capsys):
+    """SLAK_WARM_GRAPHS: a background step of a small copy traces one training tail graph per stage; the model's
+    weights, BatchNorm statistics and the random stream are untouched, and the real training step (drop path on in
+    every block but the first) then meets only graphs already traced: nothing is traced again."""
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 2, 2], width_factor=0.1,
+                              kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', drop_path_rate=0.3).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    handle = SLaK.warm_step_graphs(model, 3, 64, amp_dtype, device='cpu', force=True)
+    result = handle.wait(timeout=300)
+    # one graph per stage in float32; under autocast stages 2-4 have two (first block: the downsampling conv's
+    # bf16 output as shortcut; later blocks: float32), as the real step below
+    graphs = 4 if amp_dtype is None else 7
+    assert result['error'] is None and result['graphs'] == graphs and len(counted_graphs) == graphs, result
+    assert f'{graphs} training graphs traced ahead of the first step' in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    with torch.autocast('cpu', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(torch.randn(3, 3, 64, 64))
+    out.float().sum().backward()
+    assert len(counted_graphs) == graphs and len(SLaK._TAIL_STATE['keys']) == graphs
+
+
+def test_graph_warm_up_starts_after_the_kernel_precompile_and_reports_failures(capsys):
+    """The background step runs only once the kernel precompile's thread has ended (else it would compile the same
+    kernels a second time), and a failing step is reported, not raised: the first step then traces as before."""
+    import threading
+    import time as time_module
+    events = []
+    precompile = type('Precompile', (), {})()
+    precompile.thread = threading.Thread(target=lambda: (time_module.sleep(0.3), events.append('kernels')))
+    precompile.thread.start()
+    result = SLaK.GraphWarmUp(lambda: events.append('step'), after=precompile).wait(timeout=60)
+    assert events == ['kernels', 'step'] and result['error'] is None
+
+    def broken():
+        raise RuntimeError('out of memory')
+
+    result = SLaK.GraphWarmUp(broken).wait(timeout=60)
+    assert 'RuntimeError: out of memory' in result['error']
+    assert 'failed, the first step traces them: RuntimeError: out of memory' in capsys.readouterr().out
+
+
+def test_warm_step_graphs_applies_only_where_asked_and_safe(monkeypatch, tail_backend):
+    """Opt-in (SLAK_WARM_GRAPHS=1) and CUDA only; never with SyncBatchNorm (collectives in a second thread), stage
+    checkpointing (other graphs) or the tails not compiled."""
+    model = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1,
+                              kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch')
+    for setting in (False, 'auto'):
+        monkeypatch.setattr(SLaK, 'WARM_GRAPHS', setting)
+        assert SLaK.warm_step_graphs(model, 2, 64, None, device='cuda') is None
+    monkeypatch.setattr(SLaK, 'WARM_GRAPHS', True)
+    assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu') is None
+    model.set_grad_checkpointing(True)
+    assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu', force=True) is None
+    model.set_grad_checkpointing(False)
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+    assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu', force=True) is None
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert SLaK.warm_step_graphs(synced, 2, 64, None, device='cpu', force=True) is None
+    assert SLaK.warm_step_graphs(torch.nn.Linear(2, 2), 2, 64, None, device='cpu', force=True) is None
+
+
 def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch, capsys):
     """The training step's kernels are compiled ahead in a background thread: the launches of every Triton layer at
     its stage's map size (input 64: 16, 8, 4, 2) at the training batch and dtype, handed to the compiler once; the
-    summary line reports them, and a failure is reported, not raised. Not on CPU, nor unless SLAK_PRECOMPILE=1."""
+    summary line reports them, and a failure is reported, not raised. Not on CPU, nor with SLAK_PRECOMPILE=0."""
     if SLaK._load_fast_dwconv() is None:
         pytest.skip('triton is not installed')
     kernels = sys.modules['depthwise_conv2d_implicit_gemm']._kernels
     model = _tiny_cutlass_slak()
     assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu') is None
-    for setting in (False, 'auto'):  # off, and unset: opt-in until measured
-        monkeypatch.setattr(SLaK, 'PRECOMPILE', setting)
-        assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cuda') is None
+    monkeypatch.setattr(SLaK, 'PRECOMPILE', False)  # SLAK_PRECOMPILE=0
+    assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cuda') is None
+    monkeypatch.setattr(SLaK, 'PRECOMPILE', 'auto')  # unset: on, for CUDA only
+    assert SLaK.precompile_step_kernels(model, 3, 64, torch.bfloat16, device='cpu') is None
     monkeypatch.setattr(kernels, '_specialised_sizes', set())
     seen = []
     monkeypatch.setattr(kernels, 'precompile', lambda launches, workers: seen.extend(launches) or len(launches))
@@ -965,9 +1034,18 @@ def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch
     expected = []
     for c, kh, kw, stride in SLaK.fast_dwconv_layers(model, torch.bfloat16):
         expected += kernels.layer_launches(3, c, 64 // stride, 64 // stride, kh, kw, torch.bfloat16)
+    # and every block's fused branch BatchNorm, forward and backward (Decom 7x7 ... 5x5 with a 3x3 small kernel: 3
+    # branches; stage 4's 3x3 kernel is not decomposed: 2)
+    bn_kernels = sys.modules['depthwise_conv2d_implicit_gemm']._bn_kernels
+    blocks = SLaK.fused_branch_bn_blocks(model)
+    assert blocks == [(c, nb, 4 * 2 ** i, 1) for i, (c, nb) in enumerate(zip(model.dims, (3, 3, 3, 2)))]
+    for c, nb, stride, world in blocks:
+        expected += bn_kernels.block_launches(3, c, 64 // stride, 64 // stride, nb, torch.bfloat16, None, world)
+    assert sum(kern.fn.__name__.startswith('bn_') for kern, _, _ in seen) == 6 * len(blocks)
     assert [(kern.fn.__name__, args, kw) for kern, args, kw in seen] == \
            [(kern.fn.__name__, args, kw) for kern, args, kw in expected]
-    assert {args[:1] for _, args, _ in seen} == {(torch.bfloat16,)}  # the input tensor, as its dtype
+    assert {args[:1] for kern, args, _ in seen if not kern.fn.__name__.startswith('bn_')} == {(torch.bfloat16,)}
+    # (the depthwise kernels' input tensor, as its dtype)
     assert f'{len(seen)} versions compiled ahead of the first step' in capsys.readouterr().out
 
     def broken(launches, workers):
