@@ -12,6 +12,7 @@ set -u
 START=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl .whl_mm/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1 || true  # as a user's pip install does (see device_e2e.sh)
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; nproc;

@@ -16,12 +16,19 @@ set -u
 START=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
+# byte-compile them as a user's pip install does (--no-compile skips it, and with PYTHONDONTWRITEBYTECODE set every
+# process would compile timm's sources again on import: start-up would be timed slower than users meet it)
+python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1 || true
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; nproc;
   python3 -c "import torch, triton, timm, torchvision; print('torch', torch.__version__, 'triton', triton.__version__,
   'timm', timm.__version__, 'torchvision', torchvision.__version__)"
   uptime; ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | head -8 | cut -c1-160  # left over from a call before?
+  # main.py's imports took ~8 s here even warm (issue 18, session 10): are .pyc files written, and what do two
+  # consecutive imports of torch + timm take (the second with the page cache and .pyc files of the first)?
+  for i in 1 2; do TIMEFORMAT="import torch, timm #$i: %R s"; time python3 -c "import sys, torch, timm
+print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__file__)"; done
 } 2>&1 | tee "$OUT/machine.txt"
 left() { echo $(( $1 - $(date +%s) + START )); }
 case "${1:-main}" in
