@@ -1082,35 +1082,49 @@ def fast_dwconv_layers(model: nn.Module, dtype: Optional[torch.dtype] = None,
 PRECOMPILE: Union[str, bool] = _env_switch('SLAK_PRECOMPILE')
 
 
-class KernelPrecompile:
-    """The background compile started by :func:`precompile_step_kernels`; :meth:`wait` joins it and prints one line
-    (its failures only cost time: the first step compiles what is missing)."""
+class _StartUpJob:
+    """Work for the first training step done in a background thread (after ``after``, another such job, if given);
+    :meth:`wait` joins it and prints one line. ``work()`` returns how many things it prepared (``result[COUNT]``);
+    a failure only costs time: the first step then does the work itself."""
 
-    def __init__(self, launches: list, workers: int, cuda_index: Optional[int] = None):
-        self.start, self.result = time.time(), {'kernels': 0, 'error': None}
-        kernels = sys.modules[_DWCONV_MODULE_NAME]._kernels
+    NAME = COUNT = DONE = FAILED = BUSY = ''  # thread name, result key, the line's start, its failure note, timeout
+
+    def __init__(self, work, cuda_index: Optional[int] = None, after: Optional['_StartUpJob'] = None):
+        self.start, self.result = time.time(), {self.COUNT: 0, 'error': None}
 
         def run():
             try:
-                if cuda_index is not None:  # a new thread starts on GPU 0; Triton compiles for the current device
+                if after is not None:
+                    after.thread.join()
+                if cuda_index is not None:  # a new thread starts on GPU 0
                     torch.cuda.set_device(cuda_index)
-                self.result['kernels'] = kernels.precompile(launches, workers)
-            except Exception as e:  # noqa: BLE001 - reported by wait(); the first step compiles instead
+                self.result[self.COUNT] = work()
+            except Exception as e:  # noqa: BLE001 - reported by wait()
                 self.result['error'] = f'{type(e).__name__}: {str(e)[:200]}'
             self.result['seconds'] = time.time() - self.start
 
-        self.thread = threading.Thread(target=run, name='slak-precompile', daemon=True)
+        self.thread = threading.Thread(target=run, name=self.NAME, daemon=True)
         self.thread.start()
 
     def wait(self, timeout: float = 300.) -> Dict[str, object]:
         self.thread.join(timeout)
         if self.thread.is_alive():
-            self.result['error'] = f'still compiling after {timeout:.0f} s'
+            self.result['error'] = f'{self.BUSY} after {timeout:.0f} s'
         self.result.setdefault('seconds', time.time() - self.start)
-        print(f'Triton kernels: {self.result["kernels"]} versions compiled ahead of the first step in '
-              f'{self.result["seconds"]:.1f} s' + (f' (failed, the first step compiles them: {self.result["error"]})'
-                                                   if self.result['error'] else ''))
+        print(f'{self.DONE.format(self.result[self.COUNT])} ahead of the first step in {self.result["seconds"]:.1f} s'
+              + (f' (failed, {self.FAILED}: {self.result["error"]})' if self.result['error'] else ''))
         return self.result
+
+
+class KernelPrecompile(_StartUpJob):
+    """The background compile started by :func:`precompile_step_kernels` (Triton compiles for the current device)."""
+
+    NAME, COUNT, DONE = 'slak-precompile', 'kernels', 'Triton kernels: {} versions compiled'
+    FAILED, BUSY = 'the first step compiles them', 'still compiling'
+
+    def __init__(self, launches: list, workers: int, cuda_index: Optional[int] = None):
+        kernels = sys.modules[_DWCONV_MODULE_NAME]._kernels
+        super().__init__(lambda: kernels.precompile(launches, workers), cuda_index)
 
 
 def _background_workers() -> int:
@@ -1142,7 +1156,8 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else None
         for c, nb, stride, world_size in blocks:
             side = input_size // stride
-            launches += bn_kernels.block_launches(batch, c, side, side, nb, dtype, sms, world_size)
+            launches += bn_kernels.block_launches(kernels._LaunchCapture, batch, c, side, side, nb, dtype, sms,
+                                                  world_size)
     if not launches:
         return None
     cuda_index = None
@@ -1194,38 +1209,22 @@ def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:
 WARM_GRAPHS: Union[str, bool] = _env_switch('SLAK_WARM_GRAPHS')
 
 
-class GraphWarmUp:
-    """The background step started by :func:`warm_step_graphs`; :meth:`wait` joins it and prints one line (a failure
-    only costs time: the first step compiles what is missing)."""
+class GraphWarmUp(_StartUpJob):
+    """The background step started by :func:`warm_step_graphs` (``run_step``), after the kernel precompile ``after``
+    (the step would otherwise compile the same kernels a second time)."""
+
+    NAME, COUNT, DONE = 'slak-warm-graphs', 'graphs', 'Block tails: {} training graphs traced'
+    FAILED, BUSY = 'the first step traces them', 'still tracing'
 
     def __init__(self, run_step, after: Optional[KernelPrecompile] = None, cuda_index: Optional[int] = None):
-        self.start, self.result = time.time(), {'graphs': 0, 'error': None}
-
-        def run():
-            try:
-                if after is not None:  # our kernels first: the step would otherwise compile them a second time
-                    after.thread.join()
-                if cuda_index is not None:
-                    torch.cuda.set_device(cuda_index)
-                before = len(_TAIL_STATE['keys'])
-                run_step()
-                self.result['graphs'] = len(_TAIL_STATE['keys']) - before
-            except Exception as e:  # noqa: BLE001 - reported by wait(); the first step compiles instead
-                self.result['error'] = f'{type(e).__name__}: {str(e)[:200]}'
-            self.result['seconds'] = time.time() - self.start
-
-        self.thread = threading.Thread(target=run, name='slak-warm-graphs', daemon=True)
-        self.thread.start()
+        def work():
+            before = len(_TAIL_STATE['keys'])
+            run_step()
+            return len(_TAIL_STATE['keys']) - before
+        super().__init__(work, cuda_index, after)
 
     def wait(self, timeout: float = 600.) -> Dict[str, object]:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.result['error'] = f'still tracing after {timeout:.0f} s'
-        self.result.setdefault('seconds', time.time() - self.start)
-        print(f'Block tails: {self.result["graphs"]} training graphs traced ahead of the first step in '
-              f'{self.result["seconds"]:.1f} s' + (f' (failed, the first step traces them: {self.result["error"]})'
-                                                   if self.result['error'] else ''))
-        return self.result
+        return super().wait(timeout)
 
 
 def step_graph_copy(model: nn.Module) -> nn.Module:

@@ -376,33 +376,21 @@ _KERNEL_NAMES = ("bn_stats_kernel", "bn_fwd_finalize_kernel", "bn_fwd_apply_kern
                  "bn_bwd_finalize_kernel", "bn_bwd_apply_kernel")
 
 
-class _LaunchCapture:
-    """Stands in for a kernel: records ``(kernel, args with tensors as their dtypes, kwargs)`` of each launch."""
-
-    def __init__(self, kernel, out: list):
-        self.kernel, self.out = kernel, out
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.out.append((self.kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-                             dict(kwargs)))
-        return launch
-
-
-def block_launches(n: int, c: int, h: int, w: int, nb: int, dtype: torch.dtype, sms: Optional[int] = None,
+def block_launches(capture, n: int, c: int, h: int, w: int, nb: int, dtype: torch.dtype, sms: Optional[int] = None,
                    world_size: int = 1) -> list:
     """The launches ``(kernel, args, kwargs)`` (tensors given as their dtypes, what ``JITFunction.warmup`` takes) of
     one block's :class:`BranchBatchNormSum`, forward and backward, for ``nb`` branch outputs of shape (n, c, h, w)
     in ``dtype`` on a GPU with ``sms`` multiprocessors (the statistics' split depends on it; None: the fallback of 4)
-    and a process group of ``world_size`` ranks. Found on meta tensors with the kernels replaced by recorders: nothing
-    runs. Not thread-safe: call it where no other thread launches these kernels."""
+    and a process group of ``world_size`` ranks. Found on meta tensors with the kernels replaced by ``capture(kernel,
+    out)`` recorders (``dwconv_triton._LaunchCapture``: this file is loaded by path and does not import its sibling):
+    nothing runs. Not thread-safe: call it where no other thread launches these kernels."""
     out: list = []
     meta = torch.device("meta")
     saved = {name: globals()[name] for name in _KERNEL_NAMES + ("_all_gather_single", "dist")}
     saved_sms = _SM_COUNT.get(meta)
     try:
         for name in _KERNEL_NAMES:
-            globals()[name] = _LaunchCapture(saved[name], out)
+            globals()[name] = capture(saved[name], out)
         # the collectives of world_size > 1 move meta tensors: nothing to do
         globals()["_all_gather_single"] = lambda *args, **kwargs: None
         globals()["dist"] = type("NoCollectives", (), {"all_reduce": staticmethod(lambda *args, **kwargs: None)})

@@ -1040,7 +1040,8 @@ def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch
     blocks = SLaK.fused_branch_bn_blocks(model)
     assert blocks == [(c, nb, 4 * 2 ** i, 1) for i, (c, nb) in enumerate(zip(model.dims, (3, 3, 3, 2)))]
     for c, nb, stride, world in blocks:
-        expected += bn_kernels.block_launches(3, c, 64 // stride, 64 // stride, nb, torch.bfloat16, None, world)
+        expected += bn_kernels.block_launches(kernels._LaunchCapture, 3, c, 64 // stride, 64 // stride, nb,
+                                              torch.bfloat16, None, world)
     assert sum(kern.fn.__name__.startswith('bn_') for kern, _, _ in seen) == 6 * len(blocks)
     assert [(kern.fn.__name__, args, kw) for kern, args, kw in seen] == \
            [(kern.fn.__name__, args, kw) for kern, args, kw in expected]
