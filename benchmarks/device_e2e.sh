@@ -8,6 +8,9 @@
 #                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
 #   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
 #                                          ConvNeXt-T (graph replays, training batch B, default 64)
+#   bash benchmarks/device_e2e.sh step [B]  issue 20: where the GPU time of a training step goes (profile_step.py),
+#                                          SLaK-T, its two ceilings (depthwise convs / large-kernel part free) and
+#                                          compiled ConvNeXt-T, kernels grouped (batch B, default 64; ~4 min)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
 #                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
 #                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
@@ -58,6 +61,10 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
       --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile" \
       --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log" ;;
+  step)
+    timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
+      "SLaK-T ours,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,convnext_tiny (timm) torch.compile" 2>&1 \
+      | grep -v -i warn | tee "$OUT/profile_step_b${2:-64}.txt" ;;
   kernels)
     for b in 64 128; do
       models="convnext_tiny (timm) torch.compile,SLaK-T ours"

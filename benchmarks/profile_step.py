@@ -26,6 +26,7 @@ import bench_throughput as bt  # noqa: E402
 
 GROUPS = [  # first match wins; patterns are matched against the kernel name, lower-cased
     ("ours: dwconv", r"dwconv_"),
+    ("inductor-generated (tails; all of compiled ConvNeXt-T's)", r"^triton_(poi|red|per|tem)_"),
     ("cudnn depthwise conv", r"depthwise|conv2d_grouped|dgrad|wgrad|implicit_convolve|conv"),
     ("batch norm", r"batch_norm|batchnorm|bn_fw|bn_bw|welford|bn_stats_kernel|bn_fwd_|bn_bwd_"),
     ("layer norm", r"layer_norm|layernorm"),

@@ -79,3 +79,21 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
         expected = x + (block.gamma * mlp).permute(0, 3, 1, 2)
     assert torch.allclose(through_tail, plain, rtol=1e-5, atol=1e-5)
     assert torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_profile_step_groups_kernels_by_what_they_do():
+    """benchmarks/profile_step.py (issue 20's split of a step's GPU time): Inductor's generated kernels (the block
+    tails; all of a compiled ConvNeXt-T but its GEMMs) form their own group ahead of the name patterns that would
+    otherwise claim them (a fused layer norm is Inductor's, not ATen's); ours, cuBLAS and ATen's keep theirs."""
+    import profile_step
+    expected = {
+        'triton_per_fused_native_layer_norm_permute_0': 'inductor-generated (tails; all of compiled ConvNeXt-T\'s)',
+        'triton_poi_fused_add_mul_3': 'inductor-generated (tails; all of compiled ConvNeXt-T\'s)',
+        'dwconv_fwd_banded_kernel': 'ours: dwconv',
+        'bn_bwd_reduce_kernel': 'batch norm',
+        'sm90_xmma_gemm_bf16bf16_bf16f32': 'gemm (pointwise/linear)',
+        'void at::native::vectorized_elementwise_kernel<4>': 'elementwise/reduce',
+        'void at::native::(anonymous namespace)::layer_norm_kernel': 'layer norm',
+        'something_else': 'other',
+    }
+    assert {name: profile_step.group_of(name) for name in expected} == expected
