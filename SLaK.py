@@ -474,7 +474,9 @@ class Block(nn.Module):
     of a 93 ms training step, 3.5x ConvNeXt-T's time per FLOP). On CUDA the MLP therefore runs on copies zero-padded
     to multiples of 8 (input channels, hidden units, weights and biases; the padded units are exactly 0 after GELU),
     and the output is sliced back: same maths, same parameters and checkpoint keys. ``PAD_POINTWISE`` ('auto': on
-    CUDA only, True, False) switches it for every block.
+    CUDA only, True, False) switches it for every block; ``POINTWISE_PAD_MULTIPLE`` (environment variable
+    ``SLAK_POINTWISE_PAD``, default 8) sets the multiple (e.g. 64: whole GEMM tiles, 1-7 % more GEMM FLOPs per
+    layer at width 1.3).
 
     Everything after the large-kernel convs (their sum, permute, LayerNorm, padded MLP, layer scale, drop path,
     residual) runs on CUDA as one ``torch.compile``'d pure function, ``_block_tail``: eagerly these are ~15 memory-bound
@@ -553,8 +555,8 @@ class Block(nn.Module):
 
     @torch.jit.unused
     def _pad_pointwise(self, x: torch.Tensor) -> bool:
-        dim = self.pwconv1.in_features
-        if dim % 8 == 0 and self.pwconv1.out_features % 8 == 0:
+        dim, multiple = self.pwconv1.in_features, POINTWISE_PAD_MULTIPLE
+        if dim % multiple == 0 and self.pwconv1.out_features % multiple == 0:
             return False
         mode = self.PAD_POINTWISE
         if not (x.is_cuda if mode == 'auto' else bool(mode)):
@@ -564,17 +566,30 @@ class Block(nn.Module):
         return _no_dispatch_mode()
 
     def _padded_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``pwconv2(act(pwconv1(x)))`` with every GEMM dimension zero-padded to a multiple of 8."""
-        return _mlp_padded_to_8(x, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
-                                self.act)
+        """``pwconv2(act(pwconv1(x)))`` with every GEMM dimension zero-padded to a multiple of
+        ``POINTWISE_PAD_MULTIPLE``."""
+        return _mlp_padded(x, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
+                           self.act)
 
 
-def _mlp_padded_to_8(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                     b2: Optional[torch.Tensor], act=F.gelu) -> torch.Tensor:
+def _pointwise_pad_multiple() -> int:
+    raw = os.environ.get('SLAK_POINTWISE_PAD', '8').strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f'SLAK_POINTWISE_PAD must be a whole number >= 1 (the multiple that the blocks\' MLP GEMM '
+                         f'dimensions are zero-padded to on CUDA; default 8); got {raw!r}')
+    return int(raw)
+
+
+POINTWISE_PAD_MULTIPLE = _pointwise_pad_multiple()
+
+
+def _mlp_padded(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                b2: Optional[torch.Tensor], act=F.gelu) -> torch.Tensor:
     """``linear(act(linear(x, w1, b1)), w2, b2)`` on (..., dim) inputs with every GEMM dimension zero-padded to a
-    multiple of 8 (see ``Block``); under autocast the half-precision copy is padded, not LayerNorm's fp32 output."""
-    dim, hidden = w1.shape[1], w1.shape[0]
-    pd, ph = -dim % 8, -hidden % 8
+    multiple of ``POINTWISE_PAD_MULTIPLE`` (see ``Block``); under autocast the half-precision copy is padded, not
+    LayerNorm's fp32 output."""
+    dim, hidden, multiple = w1.shape[1], w1.shape[0], POINTWISE_PAD_MULTIPLE
+    pd, ph = -dim % multiple, -hidden % multiple
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     w1, w2 = F.pad(w1, (0, pd, 0, ph)), F.pad(w2, (0, ph, 0, pd))
@@ -605,11 +620,11 @@ def _block_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcu
                 w2: torch.Tensor, b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
                 drop_scale: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """``Block.forward`` after the large-kernel convs, as one pure function: the sum of ``parts`` (+ ``bias`` per
-    channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded to multiples of 8
-    (``_mlp_padded_to_8``), layer scale, drop path (``drop_scale``: per-sample factors), permute back, residual."""
+    channel), permute, LayerNorm, the MLP on GEMM dimensions zero-padded (``_mlp_padded``), layer scale, drop path
+    (``drop_scale``: per-sample factors), permute back, residual."""
     x = _sum_parts(parts, bias)
     y = F.layer_norm(x.permute(0, 2, 3, 1), (w1.shape[1],), ln_w, ln_b, eps)
-    y = _mlp_padded_to_8(y, w1, b1, w2, b2)
+    y = _mlp_padded(y, w1, b1, w2, b2)
     if gamma is not None:
         y = gamma * y
     y = y.permute(0, 3, 1, 2)

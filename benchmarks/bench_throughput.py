@@ -33,6 +33,7 @@ CONVNEXT_EMULATION = dict(kernel_size=[7, 7, 7, 7, 100])
 
 
 _LAUNCH_PLAN = {}
+_DEFAULT_PAD = SLaK.POINTWISE_PAD_MULTIPLE
 
 
 def round9_launch_plans(on):
@@ -64,6 +65,8 @@ class IdentityLargeKernel(torch.nn.Identity):
 def make(name):
     # "unpadded": the pointwise GEMMs on the raw odd widths (249, 499), as before SLaK.Block padded them on CUDA.
     SLaK.Block.PAD_POINTWISE = False if "unpadded" in name else "auto"
+    # "pad64": the MLP's GEMM dimensions padded to multiples of 64 (whole tiles) instead of SLAK_POINTWISE_PAD's 8
+    SLaK.POINTWISE_PAD_MULTIPLE = 64 if "pad64" in name else _DEFAULT_PAD
     SLaK.SHARE_AUTOCAST_CAST = "per-conv casts" not in name
     # the blocks' compiled tails (SLaK.Block.COMPILE_TAIL, on CUDA by default) unless the name asks for eager ones
     SLaK.Block.COMPILE_TAIL = False if ("eager tail" in name or "unpadded" in name) else "auto"
@@ -184,7 +187,7 @@ def main():
              "SLaK-T ours round-9 plans", "SLaK-T ours torch.compile",
              "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN",
              "SLaK-T ours SyncBN sum (1 process)",
-             "SLaK-T ours unpadded", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
+             "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",

@@ -69,7 +69,7 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     for b in 64 128; do
       models="convnext_tiny (timm) torch.compile,SLaK-T ours"
       # batch 64 also re-measures the two ceilings of issue 20's item 1 (depthwise convs / large-kernel part free)
-      [ $b = 64 ] && models="$models,SLaK-T dwconv=identity,SLaK-T large_kernel=identity"
+      [ $b = 64 ] && models="$models,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,SLaK-T ours pad64"
       [ $b = 128 ] && models="$models,SLaK-T ours folded decomposed"
       timeout "$(left $((b == 64 ? 230 : 390)))" python3 benchmarks/bench_throughput.py --graph --train-batch $b \
         --infer-batch 128 --steps 20 --models "$models" --json "$OUT/throughput_b$b.json" 2>&1 \

@@ -57,7 +57,8 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
     import bench_throughput
     import SLaK
     # make() sets these process-wide switches (to their defaults here); put them back afterwards whatever they were
-    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST')):
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
+                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
     if fast:

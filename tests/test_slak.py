@@ -473,10 +473,13 @@ def test_load_checkpoint_reports_missing_and_unexpected(tmp_path):
         SLaK.load_checkpoint(dst, str(tmp_path / 'nope.pth'))
 
 
-@pytest.mark.parametrize("dim", [13, 124])  # 13: dim and 4*dim misaligned; 124: only dim (4*124 = 496 is aligned)
-def test_padded_pointwise_mlp_equals_plain(dim, monkeypatch):
-    """The CUDA-only padded MLP (GEMM dims rounded up to multiples of 8) is the same maths: float64 outputs and
-    every parameter gradient agree with the plain nn.Linear path; parameters and keys are unchanged."""
+@pytest.mark.parametrize("dim,multiple", [(13, 8), (124, 8), (124, 64)])
+# 13: dim and 4*dim misaligned; 124: only dim (4*124 = 496 is a multiple of 8, not of 64)
+def test_padded_pointwise_mlp_equals_plain(dim, multiple, monkeypatch):
+    """The CUDA-only padded MLP (GEMM dims rounded up to multiples of 8, or of SLAK_POINTWISE_PAD) is the same
+    maths: float64 outputs and every parameter gradient agree with the plain nn.Linear path; parameters and keys
+    are unchanged."""
+    monkeypatch.setattr(SLaK, 'POINTWISE_PAD_MULTIPLE', multiple)
     torch.manual_seed(0)
     block = SLaK.Block(dim, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5, conv_impl='torch').double()
     x = torch.randn(2, dim, 6, 5, dtype=torch.float64)
@@ -497,6 +500,24 @@ def test_padded_pointwise_mlp_equals_plain(dim, monkeypatch):
     with torch.autocast('cpu', dtype=torch.bfloat16):  # the half-precision path pads the cast copy
         yb = fblock(x.float())
     assert yb.shape == x.shape and ((yb.double() - y0).norm() / y0.norm()).item() < 2e-2
+
+
+def test_pointwise_pad_multiple_comes_from_the_environment(monkeypatch):
+    """SLAK_POINTWISE_PAD sets the multiple; anything but a whole number >= 1 is refused, naming the variable."""
+    monkeypatch.delenv('SLAK_POINTWISE_PAD', raising=False)
+    assert SLaK._pointwise_pad_multiple() == 8
+    monkeypatch.setenv('SLAK_POINTWISE_PAD', '64')
+    assert SLaK._pointwise_pad_multiple() == 64
+    for bad in ('0', 'sixty-four', '-8', '6.5'):
+        monkeypatch.setenv('SLAK_POINTWISE_PAD', bad)
+        with pytest.raises(ValueError, match='SLAK_POINTWISE_PAD must be a whole number >= 1'):
+            SLaK._pointwise_pad_multiple()
+    block = SLaK.Block(16, kernel_size=(7, 3), conv_impl='torch')  # 16 / 64 channels: aligned to 8 and 16 ...
+    monkeypatch.setattr(SLaK.Block, 'PAD_POINTWISE', True)
+    monkeypatch.setattr(SLaK, 'POINTWISE_PAD_MULTIPLE', 16)
+    assert block._pad_pointwise(torch.zeros(1, 2, 2, 16)) is False
+    monkeypatch.setattr(SLaK, 'POINTWISE_PAD_MULTIPLE', 64)  # ... not to 64: padded
+    assert block._pad_pointwise(torch.zeros(1, 2, 2, 16)) is True
 
 
 def test_padded_pointwise_is_off_under_flop_counter(monkeypatch):
