@@ -65,7 +65,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
-from bench_main import card_name, run_logged  # noqa: E402
+from bench_main import card_name, run_logged, write_classification_checkpoint  # noqa: E402,F401
 
 SEG_CONFIG = ROOT / 'segmentation' / 'configs' / 'upernet_slak_tiny_512_160k_ade20k_ss.py'
 DET_CONFIG = (ROOT / 'detection' / 'configs' /
@@ -268,31 +268,6 @@ def write_coco(root: Path, n_train: int, n_val: int, workers: int, short_range=(
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
-def write_classification_checkpoint(path: Path, flags: List[str], sparsity: float, seed: int = 0) -> Dict[str, float]:
-    """A ``main.py``-style checkpoint of ``SLaK_tiny`` built from ``main.py`` flags; with ``sparsity`` > 0, that share
-    of every 2-D/4-D weight (what ``main.py --sparse`` masks) is set to exactly zero, uniformly at random."""
-    import torch
-    import main as main_py
-    from utils import args_to_dict
-    args = main_py.get_args_parser().parse_args(['--model', 'SLaK_tiny', '--nb_classes', '1000', *flags])
-    torch.manual_seed(seed)
-    model = main_py.build_model(args, args.model)
-    state = model.state_dict()
-    total = zeros = 0
-    if sparsity > 0:
-        generator = torch.Generator().manual_seed(seed)
-        for name, param in model.named_parameters():
-            if param.dim() in (2, 4):
-                keep = torch.rand(param.shape, generator=generator) >= sparsity
-                state[name] = state[name] * keep
-                total += keep.numel()
-                zeros += int((~keep).sum())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({'model': state, 'epoch': 0, 'args': args_to_dict(args)}, path)
-    return {'path': str(path), 'density_2d_4d': 1 - zeros / total if total else 1.0,
-            'mb': round(path.stat().st_size / 2 ** 20, 1)}
-
-
 # ---- runs -----------------------------------------------------------------------------------------------------------
 def train_script(framework: str) -> Path:
     """The framework's ``tools/train.py`` as its wheel ships it (``<package>/.mim/tools/train.py``)."""

@@ -214,30 +214,97 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
     return out
 
 
-def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gpu_pipeline: bool = False) -> float:
-    """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model); with
-    ``gpu_pipeline`` the workers read bytes and ``GpuAugment`` decodes and augments on the GPU (timed to the end of
-    its GPU work)."""
+TEST_LINE = re.compile(r'^Test:\s+\[\s*(\d+)/(\d+)\]')
+ACCURACY = re.compile(r'^Accuracy of the network on (\d+) test images: ([\d.]+)%')
+EVAL_FLAGS = ['--model', 'SLaK_tiny', '--eval', 'true', '--Decom', 'True', '--kernel_size', '51', '49', '47', '13',
+              '5', '--width_factor', '1.3', '--input_size', '224', '--drop_path', '0.2']  # the README's command
+
+
+def parse_eval_log(lines: List[tuple]) -> Dict[str, Optional[float]]:
+    """Figures of a ``main.py --eval true`` log of (seconds since launch, line): the last progress line's img/s
+    (the meter's window: the steady rate), seconds from launch to the first batch done (first progress line) and to
+    the end (the accuracy line), the images counted and their top-1."""
+    out: Dict[str, Optional[float]] = {'eval_img_s': None, 'first_batch_s': None, 'done_s': None, 'images': None,
+                                       'acc1': None, 'exit_code': None}
+    for t, line in lines:
+        if TEST_LINE.search(line):
+            if out['first_batch_s'] is None:
+                out['first_batch_s'] = t
+            m = IPS.search(line)
+            if m:
+                out['eval_img_s'] = float(m.group(1))
+        m = ACCURACY.search(line)
+        if m:
+            out['done_s'], out['images'], out['acc1'] = t, int(m.group(1)), float(m.group(2))
+        if line.startswith('bench_main: exit code'):
+            out['exit_code'] = int(line.rsplit(' ', 1)[1])
+    return out
+
+
+def write_classification_checkpoint(path: Path, flags: List[str], sparsity: float, seed: int = 0) -> Dict[str, float]:
+    """A ``main.py``-style checkpoint of ``SLaK_tiny`` built from ``main.py`` flags; with ``sparsity`` > 0, that share
+    of every 2-D/4-D weight (what ``main.py --sparse`` masks) is set to exactly zero, uniformly at random."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+    import main as main_py
+    from utils import args_to_dict
+    args = main_py.get_args_parser().parse_args(['--model', 'SLaK_tiny', '--nb_classes', '1000', *flags])
+    torch.manual_seed(seed)
+    model = main_py.build_model(args, args.model)
+    state = model.state_dict()
+    total = zeros = 0
+    if sparsity > 0:
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if param.dim() in (2, 4):
+                keep = torch.rand(param.shape, generator=generator) >= sparsity
+                state[name] = state[name] * keep
+                total += keep.numel()
+                zeros += int((~keep).sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': state, 'epoch': 0, 'args': args_to_dict(args)}, path)
+    return {'path': str(path), 'density_2d_4d': 1 - zeros / total if total else 1.0,
+            'mb': round(path.stat().st_size / 2 ** 20, 1)}
+
+
+def eval_view(data_path: str, root: Path) -> str:
+    """A folder whose ``train`` and ``val`` are both links to ``data_path``'s training images, so that an
+    evaluation-only run has enough batches for a steady rate (the generated val split holds 1,280 images)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ('train', 'val'):
+        link = root / split
+        if not link.exists():
+            link.symlink_to(Path(data_path).resolve() / 'train', target_is_directory=True)
+    return str(root)
+
+
+def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gpu_pipeline: bool = False,
+                 is_train: bool = True) -> float:
+    """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model), or with
+    ``is_train=False`` of its evaluation loader (resize + centre crop); with ``gpu_pipeline`` the workers read bytes
+    and ``GpuAugment`` decodes and augments on the GPU (timed to the end of its GPU work)."""
     sys.path.insert(0, str(ROOT))
     import torch
     import main as main_py
     from datasets import DeviceBatches, GpuAugment, build_dataset, collate_encoded
     args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch),
                                                  '--gpu_pipeline', str(gpu_pipeline)])
-    dataset, _ = build_dataset(is_train=True, args=args)
+    dataset, _ = build_dataset(is_train=is_train, args=args)
     encoded = dict(collate_fn=collate_encoded) if gpu_pipeline else dict(pin_memory=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True,
                                          drop_last=True, **encoded)
     if gpu_pipeline:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        loader = DeviceBatches(loader, GpuAugment(True, args, device))
+        loader = DeviceBatches(loader, GpuAugment(is_train, args, device))
     it = iter(loader)
-    for _ in range(5):  # workers started, first batches decoded
+    warm = min(5, len(loader) - 1)
+    for _ in range(warm):  # workers started, first batches decoded
         next(it)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     start, n = time.time(), 0
-    for _ in range(min(batches, len(loader) - 6)):
+    for _ in range(min(batches, len(loader) - warm)):
         images, _ = next(it)
         n += images.shape[0]
     sync()
@@ -272,8 +339,10 @@ def main() -> None:
     parser.add_argument('--runs', default='all',
                         help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
                              'throughput, throughput_graph; also (not in "all") slak_compile (SLaK-T with --compile '
-                             'true), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own caches) and '
-                             'slak_cold_graphs, slak_warm_graphs (SLAK_WARM_GRAPHS=1, own caches)')
+                             'true), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own '
+                             'caches), slak_cold_graphs, slak_warm_graphs (SLAK_WARM_GRAPHS=1, own caches), '
+                             'slak_eval, slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s '
+                             'command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
@@ -353,6 +422,34 @@ def main() -> None:
     # optional: the training tail graphs traced ahead in a background thread (SLAK_WARM_GRAPHS=1), own caches
     main_run('slak_cold_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
     main_run('slak_warm_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
+
+    # optional (issue 20): main.py --eval true with the README's evaluation command on a 12,800-image view, as
+    # written (fp32, batch 64 -> 96 per evaluation batch) and in bf16 at batch 128 (192), SLaK-T folded by default
+    # (--eval_folded), a main.py-format checkpoint with 40 % zeros, the caches of the SLaK-T runs; and the
+    # evaluation loader alone at the bf16 run's batch
+    if {'slak_eval', 'slak_eval_bf16', 'eval_loader'} & wanted:
+        view = eval_view(data_path, Path(tempfile.mkdtemp(prefix='bench_eval_view_')))
+        if 'eval_loader' in wanted:
+            report['eval_loader_img_s'] = loader_speed(view, int(1.5 * args.batch_size), args.num_workers,
+                                                       is_train=False)
+            print(f'evaluation loader alone: {report["eval_loader_img_s"]:.0f} img/s', flush=True)
+        checkpoint = Path(tempfile.mkdtemp(prefix='bench_eval_ckpt_')) / 'SLaK-T.pth'
+        report['eval_checkpoint'] = write_classification_checkpoint(
+            checkpoint, SLAK_T_FLAGS[2:] + ['--nb_classes', str(args.classes)], 0.4)
+        for name, extra in (('slak_eval', []), ('slak_eval_bf16', ['--use_amp', 'true', '--amp_dtype', 'bfloat16',
+                                                                     '--batch_size', str(args.batch_size)])):
+            if name not in wanted or time.time() - t0 > args.budget_s:
+                continue
+            cmd = [sys.executable, 'main.py', *EVAL_FLAGS, '--resume', str(checkpoint), '--data_path', view,
+                   '--num_workers', str(args.num_workers), *extra]
+            lines = run_logged(cmd, env_with('slak'), args.run_timeout_s)
+            parsed = parse_eval_log(lines)
+            parsed['command'] = ' '.join(cmd[1:])
+            parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines][-30:]
+            report['runs'][name] = parsed
+            print(f'{name}: ' + ', '.join(f'{k}={v}' for k, v in parsed.items() if k not in ('log_tail', 'command')),
+                  flush=True)
+            save()
 
     bench = {}
     names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (

@@ -11,6 +11,9 @@
 #   bash benchmarks/device_e2e.sh step [B]  issue 20: where the GPU time of a training step goes (profile_step.py),
 #                                          SLaK-T, its two ceilings (depthwise convs / large-kernel part free) and
 #                                          compiled ConvNeXt-T, kernels grouped (batch B, default 64; ~4 min)
+#   bash benchmarks/device_e2e.sh eval     issue 20: main.py --eval true with the README's evaluation command (fp32 as
+#                                          written, and bf16 at batch 128) on a 12,800-image view, the evaluation
+#                                          loader alone, and folded SLaK-T's graph-replay inference (~3 min)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
 #                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
 #                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
@@ -61,6 +64,13 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
       --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile" \
       --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log" ;;
+  eval)
+    python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
+      --runs eval_loader,slak_eval_bf16,slak_eval --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \
+      | grep -v -e '^Test:' | tee "$OUT/bench_eval.log" | tail -20
+    timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 128 \
+      --steps 20 --models "SLaK-T ours folded decomposed" --json "$OUT/throughput_folded_b128.json" 2>&1 \
+      | grep -v -i warn | tee -a "$OUT/bench_eval.log" ;;
   step)
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
       "SLaK-T ours,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,convnext_tiny (timm) torch.compile" 2>&1 \

@@ -45,6 +45,29 @@ def test_parser_reads_a_real_main_py_log(tmp_path):
     assert figures['peak_mem_gb'] is None  # CPU run: no 'max mem' column
 
 
+def test_eval_parser_reads_a_real_main_py_eval_log_through_the_training_images_view(tmp_path):
+    """Issue 20's main.py --eval true figures: the view gives the evaluation the training images (links, both
+    splits), a main.py-format sparse checkpoint (the writer bench_downstream uses too) loads with --resume, and the
+    parser finds the steady img/s, the first batch's and the end's seconds, the images counted and their top-1."""
+    data = make_mini_mnist(str(tmp_path / 'data'), 20, 5)  # 200 train / 50 val images
+    view = bench_main.eval_view(data, tmp_path / 'view')
+    assert os.path.realpath(os.path.join(view, 'val')) == os.path.realpath(os.path.join(data, 'train'))
+    assert bench_main.eval_view(data, tmp_path / 'view') == view  # kept, not re-linked
+    flags = ['--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5', '3',
+             '--nb_classes', '10']
+    checkpoint = tmp_path / 'ckpt.pth'
+    density = bench_main.write_classification_checkpoint(checkpoint, flags, 0.4)['density_2d_4d']
+    assert density == pytest.approx(0.6, abs=0.02)
+    cmd = [sys.executable, 'main.py', '--model', 'SLaK_tiny', '--eval', 'true', *flags[:-2], '--input_size', '32',
+           '--resume', str(checkpoint), '--data_path', view, '--batch_size', '16', '--num_workers', '0',
+           '--pin_mem', 'false', '--device', 'cpu']
+    lines = bench_main.run_logged(cmd, dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1'), timeout=300)
+    figures = bench_main.parse_eval_log(lines)
+    assert figures['exit_code'] == 0, [line for _, line in lines[-5:]]
+    assert figures['images'] == 200 and 0 <= figures['acc1'] <= 100  # the training images, through the view
+    assert figures['eval_img_s'] > 0 and 0 < figures['first_batch_s'] <= figures['done_s']
+
+
 @pytest.mark.parametrize('text, expected', [
     ('Epoch: [1]  [19/100]  eta: 0:00:01  img/s: 1000.0  max mem: 2048', (1000.0, 2.0)),
 ])
