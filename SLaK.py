@@ -1103,6 +1103,7 @@ class _StartUpJob:
     a failure only costs time: the first step then does the work itself."""
 
     NAME = COUNT = DONE = FAILED = BUSY = ''  # thread name, result key, the line's start, its failure note, timeout
+    WAIT_S = 300.  # how long wait() waits by default
 
     def __init__(self, work, cuda_index: Optional[int] = None, after: Optional['_StartUpJob'] = None):
         self.start, self.result = time.time(), {self.COUNT: 0, 'error': None}
@@ -1121,7 +1122,8 @@ class _StartUpJob:
         self.thread = threading.Thread(target=run, name=self.NAME, daemon=True)
         self.thread.start()
 
-    def wait(self, timeout: float = 300.) -> Dict[str, object]:
+    def wait(self, timeout: Optional[float] = None) -> Dict[str, object]:
+        timeout = self.WAIT_S if timeout is None else timeout
         self.thread.join(timeout)
         if self.thread.is_alive():
             self.result['error'] = f'{self.BUSY} after {timeout:.0f} s'
@@ -1158,21 +1160,19 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
     found here, in the calling thread (a dry run that must not overlap real launches); only the compiles run in the
     background. ``force`` plans on any device (tests)."""
     device = torch.device(device)
-    kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_kernels', None)
+    fast = sys.modules.get(_DWCONV_MODULE_NAME)
+    kernels = getattr(fast, '_kernels', None)
     if kernels is None or not force and (device.type != 'cuda' or PRECOMPILE is False):
         return None
     launches = []
     for c, kh, kw, stride in fast_dwconv_layers(model, dtype, device.type):
         side = input_size // stride  # (the stem and the downsampling convs have no padding: floors)
         launches += kernels.layer_launches(batch, c, side, side, kh, kw, dtype)
-    bn_kernels = getattr(sys.modules.get(_DWCONV_MODULE_NAME), '_bn_kernels', None)
-    blocks = fused_branch_bn_blocks(model)
-    if bn_kernels is not None and blocks:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else None
-        for c, nb, stride, world_size in blocks:
-            side = input_size // stride
-            launches += bn_kernels.block_launches(kernels._LaunchCapture, batch, c, side, side, nb, dtype, sms,
-                                                  world_size)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else None
+    for c, nb, stride, world_size in fused_branch_bn_blocks(model):  # ([] without the fused kernels)
+        side = input_size // stride
+        launches += fast._bn_kernels.block_launches(kernels._LaunchCapture, batch, c, side, side, nb, dtype, sms,
+                                                    world_size)
     if not launches:
         return None
     cuda_index = None
@@ -1183,9 +1183,10 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
 
 def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:
     """(channels, branches, stride, world size) of every distinct block of ``model`` (a :class:`SLaK`) whose branch
-    BatchNorms a training step sums in the fused Triton kernels (``branch_bn_sum``: 2-3 branches on our conv, plain or
-    host-sync-free SyncBatchNorms; world size > 1 for the latter under an initialised process group), with the
-    stride of its stage's maps relative to the input; [] where the fused kernels are off or absent."""
+    BatchNorms a training step sums in the fused Triton kernels (``branch_bn_sum``: 2-3 branches on our conv whose
+    BatchNorms its own rule ``_fusable_bn`` accepts, plain or host-sync-free SyncBatchNorms; world size > 1 for the
+    latter under an initialised process group), with the stride of its stage's maps relative to the input; [] where
+    the fused kernels are off or absent."""
     fast = sys.modules.get(_DWCONV_MODULE_NAME)
     conv_type = getattr(fast, 'DepthWiseConv2dImplicitGEMM', None)
     if conv_type is None or getattr(fast, '_bn_kernels', None) is None or not getattr(fast, 'FUSED_BRANCH_BN', False) \
@@ -1196,18 +1197,16 @@ def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:
         for m in stage.modules():
             if not isinstance(m, ReparamLargeKernelConv) or hasattr(m, 'lkb_reparam') or hasattr(m, 'lkb_decomposed'):
                 continue
-            branches = [b for b in m._branches().values()]
+            branches = list(m._branches().values())
             bns = [getattr(b, 'bn', None) for b in branches]
+            synced = hasattr(bns[0], 'sum_of_branches')  # (utils.SyncBatchNormWithoutHostSync)
             if not 2 <= len(branches) <= 3 or not all(isinstance(b.conv, conv_type) for b in branches) or \
-                    not all(isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine and bn.track_running_stats
-                            for bn in bns):
+                    not all(bn is not None and fast._fusable_bn(bn, bns[0], synced) for bn in bns):
                 continue
             world_size = 1
-            if hasattr(bns[0], 'sum_of_branches') and torch.distributed.is_available() and \
-                    torch.distributed.is_initialized():
+            if synced and torch.distributed.is_available() and torch.distributed.is_initialized():
                 world_size = torch.distributed.get_world_size()
-            block = (m.LoRA1.conv.weight.shape[0] if hasattr(m, 'LoRA1') else m.lkb_origin.conv.weight.shape[0],
-                     len(branches), 4 * 2 ** i, world_size)
+            block = (branches[0].conv.weight.shape[0], len(branches), 4 * 2 ** i, world_size)
             if block not in blocks:
                 blocks.append(block)
     return blocks
@@ -1229,7 +1228,7 @@ class GraphWarmUp(_StartUpJob):
     (the step would otherwise compile the same kernels a second time)."""
 
     NAME, COUNT, DONE = 'slak-warm-graphs', 'graphs', 'Block tails: {} training graphs traced'
-    FAILED, BUSY = 'the first step traces them', 'still tracing'
+    FAILED, BUSY, WAIT_S = 'the first step traces them', 'still tracing', 600.
 
     def __init__(self, run_step, after: Optional[KernelPrecompile] = None, cuda_index: Optional[int] = None):
         def work():
@@ -1237,9 +1236,6 @@ class GraphWarmUp(_StartUpJob):
             run_step()
             return len(_TAIL_STATE['keys']) - before
         super().__init__(work, cuda_index, after)
-
-    def wait(self, timeout: float = 600.) -> Dict[str, object]:
-        return super().wait(timeout)
 
 
 def step_graph_copy(model: nn.Module) -> nn.Module:

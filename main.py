@@ -417,8 +417,8 @@ def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, de
                                         amp_dtype if args.use_amp else torch.float32, device)
 
 
-def start_graph_warm_up(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
-                        amp_dtype: torch.dtype, after: Optional['SLaK.KernelPrecompile']) -> Optional['SLaK.GraphWarmUp']:
+def start_graph_warm_up(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype,
+                        after: Optional['SLaK.KernelPrecompile']) -> Optional['SLaK.GraphWarmUp']:
     """With ``SLAK_WARM_GRAPHS=1``, a CUDA training run of a SLaK model traces and compiles its blocks' training tail
     graphs in a background thread (one step of a small copy, after the kernel precompile ``after``) while it
     prepares the masks (``SLaK.warm_step_graphs``; opt-in until measured on a GPU)."""

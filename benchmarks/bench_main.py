@@ -383,26 +383,40 @@ def main() -> None:
         (out_dir / f'e2e_{card}{suffix}.json').write_text(json.dumps(records, indent=1))
         (out_dir / f'e2e_{card}{suffix}_runs.json').write_text(json.dumps(report, indent=1))
 
-    def main_run(name: str, flags: List[str], cache: str, **env) -> Optional[Dict]:
+    def due(name: str) -> bool:
+        """The run was asked for and the time budget allows it (else it is skipped, and said so)."""
         if name not in wanted:
-            return None
+            return False
         if time.time() - t0 > args.budget_s:
             print(f'{name}: skipped (time budget)', flush=True)
+            return False
+        return True
+
+    def logged_run(name: str, cmd: List[str], env: Dict[str, str], parse, skip=(), tail: int = 30) -> Dict:
+        """Run ``cmd``, keep ``parse(lines)`` with the command and the log's last ``tail`` lines (less those
+        starting with ``skip``) as run ``name`` of the report, print the figures and save."""
+        lines = run_logged(cmd, env, args.run_timeout_s)
+        parsed = parse(lines)
+        parsed['command'] = ' '.join(cmd[1:])
+        parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines if not line.startswith(skip)][-tail:]
+        report['runs'][name] = parsed
+        print(f'{name}: ' + ', '.join(f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
+                                      for k, v in parsed.items() if k not in ('log_tail', 'command')), flush=True)
+        save()
+        return parsed
+
+    def main_run(name: str, flags: List[str], cache: str, **env) -> Optional[Dict]:
+        if not due(name):
             return None
         out = tempfile.mkdtemp(prefix=f'bench_{name}_')
         cmd = [sys.executable, 'main.py', *flags, *COMMON_FLAGS, '--batch_size', str(args.batch_size),
                '--epochs', str(args.epochs), '--data_path', data_path, '--num_workers', str(args.num_workers),
                '--output_dir', out, '--gpu_pipeline', args.gpu_pipeline]
-        lines = run_logged(cmd, env_with(cache, **env), args.run_timeout_s)
-        parsed = parse_main_log(lines, args.val_images)
-        parsed['command'] = ' '.join(cmd[1:])
-        parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines if not line.startswith(('Test:', '  '))][-60:]
-        report['runs'][name] = parsed
-        shutil.rmtree(out, ignore_errors=True)
-        print(f'{name}: ' + ', '.join(f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
-                                      for k, v in parsed.items() if k not in ('log_tail', 'command')), flush=True)
-        save()
-        return parsed
+        try:
+            return logged_run(name, cmd, env_with(cache, **env), lambda lines: parse_main_log(lines, args.val_images),
+                              skip=('Test:', '  '), tail=60)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     loader_img_s = None
     if 'loader' in wanted:
@@ -438,18 +452,10 @@ def main() -> None:
             checkpoint, SLAK_T_FLAGS[2:] + ['--nb_classes', str(args.classes)], 0.4)
         for name, extra in (('slak_eval', []), ('slak_eval_bf16', ['--use_amp', 'true', '--amp_dtype', 'bfloat16',
                                                                      '--batch_size', str(args.batch_size)])):
-            if name not in wanted or time.time() - t0 > args.budget_s:
-                continue
-            cmd = [sys.executable, 'main.py', *EVAL_FLAGS, '--resume', str(checkpoint), '--data_path', view,
-                   '--num_workers', str(args.num_workers), *extra]
-            lines = run_logged(cmd, env_with('slak'), args.run_timeout_s)
-            parsed = parse_eval_log(lines)
-            parsed['command'] = ' '.join(cmd[1:])
-            parsed['log_tail'] = [f'{t:7.1f} {line}' for t, line in lines][-30:]
-            report['runs'][name] = parsed
-            print(f'{name}: ' + ', '.join(f'{k}={v}' for k, v in parsed.items() if k not in ('log_tail', 'command')),
-                  flush=True)
-            save()
+            if due(name):
+                logged_run(name, [sys.executable, 'main.py', *EVAL_FLAGS, '--resume', str(checkpoint), '--data_path',
+                                  view, '--num_workers', str(args.num_workers), *extra], env_with('slak'),
+                           parse_eval_log)
 
     bench = {}
     names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (

@@ -1060,6 +1060,8 @@ def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch
     bn_kernels = sys.modules['depthwise_conv2d_implicit_gemm']._bn_kernels
     blocks = SLaK.fused_branch_bn_blocks(model)
     assert blocks == [(c, nb, 4 * 2 ** i, 1) for i, (c, nb) in enumerate(zip(model.dims, (3, 3, 3, 2)))]
+    assert SLaK.fused_branch_bn_blocks(model.eval()) == []  # branch_bn_sum's own rule: training-mode BNs only
+    model.train()
     for c, nb, stride, world in blocks:
         expected += bn_kernels.block_launches(kernels._LaunchCapture, 3, c, 64 // stride, 64 // stride, nb,
                                               torch.bfloat16, None, world)
