@@ -7,7 +7,8 @@
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
 #                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
 #   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
-#                                          ConvNeXt-T (graph replays, training batch B, default 64)
+#                                          ConvNeXt-T (graph replays, training batch B, default 64), then each
+#                                          one's step split by kernel group (profile_step.py; ~8 min in all)
 #   bash benchmarks/device_e2e.sh step [B]  issue 20: where the GPU time of a training step goes (profile_step.py),
 #                                          SLaK-T, its two ceilings (depthwise convs / large-kernel part free) and
 #                                          compiled ConvNeXt-T, kernels grouped (batch B, default 64; ~4 min)
@@ -63,7 +64,11 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     # eager + the blocks' compiled tails? Graph replays at training batch ${2:-64}, beside compiled ConvNeXt-T.
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
       --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile" \
-      --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log" ;;
+      --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log"
+    # then where each one's step time goes (Inductor's FX/Triton caches are warm from the runs above)
+    timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
+      "SLaK-T ours torch.compile,SLaK-T dwconv=identity,convnext_tiny (timm) torch.compile,SLaK-T ours" 2>&1 \
+      | grep -v -i warn | tee "$OUT/profile_step_compile_b${2:-64}.txt" ;;
   eval)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
       --runs eval_loader,slak_eval_bf16,slak_eval --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \

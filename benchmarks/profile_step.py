@@ -36,10 +36,21 @@ GROUPS = [  # first match wins; patterns are matched against the kernel name, lo
 ]
 
 
+INDUCTOR = GROUPS[1][0]
+INDUCTOR_PARTS = [  # what an Inductor kernel's name says it fused (first match wins): a whole-model-compiled model's
+    ("GEMM template", r"^triton_tem_"),  # BatchNorms and LayerNorms are Inductor's too, not ATen's
+    ("with batch norm", r"batch_norm"),
+    ("with layer norm", r"layer_norm"),
+]
+
+
 def group_of(name: str) -> str:
     low = name.lower()
     for group, pattern in GROUPS:
         if re.search(pattern, low):
+            if group == INDUCTOR:
+                part = next((p for p, pat in INDUCTOR_PARTS if re.search(pat, low)), "other fused")
+                return f"{group}: {part}"
             return group
     return "other"
 

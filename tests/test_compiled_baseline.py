@@ -85,11 +85,15 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
 def test_profile_step_groups_kernels_by_what_they_do():
     """benchmarks/profile_step.py (issue 20's split of a step's GPU time): Inductor's generated kernels (the block
     tails; all of a compiled ConvNeXt-T but its GEMMs) form their own group ahead of the name patterns that would
-    otherwise claim them (a fused layer norm is Inductor's, not ATen's); ours, cuBLAS and ATen's keep theirs."""
+    otherwise claim them (a fused layer norm is Inductor's, not ATen's), split by what their names say they fused;
+    ours, cuBLAS and ATen's keep theirs."""
     import profile_step
+    inductor = 'inductor-generated (tails; all of compiled ConvNeXt-T\'s)'
     expected = {
-        'triton_per_fused_native_layer_norm_permute_0': 'inductor-generated (tails; all of compiled ConvNeXt-T\'s)',
-        'triton_poi_fused_add_mul_3': 'inductor-generated (tails; all of compiled ConvNeXt-T\'s)',
+        'triton_per_fused_native_layer_norm_permute_0': f'{inductor}: with layer norm',
+        'triton_red_fused__native_batch_norm_legit_functional_add_7': f'{inductor}: with batch norm',
+        'triton_tem_fused_addmm_gelu_2': f'{inductor}: GEMM template',
+        'triton_poi_fused_add_mul_3': f'{inductor}: other fused',
         'dwconv_fwd_banded_kernel': 'ours: dwconv',
         'bn_bwd_reduce_kernel': 'batch norm',
         'sm90_xmma_gemm_bf16bf16_bf16f32': 'gemm (pointwise/linear)',
