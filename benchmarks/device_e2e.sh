@@ -15,6 +15,9 @@
 #   bash benchmarks/device_e2e.sh eval     issue 20: main.py --eval true with the README's evaluation command (fp32 as
 #                                          written, and bf16 at batch 128) on a 12,800-image view, the evaluation
 #                                          loader alone, and folded SLaK-T's graph-replay inference (~3 min)
+#   bash benchmarks/device_e2e.sh ncu [B]  issue 20: Nsight Compute counters of every kernel of one training step
+#                                          (ncu_step.py: per group time, DRAM bytes, bandwidth, occupancy), SLaK-T,
+#                                          compiled ConvNeXt-T and SLaK-T dwconv=identity (NCU_MODELS to choose)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
 #                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
 #                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
@@ -80,6 +83,19 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
       "SLaK-T ours,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,convnext_tiny (timm) torch.compile" 2>&1 \
       | grep -v -i warn | tee "$OUT/profile_step_b${2:-64}.txt" ;;
+  ncu)
+    # issue 20's ncu evidence: the counters of every kernel of one training step (benchmarks/ncu_step.py)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+    M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+    M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread
+    IFS=',' read -ra models <<< "${NCU_MODELS:-SLaK-T ours,convnext_tiny (timm) torch.compile,SLaK-T dwconv=identity}"
+    for m in "${models[@]}"; do
+      f="$OUT/ncu_step_$(echo "$m" | tr -c 'A-Za-z0-9=\n' _)_b${2:-64}"
+      timeout "$(left 560)" "$NCU" --clock-control none --profile-from-start off --csv --page raw --print-units base \
+        --metrics "$M" python3 benchmarks/ncu_step.py run --model "$m" --batch "${2:-64}" > "$f.csv" 2> "$f.err"
+      echo "== $m (ncu exit $?)"; tail -3 "$f.err"
+      python3 benchmarks/ncu_step.py report "$f.csv" 2>&1 | tee "$f.txt" | head -24
+    done ;;
   kernels)
     for b in 64 128; do
       models="convnext_tiny (timm) torch.compile,SLaK-T ours"

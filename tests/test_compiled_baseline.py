@@ -102,3 +102,43 @@ def test_profile_step_groups_kernels_by_what_they_do():
         'something_else': 'other',
     }
     assert {name: profile_step.group_of(name) for name in expected} == expected
+
+
+NCU_CSV = '''==PROF== Connected to process 745 (/usr/bin/python3.12)
+==PROF== Profiling "dwconv_fwd_kernel": 0%....50%....100% - 2 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum","launch__registers_per_thread","sm__warps_active.avg.pct_of_peak_sustained_active"
+"","","","","","","","","","","","byte","byte","nsecond","register/thread","%"
+"0","745","python3.12","127.0.0.1","dwconv_fwd_kernel","1","7","(128, 1, 1)","(56, 2, 124)","0","9.0","100,000,000","50,000,000","100,000","128","31.5"
+"1","745","python3.12","127.0.0.1","void at::native::(anonymous namespace)::layer_norm_kernel<float, float>(int, float, const float *)","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","30,000,000","30,000,000","30,000","40","80.0"
+"2","745","python3.12","127.0.0.1","dwconv_wgrad_kernel","1","7","(128, 1, 1)","(124, 1, 1)","0","9.0","50,000,000","0","300,000","168","12.5"
+'''
+
+
+def test_ncu_step_parses_the_csv_and_finds_each_groups_memory_floor(tmp_path):
+    """benchmarks/ncu_step.py report (issue 20's ncu evidence): ncu's raw CSV (its own and the program's lines
+    before the header skipped, thousands separators and the units row read) gives per group the summed time, DRAM
+    bytes, achieved bandwidth, the time those bytes take at the card's peak, and the time-weighted occupancy."""
+    import ncu_step
+    kernels = ncu_step.parse_csv(NCU_CSV)
+    assert [k['name'][:12] for k in kernels] == ['dwconv_fwd_k', 'void at::nat', 'dwconv_wgrad']
+    assert kernels[0][ncu_step.TIME] == 100e-6 and kernels[0][ncu_step.READ] == 1e8
+    assert kernels[0]['grid'] == '(56, 2, 124)' and kernels[2][ncu_step.REGISTERS] == 168
+    groups = ncu_step.summarise(kernels, peak_bytes_s=3e12)
+    ours = groups['ours: dwconv']
+    assert ours['kernels'] == 2 and abs(ours['seconds'] - 400e-6) < 1e-12 and ours['bytes'] == 2e8
+    assert abs(ours['bytes_per_s'] - 2e8 / 400e-6) < 1 and abs(ours['floor_seconds'] - 2e8 / 3e12) < 1e-15
+    assert abs(ours['occupancy_pct'] - (31.5 * 100 + 12.5 * 300) / 400) < 1e-9
+    assert groups['layer norm']['bytes'] == 6e7
+    assert ncu_step.short_name(kernels[1]['name']) == 'at::native::anon::layer_norm_kernel'
+    path = tmp_path / 'ncu.csv'
+    path.write_text(NCU_CSV)
+    out = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'ncu_step.py'), 'report', str(path),
+                          '--peak_tb_s', '3'], capture_output=True, text=True, check=True).stdout
+    assert out.startswith('3 kernels, 0.43 ms serialised, 0.26 GB from/to DRAM (at 3.00 TB/s: 0.09 ms)')
+    for bad, message in (('no header', 'no ncu CSV header'), (NCU_CSV.replace('"nsecond"', '"furlong"'), 'unit')):
+        try:
+            ncu_step.parse_csv(bad)
+        except ValueError as e:
+            assert message in str(e)
+        else:
+            raise AssertionError(f'{bad[:20]!r} was accepted')
