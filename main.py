@@ -201,6 +201,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--dist_timeout', default=float(os.environ.get('SLAK_DIST_TIMEOUT', 30)), type=float,
                         help='minutes a collective may wait before failing (env SLAK_DIST_TIMEOUT)')
 
+    parser.add_argument('--tf32', type=str2bool, default=True,
+                        help='CUDA: float32 matrix products and convolutions on TF32 tensor cores (what the original '
+                             'ran with: PyTorch 1.10 allowed TF32 for both by default, 1.12+ turned it off for matrix '
+                             'products, which makes fp32 runs several times slower on Ampere and Hopper); false: exact '
+                             'fp32 everywhere, our depthwise kernels included')
     parser.add_argument('--use_amp', type=str2bool, default=False, help="Use PyTorch's AMP (automatic mixed precision)")
     parser.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
                         help='autocast dtype with --use_amp true (bfloat16 needs no loss scaling)')
@@ -598,7 +603,17 @@ def init_run(args: argparse.Namespace) -> Tuple[torch.device, torch.dtype]:
     np.random.seed(seed)
     random.seed(seed)
     cudnn.benchmark = True
-    return torch.device(args.device), torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    device = torch.device(args.device)
+    set_tf32(device, getattr(args, 'tf32', True))
+    return device, torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """``--tf32``: on CUDA, allow (or forbid) TF32 tensor cores for float32 matrix products and convolutions (our
+    depthwise kernels follow ``cudnn.allow_tf32``). CPU runs keep their exact float32 maths either way."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        cudnn.allow_tf32 = enabled
 
 
 def build_loggers(args: argparse.Namespace):

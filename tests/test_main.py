@@ -816,3 +816,22 @@ def test_training_runs_hand_the_graph_warm_up_the_step_they_will_run(monkeypatch
         setattr(args, flag, True)
         assert main.start_graph_warm_up(args, model, device, torch.bfloat16, None) is None and len(calls) == 2
         setattr(args, flag, False)
+
+
+def test_tf32_flag_sets_cuda_precision_and_leaves_cpu_exact():
+    """``--tf32`` (default true: the original's PyTorch 1.10 ran float32 matrix products and convolutions on TF32
+    on Ampere+): on a CUDA device it sets both switches (our depthwise kernels read ``cudnn.allow_tf32``); ``false``
+    clears them; a CPU run touches neither. (The switches are plain flags: settable without a GPU.)"""
+    assert parse([]).tf32 is True and parse(['--tf32', 'false']).tf32 is False
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, conv.allow_tf32
+    try:
+        matmul.allow_tf32 = conv.allow_tf32 = False
+        main.set_tf32(torch.device('cpu'), True)
+        assert (matmul.allow_tf32, conv.allow_tf32) == (False, False)
+        main.set_tf32(torch.device('cuda', 0), True)
+        assert (matmul.allow_tf32, conv.allow_tf32) == (True, True)
+        main.set_tf32(torch.device('cuda'), False)
+        assert (matmul.allow_tf32, conv.allow_tf32) == (False, False)
+    finally:
+        matmul.allow_tf32, conv.allow_tf32 = before
