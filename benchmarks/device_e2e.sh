@@ -65,8 +65,9 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
   compile)
     # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than
     # eager + the blocks' compiled tails? Graph replays at training batch ${2:-64}, beside compiled ConvNeXt-T.
+    FOLDED="SLaK-T ours folded decomposed,SLaK-T ours folded decomposed torch.compile"  # (inference only)
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
-      --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile" \
+      --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile,$FOLDED" \
       --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log"
     # then where each one's step time goes (Inductor's FX/Triton caches are warm from the runs above)
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \

@@ -82,6 +82,53 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
     assert torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dwconv_identity_ceiling_keeps_the_fused_branch_batch_norms(monkeypatch):
+    """Issue 20's "dwconv=identity" ceiling: each branch conv is replaced by one that returns its input but is still
+    of our conv class, so the block takes the fused branch-BN path (SLaK's class check before branch_bn_sum) as the
+    real step does; the branch BNs then see x itself: the large-kernel module's output is the sum of the three BNs
+    of x (checked in float64 against nn.BatchNorm2d's own forward)."""
+    import torch
+
+    import bench_throughput
+    import SLaK
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
+                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    if fast:
+        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
+    model = bench_throughput.make('SLaK-T dwconv=identity')
+    lk = model.stages[3][0].large_kernel
+    convs = [getattr(lk, b).conv for b in ('LoRA1', 'LoRA2', 'small_conv')]
+    if fast:
+        assert all(isinstance(c, fast.DepthWiseConv2dImplicitGEMM) for c in convs)
+    x = torch.randn(2, convs[0].in_channels, 7, 7, dtype=torch.float64)
+    assert all(torch.equal(c(x), x) for c in convs)
+    lk = lk.double().train()
+    expected = sum(torch.nn.functional.batch_norm(x, None, None, getattr(lk, b).bn.weight, getattr(lk, b).bn.bias,
+                                                  training=True, eps=getattr(lk, b).bn.eps)
+                   for b in ('LoRA1', 'LoRA2', 'small_conv'))
+    with torch.no_grad():
+        assert torch.allclose(lk(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_profile_step_counts_kernels_not_the_spans_of_annotated_regions():
+    """profile_step's split (issue 20): the GPU-side span of a ``record_function`` region (the optimizer's
+    ``Optimizer.step#AdamW.step``) covers kernels that are counted on their own; it must not be added again, whether
+    the profiler flags it as a user annotation or (older torch) only its name says so."""
+    from types import SimpleNamespace
+    import torch
+    import profile_step
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name='Optimizer.step#AdamW.step', device_type=cuda, is_user_annotation=True),
+              SimpleNamespace(name='Optimizer.zero_grad#AdamW.zero_grad', device_type=cuda),
+              SimpleNamespace(name='my_region', device_type=cuda, is_user_annotation=True),
+              SimpleNamespace(name='multi_tensor_apply_kernel', device_type=cuda, is_user_annotation=False),
+              SimpleNamespace(name='dwconv_fwd_kernel', device_type=cuda),
+              SimpleNamespace(name='aten::add', device_type=cpu, is_user_annotation=False)]
+    assert [e.name for e in profile_step.device_kernels(events)] == ['multi_tensor_apply_kernel', 'dwconv_fwd_kernel']
+
+
 def test_profile_step_groups_kernels_by_what_they_do():
     """benchmarks/profile_step.py (issue 20's split of a step's GPU time): Inductor's generated kernels (the block
     tails; all of a compiled ConvNeXt-T but its GEMMs) form their own group ahead of the name patterns that would
@@ -142,3 +189,20 @@ def test_ncu_step_parses_the_csv_and_finds_each_groups_memory_floor(tmp_path):
             assert message in str(e)
         else:
             raise AssertionError(f'{bad[:20]!r} was accepted')
+
+
+def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(monkeypatch):
+    """bench_throughput's "SLaK-T ours folded decomposed torch.compile" (issue 20's inference row for users who
+    compile): make() wraps the model in torch.compile, and the benchmark's eval() + reparameterize() must reach the
+    wrapped model, so that what gets compiled at the first call is the folded form (two convs per block, no BN)."""
+    import bench_throughput
+    import SLaK
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
+                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    model = bench_throughput.make('SLaK-T ours folded decomposed torch.compile')
+    assert model is not model._orig_mod  # the torch.compile wrapper
+    model.eval()
+    model.reparameterize(decomposed=True)
+    lk = model._orig_mod.stages[0][0].large_kernel
+    assert hasattr(lk, 'lkb_decomposed') and not hasattr(lk, 'LoRA1') and not lk.training
