@@ -236,6 +236,39 @@ def test_layer_norm_rejects_unknown_format():
         SLaK.LayerNorm(4, data_format='nhwc')
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_channels_first_layer_norm_is_the_originals_maths_in_its_dtype_and_layout(channels_last):
+    """channels_first LayerNorm (the stem's and the downsampling layers'): now ``F.layer_norm`` on a channels-last
+    view, it matches the original's spelled-out formula (float64 reference: mean, biased variance, eps inside the
+    root) forward and backward, for NCHW and channels_last inputs, returns the input's memory format, and under
+    autocast gives the float32 result that the original's ``weight * x`` promotion gave a half-precision input."""
+    g = torch.Generator().manual_seed(0)
+    ln = SLaK.LayerNorm(24, eps=1e-6, data_format='channels_first')
+    with torch.no_grad():
+        ln.weight.copy_(torch.rand(24, generator=g) + 0.5)
+        ln.bias.copy_(torch.randn(24, generator=g))
+    x = torch.randn(3, 24, 7, 5, generator=g) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = ln(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dy = torch.randn(y.shape, generator=g)
+    dx, dw, db = torch.autograd.grad(y, (x, ln.weight, ln.bias), dy)
+    x64 = x.detach().double().requires_grad_(True)
+    w64, b64 = ln.weight.detach().double().requires_grad_(True), ln.bias.detach().double().requires_grad_(True)
+    u = x64.mean(1, keepdim=True)
+    ref = (x64 - u) / torch.sqrt(((x64 - u) ** 2).mean(1, keepdim=True) + 1e-6) * w64.view(1, -1, 1, 1) \
+        + b64.view(1, -1, 1, 1)
+    rdx, rdw, rdb = torch.autograd.grad(ref, (x64, w64, b64), dy.double())
+    for ours, theirs in ((y, ref), (dx, rdx), (dw, rdw), (db, rdb)):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        half = ln(x.detach().to(torch.bfloat16))
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), ln(x.detach().to(torch.bfloat16).float()).double())
+
+
 # ---- folding ----------------------------------------------------------------------------------------------------
 def trained_like(layout, seed=0):
     torch.manual_seed(seed)
