@@ -6,7 +6,8 @@ Run on a CUDA machine from the repository root (needs timm)::
 
 Prints, per model: wall ms per step, summed GPU kernel ms per step (the two differ by host stalls and gaps), and the
 kernel time split into groups (our depthwise kernels, cuDNN depthwise, BatchNorm, LayerNorm, GEMM, elementwise and
-reductions, optimizer, other), plus the 25 most expensive kernels. ``--out`` also writes a Chrome trace per model.
+reductions, optimizer, other), plus the 25 most expensive kernels, each with the two host-op chains that launched
+most of its time. ``--out`` also writes a Chrome trace per model.
 Model names are those of ``bench_throughput.py``.
 """
 import argparse
@@ -66,6 +67,26 @@ def device_kernels(events):
             and not re.match(r"^Optimizer\.\w+#", e.name)]
 
 
+def launchers(events, depth=4):
+    """{kernel name: {context: microseconds}}: which host ops launched each kernel, as the chain of the launching op
+    and its ``depth - 1`` nearest enclosing ops (e.g. ``aten::copy_ < aten::contiguous < aten::layer_norm <
+    autograd::engine::evaluate_function: ...``), summed over launches. Uses the profiler's link from each CPU op to
+    the kernels it launched (``FunctionEvent.kernels``)."""
+    out = defaultdict(lambda: defaultdict(float))
+    for evt in events:
+        kernels = getattr(evt, "kernels", None)
+        if not kernels:
+            continue
+        chain, parent = [], evt
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name)
+            parent = getattr(parent, "cpu_parent", None)
+        context = " < ".join(chain)
+        for k in kernels:
+            out[k.name][context] += k.duration
+    return out
+
+
 def profile_model(name, batch, steps, out_dir):
     torch.manual_seed(0)
     step = bt.make_train_step(bt.make(name).cuda(), batch)
@@ -88,8 +109,11 @@ def profile_model(name, batch, steps, out_dir):
     for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"   {g:28s} {v:8.3f} ms  {100 * v / total:5.1f} %")
     print("   top kernels (ms/step, launches/step):")
+    launched_by = launchers(prof.events())
     for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]:
         print(f"     {v:7.3f}  {counts[k] / steps:5.0f}  {k[:110]}")
+        for context, us in sorted(launched_by.get(k, {}).items(), key=lambda kv: -kv[1])[:2]:
+            print(f"                   {us / 1e3 / steps:7.3f} ms from {context[:150]}")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(out_dir) / (re.sub(r"\W+", "_", name) + ".json")))

@@ -129,6 +129,24 @@ def test_profile_step_counts_kernels_not_the_spans_of_annotated_regions():
     assert [e.name for e in profile_step.device_kernels(events)] == ['multi_tensor_apply_kernel', 'dwconv_fwd_kernel']
 
 
+def test_profile_step_names_the_host_ops_that_launched_each_kernel():
+    """profile_step (issue 20: which op makes the step's 11 ms of elementwise kernels): each kernel's time is summed
+    per chain of launching op and enclosing ops, from the profiler's CPU-op -> kernels link, up to ``depth`` ops."""
+    from types import SimpleNamespace as NS
+    import profile_step
+    backward = NS(name='autograd::engine::evaluate_function: NativeLayerNormBackward0', cpu_parent=None, kernels=[])
+    norm = NS(name='aten::native_layer_norm_backward', cpu_parent=backward, kernels=[])
+    contiguous = NS(name='aten::contiguous', cpu_parent=norm, kernels=[])
+    copy = NS(name='aten::copy_', cpu_parent=contiguous, kernels=[NS(name='direct_copy', duration=30.0)])
+    copy2 = NS(name='aten::copy_', cpu_parent=contiguous, kernels=[NS(name='direct_copy', duration=12.0)])
+    add = NS(name='aten::add_', cpu_parent=None, kernels=[NS(name='add_kernel', duration=5.0),
+                                                         NS(name='direct_copy', duration=1.0)])
+    got = profile_step.launchers([backward, norm, contiguous, copy, copy2, add], depth=3)
+    assert {k: dict(v) for k, v in got.items()} == {
+        'direct_copy': {'aten::copy_ < aten::contiguous < aten::native_layer_norm_backward': 42.0, 'aten::add_': 1.0},
+        'add_kernel': {'aten::add_': 5.0}}
+
+
 def test_profile_step_groups_kernels_by_what_they_do():
     """benchmarks/profile_step.py (issue 20's split of a step's GPU time): Inductor's generated kernels (the block
     tails; all of a compiled ConvNeXt-T but its GEMMs) form their own group ahead of the name patterns that would
