@@ -217,21 +217,32 @@ def _pad_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class _FanOutCast(torch.autograd.Function):
-    """``n`` handles on one half-precision copy of ``x``, whose gradients are summed in ``x``'s dtype."""
+    """``n`` handles on one half-precision copy of ``x``, whose gradients are summed in ``x``'s dtype; with
+    ``shortcut``, first a handle on ``x`` itself (the block's residual), whose gradient joins the sum.
+
+    Backward adds ``((g_1 + g_2) + g_3) + g_shortcut`` in float32, the additions PyTorch made before (a cast copy,
+    an add per further branch, autograd's add of the residual's gradient), in one fused pass where the fast kernels
+    are loaded (``fan_in_sum``): the same bits, a third of the memory traffic."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n: int, dtype: torch.dtype):
-        ctx.dtype = x.dtype
+    def forward(ctx, x: torch.Tensor, n: int, dtype: torch.dtype, shortcut: bool = False):
+        ctx.dtype, ctx.shortcut = x.dtype, shortcut
         y = x.to(dtype)
-        return tuple([y] + [y.view_as(y) for _ in range(n - 1)])
+        return tuple(([x.view_as(x)] if shortcut else []) + [y] + [y.view_as(y) for _ in range(n - 1)])
 
     @staticmethod
     def backward(ctx, *grads):
-        acc = None
-        for g in grads:
-            if g is not None:
-                acc = g.to(ctx.dtype, copy=True) if acc is None else acc.add_(g)
-        return acc, None, None
+        g_short, branch = (grads[0], grads[1:]) if ctx.shortcut else (None, grads)
+        fast = sys.modules.get(_DWCONV_MODULE_NAME)
+        fused = getattr(fast, 'fan_in_sum', None)
+        acc = fused(branch, g_short, ctx.dtype) if fused is not None else None
+        if acc is None:
+            for g in branch:
+                if g is not None:
+                    acc = g.to(ctx.dtype, copy=True) if acc is None else acc.add_(g)
+            if g_short is not None:
+                acc = g_short.clone() if acc is None else acc.add_(g_short)
+        return acc, None, None, None
 
 
 # One autocast copy shared by a block's branches (see _branch_inputs); False gives each conv its own cast (A/B runs).
@@ -248,11 +259,19 @@ def _branch_inputs(x: torch.Tensor, n: int) -> List[torch.Tensor]:
     (TorchScript) takes the plain list, and so do meta tensors (no autocast for them; timm's cfg tests run there).
     """
     if not torch.jit.is_scripting():
-        device = x.device.type
-        if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and not x.is_meta
-                and torch.is_autocast_enabled(device)):
-            return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device)))
+        handles = _fan_out(x, n, False)
+        if handles is not None:
+            return handles
     return [x] * n
+
+
+def _fan_out(x: torch.Tensor, n: int, shortcut: bool) -> Optional[List[torch.Tensor]]:
+    """``_FanOutCast``'s handles where it applies (autocast on, a float32 input, several branches), else None."""
+    device = x.device.type
+    if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and not x.is_meta
+            and torch.is_autocast_enabled(device)):
+        return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device), shortcut))
+    return None
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -306,13 +325,14 @@ class ReparamLargeKernelConv(nn.Module):
                 self.small_conv = conv_bn(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups,
                                           bn=bn, **conv_kwargs)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, branch_inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """``branch_inputs``: the branches' own handles on ``inputs`` (``Block``'s fan-out with the shortcut)."""
         if hasattr(self, 'lkb_reparam'):
             return self.lkb_reparam(inputs)
         if hasattr(self, 'lkb_decomposed'):
             return _sum_parts(self._decomposed_parts(inputs), self.lkb_bias)
-        n = (2 if hasattr(self, 'LoRA1') else 1) + int(hasattr(self, 'small_conv'))
-        xs = _branch_inputs(inputs, n)
+        n = self.branch_count()
+        xs = branch_inputs if branch_inputs is not None else _branch_inputs(inputs, n)
         if not torch.jit.is_scripting():
             out = self._fused_branch_sum(xs)
             if out is not None:
@@ -353,13 +373,22 @@ class ReparamLargeKernelConv(nn.Module):
         xs = _branch_inputs(inputs, 2)
         return [self.lkb_decomposed['tall'](xs[0]), self.lkb_decomposed['wide'](xs[1])]
 
-    def forward_parts(self, inputs: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    def forward_parts(self, inputs: torch.Tensor, branch_inputs: Optional[List[torch.Tensor]] = None
+                      ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """(tensors, bias) whose sum (bias per channel) is :meth:`forward`'s output, so that a caller can fuse the
         sum into what follows (``Block``'s compiled tail): the folded decomposed form returns its two conv outputs
-        and bias, every other form its output alone."""
+        and bias, every other form its output alone. ``branch_inputs`` as for :meth:`forward`."""
         if hasattr(self, 'lkb_decomposed'):
             return self._decomposed_parts(inputs), self.lkb_bias
+        if branch_inputs is not None:
+            return [self(inputs, branch_inputs)], None
         return [self(inputs)], None
+
+    def branch_count(self) -> int:
+        """How many branch convs the training form runs on the input (0 once folded)."""
+        if hasattr(self, 'lkb_reparam') or hasattr(self, 'lkb_decomposed'):
+            return 0
+        return (2 if hasattr(self, 'LoRA1') else 1) + int(hasattr(self, 'small_conv'))
 
     def _branches(self) -> Dict[str, nn.Sequential]:
         names = ('LoRA1', 'LoRA2', 'lkb_origin', 'small_conv')
@@ -524,7 +553,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         if not torch.jit.is_scripting() and self._use_compiled_tail(x):
-            parts, bias = self.large_kernel.forward_parts(x)
+            # training under autocast: one fan-out gives the shortcut and the branches their handles on x, so that
+            # the gradient of x is summed in one pass (_FanOutCast); else the large-kernel module fans out itself
+            handles = None
+            if torch.is_grad_enabled() and x.requires_grad and isinstance(self.large_kernel, ReparamLargeKernelConv):
+                handles = _fan_out(x, self.large_kernel.branch_count(), True)
+            if handles is not None:
+                shortcut = handles[0]
+                parts, bias = self.large_kernel.forward_parts(x, handles[1:])
+            else:
+                parts, bias = self.large_kernel.forward_parts(x)
             return _run_tail(parts, bias, shortcut, self.norm.weight, self.norm.bias, self.pwconv1.weight,
                              self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
                              self._drop_scale(shortcut), self.norm.eps)

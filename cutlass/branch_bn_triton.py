@@ -408,3 +408,34 @@ def block_launches(capture, n: int, c: int, h: int, w: int, nb: int, dtype: torc
         else:
             _SM_COUNT[meta] = saved_sms
     return out
+
+
+# ---- the block input's gradient: its branch handles' half-precision gradients and the shortcut's, in one pass --------
+@triton.jit
+def fan_in_kernel(out_ptr, s_ptr, g0, g1, g2, total, NB: tl.constexpr, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(g0 + offs, mask=ok).to(tl.float32)
+    if NB > 1:
+        acc = acc + tl.load(g1 + offs, mask=ok).to(tl.float32)
+    if NB > 2:
+        acc = acc + tl.load(g2 + offs, mask=ok).to(tl.float32)
+    if HAS_S:
+        acc = acc + tl.load(s_ptr + offs, mask=ok).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def fan_in_sum(grads: Sequence[torch.Tensor], shortcut: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``((g0 + g1) + g2) + shortcut`` in float32, then ``dtype``: the gradient of a block input that fed 1-3 branch
+    convs through one half-precision copy (``SLaK._FanOutCast``) and the residual. Reads each gradient once and
+    writes the sum once (PyTorch: a cast copy, one add per further branch and autograd's add of the shortcut's
+    gradient, ~38 against ~14 bytes per fp32 element for three bf16 branches). Same additions in the same order as
+    those ops, so the same bits. All tensors contiguous and of one shape (the caller checks)."""
+    out = torch.empty(grads[0].shape, device=grads[0].device, dtype=dtype)
+    total = out.numel()
+    block = 1024
+    g = _three(list(grads))
+    fan_in_kernel[(triton.cdiv(total, block),)](out, shortcut if shortcut is not None else out, g[0], g[1], g[2],
+                                                 total, NB=len(grads), HAS_S=shortcut is not None, BLOCK=block,
+                                                 num_warps=4)
+    return out

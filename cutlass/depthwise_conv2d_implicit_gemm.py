@@ -206,6 +206,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 # SLaK's ReparamLargeKernelConv sums its branches' BatchNorms through branch_bn_sum when this is on;
 # SLAK_FUSED_BRANCH_BN=0 keeps one nn.BatchNorm2d call per branch (benchmarks compare the two).
 FUSED_BRANCH_BN = os.environ.get("SLAK_FUSED_BRANCH_BN", "1") != "0"
+# SLaK's blocks sum their input's gradients (branch handles + shortcut) through fan_in_sum when this is on.
+FUSED_FAN_IN = os.environ.get("SLAK_FUSED_FAN_IN", "1") != "0"
 
 
 def _fusable_bn(bn, first, synced: bool) -> bool:
@@ -259,6 +261,24 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
         bn0.eps, bn0.momentum, len(bns), group, world_size or 1, *ys, *[bn.weight for bn in bns],
         *[bn.bias for bn in bns], *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def fan_in_sum(grads, shortcut: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The gradient of a block input from its 1-3 branch handles' gradients and the shortcut's, in one Triton pass
+    (``branch_bn_triton.fan_in_sum``: the same additions in the same order as PyTorch's ops, so the same bits), or
+    None where that does not apply: no Triton, CPU without the interpreter, a missing gradient, or tensors that are
+    not all contiguous and of one shape."""
+    if _bn_kernels is None or not FUSED_FAN_IN or not grads or any(g is None for g in grads):
+        return None
+    ts = list(grads) + ([shortcut] if shortcut is not None else [])
+    first = ts[0]
+    if first.device.type != "cuda" and not (first.device.type == "cpu" and _interpreting()):
+        return None
+    if len(grads) > 3 or any(t.shape != first.shape or t.device != first.device or not t.is_contiguous() for t in ts):
+        return None
+    if _needs_registered_op():
+        return None
+    return _bn_kernels.fan_in_sum(list(grads), shortcut, dtype)
 
 
 class DepthWiseConv2dImplicitGEMM(nn.Conv2d):

@@ -140,6 +140,52 @@ sms = torch.cuda.get_device_properties(device).multi_processor_count if device =
 planned = K.block_launches(fast._kernels._LaunchCapture, *shape, nb, dt, sms)
 results['launches'] = dict(real=norm(seen), planned=norm(planned),
                            same_kernel_objects=[a[0] for a in seen] == [b[0] for b in planned])
+
+# 5. the fan-in of a block input's gradients (fast.fan_in_sum, SLaK._FanOutCast): the same bits as PyTorch's ops
+fan = {}
+torch.manual_seed(5)
+for nb in (1, 2, 3):
+    for gdtype in (torch.bfloat16, torch.float16, torch.float32):
+        for with_s in (False, True):
+            gs = [torch.randn(3, 5, 7, 6, device=device).to(gdtype) for _ in range(nb)]
+            short = torch.randn(3, 5, 7, 6, device=device) if with_s else None
+            ref = gs[0].to(torch.float32, copy=True)
+            for g in gs[1:]:
+                ref.add_(g)
+            if short is not None:
+                ref.add_(short)
+            got = fast.fan_in_sum(gs, short, torch.float32)
+            fan[f'{nb}-{gdtype}-{with_s}'] = got is not None and got.dtype == torch.float32 and torch.equal(got, ref)
+g3 = [torch.randn(2, 3, 4, 5, device=device).to(torch.bfloat16) for _ in range(3)]
+fan['declines non-contiguous'] = fast.fan_in_sum([g3[0], g3[1].transpose(2, 3).contiguous().transpose(2, 3), g3[2]],
+                                                 None, torch.float32) is None
+fan['declines a missing gradient'] = fast.fan_in_sum([g3[0], None, g3[2]], None, torch.float32) is None
+fast.FUSED_FAN_IN = False
+fan['switched off'] = fast.fan_in_sum(g3, None, torch.float32) is None
+fast.FUSED_FAN_IN = True
+# through SLaK's blocks: training under bf16 autocast with the compiled tail (aot_eager), fused fan-in against
+# PyTorch's ops: the same output, input gradient and parameter gradients, bit for bit; the kernel ran once per block
+SLaK.Block.COMPILE_TAIL, SLaK.TAIL_BACKEND = True, 'aot_eager'
+torch.manual_seed(6)
+blocks = nn.Sequential(*[SLaK.Block(8, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
+                                    conv_impl='cutlass') for _ in range(2)]).to(device).train()
+x = torch.randn(2, 8, 9, 8, device=device)
+runs, fan_calls = {}, []
+real_fan_in = K.fan_in_sum
+K.fan_in_sum = lambda *a: fan_calls.append(1) or real_fan_in(*a)
+for fused in (True, False):
+    fast.FUSED_FAN_IN = fused
+    blocks.zero_grad()
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = blocks(xi)
+    (y.float().square().sum() * 1e3).backward()
+    runs[fused] = [y.detach(), xi.grad] + [p.grad.clone() for p in blocks.parameters()]
+K.fan_in_sum = real_fan_in
+fast.FUSED_FAN_IN = True
+fan['blocks bit-identical'] = all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
+fan['kernel calls'] = len(fan_calls)
+results['fan_in'] = fan
 print(json.dumps(results))
 '''
 
@@ -293,6 +339,9 @@ def check(r: dict) -> None:
     launches = r['launches']  # what is compiled ahead (SLaK.precompile_step_kernels) is what a pass launches
     assert len(launches['real']) == 6 and launches['planned'] == launches['real'], launches
     assert launches['same_kernel_objects'], launches
+    fan = dict(r['fan_in'])
+    assert fan.pop('kernel calls') == 2, r['fan_in']  # one fused fan-in per block
+    assert all(fan.values()), r['fan_in']
 
 
 @pytest.fixture(scope='module')
@@ -308,7 +357,7 @@ def interpreted():
 
 def test_fused_branch_bn_matches_batchnorm_in_float64(interpreted):
     check({k: v for k, v in interpreted.items() if k.startswith(('2-', '3-'))} | {
-        k: interpreted[k] for k in ('block-clFalse', 'block-clTrue', 'declined', 'launches')})
+        k: interpreted[k] for k in ('block-clFalse', 'block-clTrue', 'declined', 'launches', 'fan_in')})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')

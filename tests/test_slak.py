@@ -659,6 +659,36 @@ def test_compiled_tail_equals_eager_block_with_drop_path(dim, tail_backend, monk
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
+def test_fan_out_with_the_shortcut_gives_the_same_bits_under_autocast(tail_backend, monkeypatch):
+    """Training under bf16 autocast through the compiled tail: the block fans its input out once to the shortcut and
+    the branches (``_FanOutCast`` with ``shortcut``), so the input's gradient is one sum, ``((g1 + g2) + g3) + g_s``
+    in float32: bit-identical to the separate fan-out plus autograd's add of the shortcut's gradient, for the
+    output, the input gradient and every parameter gradient, and over two blocks (the second's input gradient
+    feeds the first's shortcut)."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[SLaK.Block(16, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
+                                        conv_impl='torch') for _ in range(2)]).train()
+    x = torch.randn(3, 16, 9, 8)
+    fan_outs = []
+    real = SLaK._fan_out
+    monkeypatch.setattr(SLaK, '_fan_out', lambda t, n, shortcut: fan_outs.append(shortcut) or real(t, n, shortcut))
+
+    def run(with_shortcut):
+        if not with_shortcut:
+            monkeypatch.setattr(SLaK, '_fan_out', lambda t, n, shortcut: None if shortcut else real(t, n, shortcut))
+        blocks.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = blocks(xi)
+        (y.float().square().sum() * 1e3).backward()
+        return y.detach(), xi.grad, {k: p.grad.clone() for k, p in blocks.named_parameters()}
+    y1, dx1, g1 = run(True)
+    assert fan_outs == [True, True]  # both blocks fanned out with the shortcut
+    y0, dx0, g0 = run(False)
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0) and dx1.dtype == torch.float32
+    assert g0.keys() == g1.keys() and all(torch.equal(g1[k], g0[k]) for k in g0)
+
+
 def test_compiled_tail_folded_decomposed_and_autocast(tail_backend, monkeypatch):
     """Eval mode after reparameterize(decomposed=True): the two conv outputs and the bias are summed inside the tail
     (forward_parts); under bf16 autocast the result matches the eager model."""
