@@ -480,6 +480,8 @@ class LayerNorm(nn.Module):
     traffic per step at an H100's bandwidth (not yet measured on a GPU).
     """
 
+    FUSED_CHANNELS_FIRST: bool = True  # False: the original's spelled-out ops
+
     def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = 'channels_last', *,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
@@ -494,12 +496,20 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.data_format == 'channels_last':
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if not torch.jit.is_scripting() and self._original_ops():  # (A/B runs: benchmarks/bench_throughput.py)
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + self.eps)) + self.bias[:, None, None]
         # (the original's result had the promoted dtype of x and the weight: float32 for a half-precision stem
         # output under autocast, which CPU autocast's layer_norm would otherwise leave in half precision)
         dtype = torch.promote_types(x.dtype, self.weight.dtype)
         y = F.layer_norm(x.permute(0, 2, 3, 1).to(dtype), self.normalized_shape, self.weight, self.bias,
                          self.eps).permute(0, 3, 1, 2)
         return y.contiguous() if x.is_contiguous() else y
+
+    @torch.jit.unused
+    def _original_ops(self) -> bool:
+        return not self.FUSED_CHANNELS_FIRST
 
 
 @register_notrace_module

@@ -85,6 +85,7 @@ def make(name):
     # "pad64": the MLP's GEMM dimensions padded to multiples of 64 (whole tiles) instead of SLAK_POINTWISE_PAD's 8
     SLaK.POINTWISE_PAD_MULTIPLE = 64 if "pad64" in name else _DEFAULT_PAD
     SLaK.SHARE_AUTOCAST_CAST = "per-conv casts" not in name
+    SLaK.LayerNorm.FUSED_CHANNELS_FIRST = "original LN" not in name  # session 11: F.layer_norm for channels_first
     # the blocks' compiled tails (SLaK.Block.COMPILE_TAIL, on CUDA by default) unless the name asks for eager ones
     SLaK.Block.COMPILE_TAIL = False if ("eager tail" in name or "unpadded" in name) else "auto"
     round9_launch_plans("round-9 plans" in name)
@@ -107,6 +108,7 @@ def make(name):
     fast = sys.modules.get(SLaK._DWCONV_MODULE_NAME)
     if fast is not None:
         fast.FUSED_BRANCH_BN = "per-branch BN" not in name
+        fast.FUSED_FAN_IN = "torch fan-in" not in name  # session 11: the block input's gradient in one pass
     if "SyncBN sum" in name:  # the branch BNs + sum through utils.sync_batch_norm_sum (one process: no collective)
         import utils
         model = utils.convert_sync_batchnorm(model)
@@ -202,7 +204,8 @@ def main():
           + (" (CUDA-graph replays)" if args.graph else " (eager)"))
     names = ["convnext_tiny (timm)", "convnext_tiny (timm) torch.compile", "SLaK-T ours", "SLaK-T ours eager tail",
              "SLaK-T ours round-9 plans", "SLaK-T ours torch.compile",
-             "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN",
+             "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN", "SLaK-T ours torch fan-in",
+             "SLaK-T ours original LN", "SLaK-T ours original LN torch fan-in",
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed", "SLaK-T ours folded decomposed torch.compile",

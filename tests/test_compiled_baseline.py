@@ -209,6 +209,25 @@ def test_ncu_step_parses_the_csv_and_finds_each_groups_memory_floor(tmp_path):
             raise AssertionError(f'{bad[:20]!r} was accepted')
 
 
+def test_session_11_switches_follow_the_model_name(monkeypatch):
+    """bench_throughput's A/B rows for session 11's changes: "original LN" runs the original's channels_first
+    LayerNorm ops, "torch fan-in" PyTorch's ops for the block input's gradient; every other row has both new paths."""
+    import bench_throughput
+    import SLaK
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
+                        (SLaK, 'POINTWISE_PAD_MULTIPLE'), (SLaK.LayerNorm, 'FUSED_CHANNELS_FIRST')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    if fast:
+        monkeypatch.setattr(fast, 'FUSED_FAN_IN', fast.FUSED_FAN_IN)
+        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
+    for name, new_paths in (('SLaK-T ours original LN torch fan-in', False), ('SLaK-T ours', True)):
+        bench_throughput.make(name)
+        assert SLaK.LayerNorm.FUSED_CHANNELS_FIRST is new_paths
+        if fast:
+            assert fast.FUSED_FAN_IN is new_paths and fast.FUSED_BRANCH_BN is True
+
+
 def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(monkeypatch):
     """bench_throughput's "SLaK-T ours folded decomposed torch.compile" (issue 20's inference row for users who
     compile): make() wraps the model in torch.compile, and the benchmark's eval() + reparameterize() must reach the
