@@ -6,10 +6,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import compiled_baseline as cb  # noqa: E402
+
+
+@pytest.fixture
+def make_switches(monkeypatch):
+    """bench_throughput.make() sets process-wide switches (most names: to their defaults); they are put back after
+    the test whatever they were. Returns the fast-kernel module (None without it)."""
+    import SLaK
+    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
+                        (SLaK, 'POINTWISE_PAD_MULTIPLE'), (SLaK.LayerNorm, 'FUSED_CHANNELS_FIRST')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
+    if fast:
+        for name in ('FUSED_BRANCH_BN', 'FUSED_FAN_IN'):
+            monkeypatch.setattr(fast, name, getattr(fast, name))
+    return fast or None
 
 
 def throughput(device, train_batch, rows):
@@ -48,7 +65,7 @@ def test_missing_pieces_are_not_measured_never_met():
     assert all(line.endswith('NOT met') and 'not measured' in line for line in cb.verdicts(record))
 
 
-def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatch):
+def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(make_switches, monkeypatch):
     """Issue 20's "large_kernel=identity" ceiling (bench_throughput.make): its stand-in module gives the compiled
     tail the one part it asks for (it failed with AttributeError on the H100), and the block's output through the
     tail equals the plain path's: x + layer scale * MLP(LayerNorm(x))."""
@@ -56,13 +73,6 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
 
     import bench_throughput
     import SLaK
-    # make() sets these process-wide switches (to their defaults here); put them back afterwards whatever they were
-    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
-                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
-    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
-    if fast:
-        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
     model = bench_throughput.make('SLaK-T large_kernel=identity').eval()
     block = model.stages[3][0]
     assert type(block.large_kernel) is bench_throughput.IdentityLargeKernel
@@ -82,7 +92,7 @@ def test_large_kernel_identity_ceiling_runs_through_the_compiled_tail(monkeypatc
     assert torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_dwconv_identity_ceiling_keeps_the_fused_branch_batch_norms(monkeypatch):
+def test_dwconv_identity_ceiling_keeps_the_fused_branch_batch_norms(make_switches):
     """Issue 20's "dwconv=identity" ceiling: each branch conv is replaced by one that returns its input but is still
     of our conv class, so the block takes the fused branch-BN path (SLaK's class check before branch_bn_sum) as the
     real step does; the branch BNs then see x itself: the large-kernel module's output is the sum of the three BNs
@@ -90,13 +100,7 @@ def test_dwconv_identity_ceiling_keeps_the_fused_branch_batch_norms(monkeypatch)
     import torch
 
     import bench_throughput
-    import SLaK
-    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
-                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
-    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
-    if fast:
-        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
+    fast = make_switches
     model = bench_throughput.make('SLaK-T dwconv=identity')
     lk = model.stages[3][0].large_kernel
     convs = [getattr(lk, b).conv for b in ('LoRA1', 'LoRA2', 'small_conv')]
@@ -209,18 +213,12 @@ def test_ncu_step_parses_the_csv_and_finds_each_groups_memory_floor(tmp_path):
             raise AssertionError(f'{bad[:20]!r} was accepted')
 
 
-def test_session_11_switches_follow_the_model_name(monkeypatch):
+def test_session_11_switches_follow_the_model_name(make_switches):
     """bench_throughput's A/B rows for session 11's changes: "original LN" runs the original's channels_first
     LayerNorm ops, "torch fan-in" PyTorch's ops for the block input's gradient; every other row has both new paths."""
     import bench_throughput
     import SLaK
-    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
-                        (SLaK, 'POINTWISE_PAD_MULTIPLE'), (SLaK.LayerNorm, 'FUSED_CHANNELS_FIRST')):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
-    fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
-    if fast:
-        monkeypatch.setattr(fast, 'FUSED_FAN_IN', fast.FUSED_FAN_IN)
-        monkeypatch.setattr(fast, 'FUSED_BRANCH_BN', fast.FUSED_BRANCH_BN)
+    fast = make_switches
     for name, new_paths in (('SLaK-T ours original LN torch fan-in', False), ('SLaK-T ours', True)):
         bench_throughput.make(name)
         assert SLaK.LayerNorm.FUSED_CHANNELS_FIRST is new_paths
@@ -228,15 +226,11 @@ def test_session_11_switches_follow_the_model_name(monkeypatch):
             assert fast.FUSED_FAN_IN is new_paths and fast.FUSED_BRANCH_BN is True
 
 
-def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(monkeypatch):
+def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(make_switches):
     """bench_throughput's "SLaK-T ours folded decomposed torch.compile" (issue 20's inference row for users who
     compile): make() wraps the model in torch.compile, and the benchmark's eval() + reparameterize() must reach the
     wrapped model, so that what gets compiled at the first call is the folded form (two convs per block, no BN)."""
     import bench_throughput
-    import SLaK
-    for owner, name in ((SLaK.Block, 'PAD_POINTWISE'), (SLaK.Block, 'COMPILE_TAIL'), (SLaK, 'SHARE_AUTOCAST_CAST'),
-                        (SLaK, 'POINTWISE_PAD_MULTIPLE')):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
     model = bench_throughput.make('SLaK-T ours folded decomposed torch.compile')
     assert model is not model._orig_mod  # the torch.compile wrapper
     model.eval()
