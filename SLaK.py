@@ -1213,8 +1213,9 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
                             force: bool = False) -> Optional[KernelPrecompile]:
     """Start compiling, in a background thread, the versions of our Triton kernels that a training step of ``model``
     (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
-    every depthwise layer's forward, input gradient and weight gradient at its stage's map size, and every block's
-    fused branch-BatchNorm kernels (forward and backward, :func:`fused_branch_bn_blocks`). Returns None where
+    every depthwise layer's forward, input gradient and weight gradient at its stage's map size, every block's
+    fused branch-BatchNorm kernels (forward and backward, :func:`fused_branch_bn_blocks`) and its input gradient's
+    fan-in (:func:`fan_in_blocks`). Returns None where
     it does not apply: switched off (``SLAK_PRECOMPILE=0``), not CUDA, no layer on our kernels. The launches are
     found here, in the calling thread (a dry run that must not overlap real launches); only the compiles run in the
     background. ``force`` plans on any device (tests)."""
@@ -1232,12 +1233,37 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
         side = input_size // stride
         launches += fast._bn_kernels.block_launches(kernels._LaunchCapture, batch, c, side, side, nb, dtype, sms,
                                                     world_size)
+    for c, nb, stride in fan_in_blocks(model, dtype):
+        side = input_size // stride
+        launches += fast._bn_kernels.fan_in_launches(kernels._LaunchCapture, batch, c, side, side, nb, dtype)
     if not launches:
         return None
     cuda_index = None
     if device.type == 'cuda':
         cuda_index = device.index if device.index is not None else torch.cuda.current_device()
     return KernelPrecompile(launches, workers or _background_workers(), cuda_index)
+
+
+def fan_in_blocks(model: nn.Module, dtype: torch.dtype) -> List[Tuple[int, int, int]]:
+    """(channels, branches, stride) of every distinct block of ``model`` (a :class:`SLaK` in float32) whose input
+    gradient a training step under autocast to ``dtype`` sums in one fused pass (``_FanOutCast`` with the shortcut:
+    compiled tails on, 2+ branches, the fast module's ``FUSED_FAN_IN``); [] elsewhere."""
+    fast = sys.modules.get(_DWCONV_MODULE_NAME)
+    if (dtype == torch.float32 or not isinstance(model, SLaK) or not Block.COMPILE_TAIL or not SHARE_AUTOCAST_CAST
+            or not getattr(fast, 'FUSED_FAN_IN', False) or not model.training):
+        return []
+    found = []
+    for i, stage in enumerate(model.stages):
+        for block in stage:
+            lk = block.large_kernel
+            if not isinstance(lk, ReparamLargeKernelConv) or lk.branch_count() < 2:
+                continue
+            if block.pwconv1.weight.dtype != torch.float32:
+                continue
+            key = (block.pwconv1.in_features, lk.branch_count(), 4 * 2 ** i)
+            if key not in found:
+                found.append(key)
+    return found
 
 
 def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:

@@ -439,3 +439,20 @@ def fan_in_sum(grads: Sequence[torch.Tensor], shortcut: Optional[torch.Tensor], 
                                                  total, NB=len(grads), HAS_S=shortcut is not None, BLOCK=block,
                                                  num_warps=4)
     return out
+
+
+def fan_in_launches(capture, n: int, c: int, h: int, w: int, nb: int, dtype: torch.dtype) -> list:
+    """The launch ``(kernel, args, kwargs)`` of :func:`fan_in_sum` for one block's input gradient: ``nb`` branch
+    gradients in ``dtype`` and the float32 shortcut's, of shape (n, c, h, w), found as :func:`block_launches` finds
+    its own (meta tensors, the kernel replaced by ``capture(kernel, out)``): nothing runs. Not thread-safe."""
+    global fan_in_kernel
+    out: list = []
+    meta = torch.device("meta")
+    real = fan_in_kernel
+    try:
+        fan_in_kernel = capture(real, out)
+        fan_in_sum([torch.empty(n, c, h, w, device=meta, dtype=dtype) for _ in range(nb)],
+                   torch.empty(n, c, h, w, device=meta), torch.float32)
+    finally:
+        fan_in_kernel = real
+    return out

@@ -171,8 +171,10 @@ blocks = nn.Sequential(*[SLaK.Block(8, kernel_size=(7, 3), Decom=True, layer_sca
                                     conv_impl='cutlass') for _ in range(2)]).to(device).train()
 x = torch.randn(2, 8, 9, 8, device=device)
 runs, fan_calls = {}, []
-real_fan_in = K.fan_in_sum
+real_fan_in, real_fan_kernel = K.fan_in_sum, K.fan_in_kernel
 K.fan_in_sum = lambda *a: fan_calls.append(1) or real_fan_in(*a)
+seen = []  # (Recorder, section 4, appends here)
+K.fan_in_kernel = Recorder(real_fan_kernel)
 for fused in (True, False):
     fast.FUSED_FAN_IN = fused
     blocks.zero_grad()
@@ -181,8 +183,11 @@ for fused in (True, False):
         y = blocks(xi)
     (y.float().square().sum() * 1e3).backward()
     runs[fused] = [y.detach(), xi.grad] + [p.grad.clone() for p in blocks.parameters()]
-K.fan_in_sum = real_fan_in
+K.fan_in_sum, K.fan_in_kernel = real_fan_in, real_fan_kernel
 fast.FUSED_FAN_IN = True
+# what SLaK.precompile_step_kernels compiles ahead for these blocks is what the pass launched (once per block)
+planned = K.fan_in_launches(fast._kernels._LaunchCapture, 2, 8, 9, 8, 3, torch.bfloat16)
+fan['planned launch'] = len(seen) == 2 and norm(seen[:1]) == norm(seen[1:]) == norm(planned)
 fan['blocks bit-identical'] = all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
 fan['kernel calls'] = len(fan_calls)
 results['fan_in'] = fan

@@ -1136,10 +1136,19 @@ def test_precompile_step_kernels_plans_every_layer_at_its_stage_size(monkeypatch
     for c, nb, stride, world in blocks:
         expected += bn_kernels.block_launches(kernels._LaunchCapture, 3, c, 64 // stride, 64 // stride, nb,
                                               torch.bfloat16, None, world)
+    # and every block's one-pass input gradient under autocast (the branch handles' bf16 gradients + the shortcut's)
+    fan_in = SLaK.fan_in_blocks(model, torch.bfloat16)
+    assert fan_in == [(c, nb, 4 * 2 ** i) for i, (c, nb) in enumerate(zip(model.dims, (3, 3, 3, 2)))]
+    assert SLaK.fan_in_blocks(model, torch.float32) == []  # no autocast: no fan-out
+    for c, nb, stride in fan_in:
+        expected += bn_kernels.fan_in_launches(kernels._LaunchCapture, 3, c, 64 // stride, 64 // stride, nb,
+                                               torch.bfloat16)
     assert sum(kern.fn.__name__.startswith('bn_') for kern, _, _ in seen) == 6 * len(blocks)
+    assert sum(kern.fn.__name__ == 'fan_in_kernel' for kern, _, _ in seen) == len(fan_in)
     assert [(kern.fn.__name__, args, kw) for kern, args, kw in seen] == \
            [(kern.fn.__name__, args, kw) for kern, args, kw in expected]
-    assert {args[:1] for kern, args, _ in seen if not kern.fn.__name__.startswith('bn_')} == {(torch.bfloat16,)}
+    assert {args[:1] for kern, args, _ in seen
+            if not kern.fn.__name__.startswith(('bn_', 'fan_in_'))} == {(torch.bfloat16,)}
     # (the depthwise kernels' input tensor, as its dtype)
     assert f'{len(seen)} versions compiled ahead of the first step' in capsys.readouterr().out
 
