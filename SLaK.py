@@ -571,7 +571,7 @@ class Block(nn.Module):
             if handles is not None:
                 shortcut = handles[0]
                 parts, bias = self.large_kernel.forward_parts(x, handles[1:])
-            else:
+            else:  # (any large-kernel module: forward_parts(x) is the interface)
                 parts, bias = self.large_kernel.forward_parts(x)
             return _run_tail(parts, bias, shortcut, self.norm.weight, self.norm.bias, self.pwconv1.weight,
                              self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
@@ -1215,10 +1215,9 @@ def precompile_step_kernels(model: nn.Module, batch: int, input_size: int, dtype
     (a :class:`SLaK`) launches at ``batch`` x ``input_size`` in ``dtype`` (the autocast dtype, else the model's):
     every depthwise layer's forward, input gradient and weight gradient at its stage's map size, every block's
     fused branch-BatchNorm kernels (forward and backward, :func:`fused_branch_bn_blocks`) and its input gradient's
-    fan-in (:func:`fan_in_blocks`). Returns None where
-    it does not apply: switched off (``SLAK_PRECOMPILE=0``), not CUDA, no layer on our kernels. The launches are
-    found here, in the calling thread (a dry run that must not overlap real launches); only the compiles run in the
-    background. ``force`` plans on any device (tests)."""
+    fan-in (:func:`fan_in_blocks`). Returns None where it does not apply: switched off (``SLAK_PRECOMPILE=0``), not
+    CUDA, no layer on our kernels. The launches are found here, in the calling thread (a dry run that must not
+    overlap real launches); only the compiles run in the background. ``force`` plans on any device (tests)."""
     device = torch.device(device)
     fast = sys.modules.get(_DWCONV_MODULE_NAME)
     kernels = getattr(fast, '_kernels', None)
