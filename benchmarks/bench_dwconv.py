@@ -317,8 +317,11 @@ def load_old(path):
     return ns
 
 
-def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
-    """Forward and weight-gradient kernel times (CUDA graphs) per path and tile config for one layer."""
+def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16, passes=("fwd", "wgrad")):
+    """Forward and weight-gradient kernel times (CUDA graphs) per path and tile config for one layer, for the passes
+    named. Each candidate's result is first compared with the default launch's: one that disagrees by more than
+    bf16 rounding (relative 2e-2) is reported as ``"wrong <error>"`` instead of a time, so a fast but wrong tile
+    can never win the table."""
     x = torch.randn(BATCH, c, hw, hw, device=DEV, dtype=dtype)
     w = torch.randn(c, 1, kh, kw, device=DEV, dtype=dtype)
     shape = tuple(w.shape)
@@ -358,10 +361,14 @@ def sweep(c, hw, kh, kw, old=None, dtype=torch.bfloat16):
         suffix = "" if path == "banded" else f"_{path}"
         cand_f["old"] = lambda: old[f"_launch{suffix}_fwd"](x, w)
         cand_w["old"] = lambda: old[f"_launch{suffix}_wgrad"](x, x, shape)
-    for cands, res in ((cand_f, fwd), (cand_w, wg)):
+    for pass_, cands, res in (("fwd", cand_f, fwd), ("wgrad", cand_w, wg)):
+        if pass_ not in passes:
+            continue
+        ref = cands["default"]().double()
         for name, f in cands.items():
             try:
-                res[name] = bench_graph(f)
+                err = ((f().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                res[name] = bench_graph(f) if err <= 2e-2 else f"wrong {err:.2e}"
             except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
                 res[name] = f"error {type(exc).__name__}"
     return fwd, wg
@@ -375,6 +382,7 @@ def get_args_parser():
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--old", default=None, help="earlier dwconv_triton.py to time in the --sweep table")
     parser.add_argument("--sweep-maps", default="56,28,14,7", help="map sizes the --sweep visits")
+    parser.add_argument("--sweep-pass", default="fwd,wgrad", help="the passes --sweep times: fwd, wgrad or both")
     parser.add_argument("--detection_shapes", action="store_true",
                         help="only the map sizes Cascade Mask R-CNN produces (batch 1-2): correctness, then the "
                              "specialised kernels vs their size-agnostic twins vs cuDNN")
@@ -390,6 +398,8 @@ def main():
     args = parser.parse_args()
     if args.rotate_mb < 0:
         parser.error(f"--rotate_mb must be >= 0; got {args.rotate_mb!r}")
+    if not args.sweep_pass or not set(args.sweep_pass.split(",")) <= {"fwd", "wgrad"}:
+        parser.error(f"--sweep-pass is fwd, wgrad or fwd,wgrad; got {args.sweep_pass!r}")
     import triton
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
           f"cudnn {torch.backends.cudnn.version()}")
@@ -457,14 +467,18 @@ def main():
         for model, c, hw, kh, kw in layers():
             if model != "T/S" or str(hw) not in args.sweep_maps.split(","):
                 continue
-            fwd, wg = sweep(c, hw, kh, kw, old)
+            fwd, wg = sweep(c, hw, kh, kw, old, passes=tuple(args.sweep_pass.split(",")))
             out["sweep"][f"{c}@{hw} {kh}x{kw}"] = {"fwd": fwd, "wgrad": wg}
             for tag, d in (("fwd", fwd), ("wgrad", wg)):
+                if not d:
+                    continue
                 timed = sorted((v, k) for k, v in d.items() if isinstance(v, float))
                 keep = [k for k in ("default", "old", "plane", "direct", "banded", "banded nohint")
                         if isinstance(d.get(k), float)]
                 print(f"sweep {c}@{hw} {kh}x{kw} {tag}: " + " ".join(f"{k}={d[k]:.4f}" for k in keep)
-                      + " | best " + " ".join(f"{k}={v:.4f}" for v, k in timed[:2]))
+                      + " | best " + " ".join(f"{k}={v:.4f}" for v, k in timed[:3]))
+                bad = {k: v for k, v in d.items() if isinstance(v, str)}
+                bad and print(f"    not timed: {bad}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not ok:

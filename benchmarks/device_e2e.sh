@@ -15,8 +15,11 @@
 #   bash benchmarks/device_e2e.sh eval     issue 20: main.py --eval true with the README's evaluation command (fp32 as
 #                                          written, and bf16 at batch 128) on a 12,800-image view, the evaluation
 #                                          loader alone, and folded SLaK-T's graph-replay inference (~3 min)
-#   bash benchmarks/device_e2e.sh ab [B]   session 11's eager-path changes (channels_first LayerNorm, one-pass input
-#                                          gradient) against the old ops, graph replays and eager, 2 rounds (~7 min)
+#   bash benchmarks/device_e2e.sh ab [B]   the suite's GPU-only tests, then session 11's eager-path changes
+#                                          (channels_first LayerNorm, one-pass input gradient) against the old ops,
+#                                          graph replays and eager, 2 rounds (~8-9 min)
+#   bash benchmarks/device_e2e.sh wgrad [B] GPU-only tests, the weight-gradient sweep (all-columns kernel included,
+#                                          every candidate checked), then `ab`'s four models, graph replays (~9 min)
 #   bash benchmarks/device_e2e.sh ncu [B]  issue 20: Nsight Compute counters of every kernel of one training step
 #                                          (ncu_step.py: per group time, DRAM bytes, bandwidth, occupancy), SLaK-T,
 #                                          compiled ConvNeXt-T and SLaK-T dwconv=identity (NCU_MODELS to choose)
@@ -90,6 +93,9 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     # session 11's eager-path changes, A/B in one process: the channels_first LayerNorm through F.layer_norm and the
     # block input's gradient in one pass, each against the old ops; graph replays, then eager launches (host time
     # counts there), then where the remaining elementwise time comes from (profile_step names the launching ops)
+    # first the suite's GPU-only tests (they skip on CPU CI): the new kernels' results against references
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_branch_bn.py \
+      tests/test_dwconv.py tests/test_slak.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
     AB="SLaK-T ours,SLaK-T ours torch fan-in,SLaK-T ours original LN,SLaK-T ours original LN torch fan-in"
     for g in --graph ""; do
       timeout "$(left 400)" python3 benchmarks/bench_throughput.py $g --train-batch "${2:-64}" --infer-batch 128 \
@@ -98,6 +104,17 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     done
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models "SLaK-T ours" 2>&1 \
       | grep -v -i warn | tee "$OUT/profile_step_ab_b${2:-64}.txt" ;;
+  wgrad)
+    # the suite's GPU-only tests; the weight-gradient tiles and the never-timed all-columns kernel (each candidate
+    # checked against the default launch first); then session 11's eager-path changes, graph replays, one round
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_branch_bn.py \
+      tests/test_dwconv.py tests/test_slak.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout "$(left 330)" python3 benchmarks/bench_dwconv.py --skip-check --skip-table --sweep --sweep-pass wgrad \
+      --sweep-maps 56,28,14,7 --json "$OUT/wgrad_sweep.json" 2>&1 | grep -v -i warn | tee "$OUT/wgrad_sweep.txt"
+    AB="SLaK-T ours,SLaK-T ours torch fan-in,SLaK-T ours original LN,SLaK-T ours original LN torch fan-in"
+    timeout "$(left 570)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
+      --steps 20 --models "$AB" --json "$OUT/throughput_ab_graph_b${2:-64}.json" 2>&1 | grep -v -i warn \
+      | tee -a "$OUT/ab.log" ;;
   ncu)
     # issue 20's ncu evidence: the counters of every kernel of one training step (benchmarks/ncu_step.py)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)

@@ -5,6 +5,7 @@ function once and return a fixed time, so the rest of ``main`` (layer loop, reco
 """
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -183,3 +184,43 @@ def test_detection_twin_timing_times_each_layer_specialised_then_twin_and_restor
     assert {s[2] for s in launches} == {(1, 3, 16, 24), (1, 4, 8, 12)}
     assert all(r == {"specialised": 1.0, "twin": 1.0, "cudnn": 1.0} for r in out.values())
     assert fake.SPECIALISED_SIZES == 8 and seen[-1] == ("reset", 8)
+
+
+SWEEP_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bench_dwconv
+bench_dwconv.BATCH = 2
+timed = []
+bench_dwconv.bench_graph = lambda fn: timed.append(fn) or 1.0
+launch = bench_dwconv.kern._launch_wgrad
+
+def one_wrong(dy, x, shape, config=None):
+    dw = launch(dy, x, shape, config)
+    return dw + 1 if config == ("allj", 16, 16, 64, 4) else dw
+bench_dwconv.kern._launch_wgrad = one_wrong
+fwd, wg = bench_dwconv.sweep(4, 9, 13, 5, passes=("wgrad",))
+print(json.dumps({"fwd": fwd, "wgrad": wg, "timed": len(timed)}))
+"""
+
+
+def test_weight_gradient_sweep_checks_every_tile_against_the_default_before_timing():
+    """--sweep-pass wgrad: every weight-gradient candidate (per-column tiles, the all-columns kernel's tiles) gives
+    the default launch's values (through Triton's interpreter, batch 2, in a subprocess: the interpreter must be on
+    before Triton is imported), and one that does not is reported as wrong instead of timed; the forward pass is
+    not visited."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, os.path.join(REPO, "benchmarks")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    wg = out["wgrad"]
+    assert out["fwd"] == {}
+    assert wg.pop("banded allj 16 16 64 4").startswith("wrong ")
+    assert {"default", "banded", "banded nohint", "banded allj", "banded allj 32 16 64 8"} <= set(wg)
+    assert all(v == 1.0 for v in wg.values()) and out["timed"] == len(wg)
+
+
+def test_sweep_pass_must_name_fwd_or_wgrad(monkeypatch):
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--sweep", "--sweep-pass", "dgrad")

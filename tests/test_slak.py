@@ -1197,3 +1197,42 @@ def test_warm_size_agnostic_kernels_splits_the_plan_over_processes(monkeypatch):
     planned = reports[0]['planned']
     assert [r['planned'] for r in reports] == [planned, planned] and planned >= len(SLaK.fast_dwconv_layers(model))
     assert [r['maps'] for r in reports] == [(planned + 1) // 2, planned // 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops():
+    """Session 11's two training-path changes on the GPU, where CPU tests can only reach them through the
+    interpreter: the block input's gradient summed in one kernel (fan_in_sum) gives the same bits as PyTorch's
+    sums in the same order, and the channels_first LayerNorm through F.layer_norm stays within bf16 rounding of
+    the original's spelled-out ops (bf16 autocast, compiled tails, drop path with the same masks)."""
+    fast = SLaK._load_fast_dwconv()
+    assert fast is not None and hasattr(fast, 'FUSED_FAN_IN')
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=10, depths=[1, 1, 2, 1], width_factor=1.3, drop_path_rate=0.3,
+                          kernel_size=[13, 13, 13, 13, 5], Decom=True, layer_scale_init_value=0.5).cuda().train()
+    assert SLaK.fan_in_blocks(m, torch.bfloat16)  # the path under test is taken
+    x = torch.randn(8, 3, 64, 64, device='cuda')
+
+    def grads():
+        m.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        return [y.float()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    try:
+        fast.FUSED_FAN_IN = True
+        fused = grads()
+        fast.FUSED_FAN_IN = False
+        summed = grads()
+        SLaK.LayerNorm.FUSED_CHANNELS_FIRST = False
+        original = grads()
+    finally:
+        fast.FUSED_FAN_IN = True
+        SLaK.LayerNorm.FUSED_CHANNELS_FIRST = True
+    assert len(fused) == len(summed) == len(original) > 2
+    for a, b in zip(fused, summed):
+        assert torch.equal(a, b)
+    for a, b in zip(fused, original):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 2e-2
