@@ -89,6 +89,9 @@ def make(name):
     # the blocks' compiled tails (SLaK.Block.COMPILE_TAIL, on CUDA by default) unless the name asks for eager ones
     SLaK.Block.COMPILE_TAIL = False if ("eager tail" in name or "unpadded" in name) else "auto"
     round9_launch_plans("round-9 plans" in name)
+    kernels = getattr(sys.modules.get(SLaK._DWCONV_MODULE_NAME), "_kernels", None)
+    if kernels is not None:  # session 12: the all-columns weight gradient (read at run time, compiled models too)
+        kernels.WGRAD_ALLJ = "per-column wgrad" not in name
     if name.startswith("convnext_tiny (timm)"):
         model = timm.create_model("convnext_tiny")
         return torch.compile(model) if "torch.compile" in name else model
@@ -188,7 +191,7 @@ def infer_speed(model, batch, steps, graph=False):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-batch", type=int, default=64)
-    parser.add_argument("--infer-batch", type=int, default=128)
+    parser.add_argument("--infer-batch", type=int, default=128, help="0: training figures only")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over all models (interleaved, so clock drift hits every model alike); "
@@ -205,7 +208,8 @@ def main():
     names = ["convnext_tiny (timm)", "convnext_tiny (timm) torch.compile", "SLaK-T ours", "SLaK-T ours eager tail",
              "SLaK-T ours round-9 plans", "SLaK-T ours torch.compile",
              "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN", "SLaK-T ours torch fan-in",
-             "SLaK-T ours original LN", "SLaK-T ours original LN torch fan-in",
+             "SLaK-T ours original LN", "SLaK-T ours original LN torch fan-in", "SLaK-T ours per-column wgrad",
+             "SLaK-T ours torch.compile per-column wgrad",
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed", "SLaK-T ours folded decomposed torch.compile",
@@ -228,7 +232,8 @@ def main():
                 else:
                     train, train_mem = train_speed(model, args.train_batch, args.steps, args.graph)
                 train_wall = time.perf_counter() - start
-                infer, infer_mem = infer_speed(model, args.infer_batch, args.steps, args.graph)
+                infer, infer_mem = (infer_speed(model, args.infer_batch, args.steps, args.graph) if args.infer_batch
+                                    else (float("nan"), float("nan")))
             except Exception as e:  # one model failing (e.g. a compiler error) must not cost the others' figures
                 print(f"[{rep}] {name:36s} FAILED after {time.perf_counter() - start:.0f} s: "
                       f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}", flush=True)

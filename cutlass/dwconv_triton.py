@@ -674,7 +674,11 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
 
 # Opt-in, never timed on a GPU: banded weight gradients of kernels with at most WGRAD_ALLJ_MAX_COLUMNS columns (the
 # short side) run dwconv_wgrad_allj_kernel, which loads each dy tile once for all columns instead of once per column.
-WGRAD_ALLJ = False
+# The all-columns weight-gradient kernel for kernels of <= WGRAD_ALLJ_MAX_COLUMNS columns (SLaK's K x 5, 5 x K, 5 x 5):
+# 2.0-3.5x faster than the per-column kernel on every SLaK-T layer of maps 14-56 (H100, session 12: 51x5@56 0.597 ->
+# 0.267 ms, 5x51@56 0.851 -> 0.445, 5x5@56 0.302 (direct) -> 0.223, 47x5@14 0.153 -> 0.045; benchmarks/RESULTS.md).
+# SLAK_WGRAD_ALLJ=0 restores the per-column kernel (and the direct weight gradient of 5x5 and 7x7 kernels).
+WGRAD_ALLJ = os.environ.get("SLAK_WGRAD_ALLJ", "1") != "0"
 WGRAD_ALLJ_MAX_COLUMNS = 8
 
 
@@ -696,14 +700,18 @@ class WgradPlan(NamedTuple):
         return (self.block, self.block_n, self.warps, max_vec)
 
 
-def _wgrad_allj_tile(band: int, kband: int, kflat: int) -> Tuple[int, int, int, int]:
-    """(BLOCK, BLOCK_K, BLOCK_N, num_warps) of the all-columns kernel, a guess (never swept): BLOCK as the per-column
-    kernel's tall tiles, 16-row x blocks because the fp32 accumulator is BLOCK x (JP * BLOCK_K), 32 x 128 for kernels
-    of 5-8 columns. At that size 8 warps: a thread then holds 16 accumulator registers and 32 int64 pointers of the
-    (64, 128) x tile, against 32 and 64 with 4 warps."""
-    block = min(32, max(16, _next_pow2(band)), max(16, _next_pow2(kband)))
-    block_k = 16
-    return block, block_k, 64, 8 if block * _next_pow2(kflat) * block_k >= 4096 else 4
+def _wgrad_allj_tile(band: int, kband: int, kflat: int, tall: bool = True) -> Tuple[int, int, int, int]:
+    """(BLOCK, BLOCK_K, BLOCK_N, num_warps) of the all-columns kernel, from the H100 sweep of session 12 (batch 64
+    bf16, ms; `bench_dwconv.py --sweep --sweep-pass wgrad`): 16-row x blocks (the fp32 accumulator is
+    BLOCK x (JP * BLOCK_K)) and, mostly, 32 x 32 Gram/column tiles on 4 warps. Exceptions measured: the tall kernel
+    on the 56-row map takes 64-row tiles on 8 warps (51x5@56: 0.267 vs 0.308); tall and square kernels on maps of
+    <= 16 rows take 16-row tiles with 64 columns (47x5@14: 0.045 vs 0.072, 5x5@14: 0.037 vs 0.055), while the wide
+    kernel there keeps 32 x 32 (5x47@14: 0.089 vs 0.157)."""
+    if tall and band <= 16:
+        return 16, 16, 64, 4
+    if tall and band > 32 and kband > 32:
+        return 64, 16, 32, 8
+    return 32, 16, 32, 4
 
 
 def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, tall: bool,
@@ -713,14 +721,14 @@ def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, ta
         if len(config) not in (1, 5, 6):
             raise ValueError(f"an all-columns config is ('allj',) or ('allj', BLOCK, BLOCK_K, BLOCK_N, num_warps"
                              f"[, max_vec]); got {config!r}")
-        tile = tuple(config[1:]) or _wgrad_allj_tile(band, kband, kflat)
+        tile = tuple(config[1:]) or _wgrad_allj_tile(band, kband, kflat, tall)
         block, block_k, block_n, warps, max_vec = (tile + (8,))[:5]
         all_columns = True
     elif config:
         block, block_n, warps, max_vec = (tuple(config) + (8,))[:4]
         block_k, all_columns = block, False
     elif WGRAD_ALLJ and kflat <= WGRAD_ALLJ_MAX_COLUMNS:
-        (block, block_k, block_n, warps), max_vec, all_columns = _wgrad_allj_tile(band, kband, kflat), 8, True
+        (block, block_k, block_n, warps), max_vec, all_columns = _wgrad_allj_tile(band, kband, kflat, tall), 8, True
     else:
         # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
         cap = 32 if tall else 64
@@ -770,13 +778,15 @@ DIRECT_WGRAD_MAX_KERNEL = 7
 def kernel_path(h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> str:
     """Which kernels run a layer's forward and input gradient (or, with ``weight_grad``, its weight gradient):
     "plane" (maps <= PLANE_MAX_PIXELS, any kernel: one dense tensor-core GEMM per channel), "direct" (CUDA cores) or
-    "banded" (Toeplitz GEMMs). Direct runs the weight gradient of kernels <= 7 (``DIRECT_WGRAD_MAX_KERNEL``) on maps
-    > DIRECT_MIN_PIXELS, and the forward of kernels <= 3 only (``DIRECT_FWD_MAX_KERNEL``): for 5x5 the banded forward
-    won the sweep on every map (H200, round 9: 0.170 vs 0.258 ms at 56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14),
-    the weight gradient did not."""
+    "banded" (Toeplitz GEMMs). Direct runs the forward of kernels <= 3 only (``DIRECT_FWD_MAX_KERNEL``) on maps
+    > DIRECT_MIN_PIXELS: for 5x5 the banded forward won the sweep on every map (H200, round 9: 0.170 vs 0.258 ms at
+    56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14). So does, since session 12, the weight gradient: the all-columns
+    banded kernel (``WGRAD_ALLJ``) beat the direct one on 5x5 (H100: 0.223 vs 0.302 ms at 56x56, 0.106 vs 0.140 at
+    28x28), so direct keeps the weight gradient of kernels <= 3 only; with ``WGRAD_ALLJ`` off, of kernels <= 7
+    (``DIRECT_WGRAD_MAX_KERNEL``) as before."""
     if h * w <= PLANE_MAX_PIXELS:
         return "plane"
-    max_kernel = DIRECT_WGRAD_MAX_KERNEL if weight_grad else DIRECT_FWD_MAX_KERNEL
+    max_kernel = DIRECT_WGRAD_MAX_KERNEL if weight_grad and not WGRAD_ALLJ else DIRECT_FWD_MAX_KERNEL
     return "direct" if max(kh, kw) <= max_kernel and h * w > DIRECT_MIN_PIXELS else "banded"
 
 

@@ -26,6 +26,8 @@ def make_switches(monkeypatch):
     if fast:
         for name in ('FUSED_BRANCH_BN', 'FUSED_FAN_IN'):
             monkeypatch.setattr(fast, name, getattr(fast, name))
+        if fast._kernels is not None:
+            monkeypatch.setattr(fast._kernels, 'WGRAD_ALLJ', fast._kernels.WGRAD_ALLJ)
     return fast or None
 
 
@@ -224,6 +226,12 @@ def test_session_11_switches_follow_the_model_name(make_switches):
         assert SLaK.LayerNorm.FUSED_CHANNELS_FIRST is new_paths
         if fast:
             assert fast.FUSED_FAN_IN is new_paths and fast.FUSED_BRANCH_BN is True
+    # session 12: "per-column wgrad" the per-column weight-gradient kernel, for the whole-compiled model too
+    for name, allj in (('SLaK-T ours per-column wgrad', False), ('SLaK-T ours torch.compile', True),
+                       ('SLaK-T ours torch.compile per-column wgrad', False), ('SLaK-T ours', True)):
+        bench_throughput.make(name)
+        if fast and fast._kernels is not None:
+            assert fast._kernels.WGRAD_ALLJ is allj
 
 
 def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(make_switches):

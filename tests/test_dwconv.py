@@ -40,8 +40,8 @@ dw = load_module()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (N, C, H, W, kh, kw, dtype, layout); layout: "nchw", "cl" (channels_last) or "nc" (non-contiguous slice).
-# Maps <= 64 px take the whole-plane GEMM path; on maps > 256 px kernels <= 3 run the direct forward, kernels <= 7 the
-# direct weight gradient; the rest runs the banded kernels.
+# Maps <= 64 px take the whole-plane GEMM path; on maps > 256 px kernels <= 3 run the direct forward and weight
+# gradient; the rest runs the banded kernels (the weight gradient of kernels of <= 8 columns: the all-columns one).
 CASES = [
     (2, 3, 11, 9, 9, 3, "float32", "nchw"),
     (1, 2, 17, 10, 3, 13, "float32", "cl"),
@@ -54,7 +54,7 @@ CASES = [
     (2, 3, 10, 9, 7, 5, "float32", "cl"),
     (3, 4, 7, 7, 13, 5, "bfloat16", "nchw"),
     (66, 2, 3, 5, 3, 7, "float32", "nc"),
-    (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),  # banded forward, direct weight gradient
+    (1, 2, 17, 16, 5, 5, "bfloat16", "nchw"),  # banded forward and weight gradient (direct with WGRAD_ALLJ off)
     (1, 2, 16, 20, 3, 3, "float16", "nc"),  # direct forward and weight gradient
     (1, 2, 9, 32, 3, 5, "float32", "cl"),
     (2, 2, 6, 7, 31, 15, "float32", "cl"),  # plane: kernel larger than the map, 143 reachable taps > BLOCK_T
@@ -196,7 +196,7 @@ def test_triton_kernels_match_float64_reference(interpreted, case):
 def test_every_kernel_path_is_covered(interpreted):
     paths = {tuple(interpreted[str(list(c))]["path"]) for c in CASES}
     assert {p[0] for p in paths} == {p[1] for p in paths} == {"plane", "direct", "banded"}
-    assert ("banded", "direct") in paths  # 5x5 on a large map: banded forward, direct weight gradient
+    assert ("banded", "banded") in paths and ("direct", "direct") in paths  # 5x5 and 3x3 on maps > 256 px
 
 
 def test_alignment_hints_hold_for_every_launch_plan():
@@ -242,9 +242,10 @@ ALLJ_SPLIT_CASES = {2, 5, 6}  # indices into ALLJ_CASES whose plan must have spl
 # (N, C, H, W, kh, kw) of banded weight gradients launched through launch_weight_grad with WGRAD_ALLJ on and off;
 # 9x9 has more columns than WGRAD_ALLJ_MAX_COLUMNS and keeps the per-column kernel.
 ALLJ_ROUTES = [(2, 2, 13, 17, 13, 5), (1, 3, 17, 13, 5, 13), (2, 2, 13, 17, 5, 5), (1, 2, 13, 17, 9, 9)]
-# (N, C, H, W, kh, kw) run through the size-agnostic twins: banded tall and wide, direct weight gradient (5x5 on
-# more than DIRECT_MIN_PIXELS), plane (7x7 map).
-TWIN_CASES = [(2, 2, 13, 17, 13, 5), (1, 3, 10, 12, 3, 9), (1, 2, 17, 18, 5, 5), (2, 2, 7, 7, 13, 5)]
+# (N, C, H, W, kh, kw) run through the size-agnostic twins: banded tall and wide, 5x5 on more than DIRECT_MIN_PIXELS
+# (banded forward and all-columns weight gradient), 3x3 there (direct forward and weight gradient), plane (7x7 map).
+TWIN_CASES = [(2, 2, 13, 17, 13, 5), (1, 3, 10, 12, 3, 9), (1, 2, 17, 18, 5, 5), (1, 2, 17, 18, 3, 3),
+              (2, 2, 7, 7, 13, 5)]
 
 ALLJ_SCRIPT = textwrap.dedent('''
     import importlib.util, json, sys
@@ -283,6 +284,7 @@ ALLJ_SCRIPT = textwrap.dedent('''
             return self.kernel[grid]
 
     allj_kernel, per_column_kernel = k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel
+    default = k.WGRAD_ALLJ
     for n, c, h, w, kh, kw in json.loads(sys.argv[3]):
         x, g, wt = reference(n, c, h, w, kh, kw)
         x, g, weight = x.float(), g.float(), wt.detach().float()
@@ -292,10 +294,10 @@ ALLJ_SCRIPT = textwrap.dedent('''
             k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel = Spy(allj_kernel), Spy(per_column_kernel)
             grads[switch] = k.launch_weight_grad(g, x, weight)
             launches[switch] = [k.dwconv_wgrad_allj_kernel.launches, k.dwconv_wgrad_kernel.launches]
-        k.WGRAD_ALLJ = False
+        k.WGRAD_ALLJ = default
         k.dwconv_wgrad_allj_kernel, k.dwconv_wgrad_kernel = allj_kernel, per_column_kernel
         results[f"route {h}x{w} {kh}x{kw}"] = dict(
-            path=k.kernel_path(h, w, kh, kw, weight_grad=True), launches_off=launches[False],
+            default=default, path=k.kernel_path(h, w, kh, kw, weight_grad=True), launches_off=launches[False],
             launches_on=launches[True], diff=rel(grads[True], grads[False]), err=rel(grads[True], wt.grad),
             dtype=str(grads[True].dtype))
 
@@ -338,7 +340,7 @@ def test_all_columns_weight_grad_matches_float64_reference(interpreted_allj, ind
 def test_wgrad_allj_switch_routes_banded_weight_grads(interpreted_allj, route):
     n, c, h, w, kh, kw = route
     r = interpreted_allj[f"route {h}x{w} {kh}x{kw}"]
-    assert r["path"] == "banded" and r["launches_off"] == [0, 1], r
+    assert r["default"] is True and r["path"] == "banded" and r["launches_off"] == [0, 1], r
     assert r["launches_on"] == ([1, 0] if min(kh, kw) <= 8 else [0, 1]), r
     assert r["diff"] < 1e-6 and r["err"] < 1e-5 and r["dtype"] == "torch.float32", r
 
@@ -348,8 +350,8 @@ def test_size_agnostic_twins_match_float64_reference(interpreted_allj, case):
     n, c, h, w, kh, kw = case
     r = interpreted_allj[f"twin {h}x{w} {kh}x{kw}"]
     expected = {"banded": "dwconv_fwd_kernel", "direct": "dwconv_direct_fwd_kernel", "plane": "dwconv_plane_fwd_kernel"}
-    wgrad = {"banded": "dwconv_wgrad_kernel", "direct": "dwconv_direct_wgrad_kernel",
-             "plane": "dwconv_plane_wgrad_kernel"}
+    wgrad = {"banded": "dwconv_wgrad_allj_kernel" if min(kh, kw) <= 8 else "dwconv_wgrad_kernel",
+             "direct": "dwconv_direct_wgrad_kernel", "plane": "dwconv_plane_wgrad_kernel"}
     assert r["twins"] == sorted({expected[r["path"][0]], wgrad[r["path"][1]]}), r
     assert max(r["errs"]) < 1e-5, r
 
@@ -415,18 +417,35 @@ def test_wgrad_plan_keeps_per_column_configs_and_reads_all_columns_ones(monkeypa
     if k is None:
         pytest.skip("triton is not installed")
     shape = (64, 124, 56, 56, 51, 5, True)  # SLaK-T's 51x5 layer at batch 64: (n, c, band, flat, kband, kflat, tall)
-    assert k._wgrad_plan(*shape) == k.WgradPlan(False, 32, 32, 64, 4, 1, 3584, 8)
+    monkeypatch.setattr(k, "WGRAD_ALLJ", False)
+    per_column = k._wgrad_plan(*shape)
+    assert per_column == k.WgradPlan(False, 32, 32, 64, 4, 1, 3584, 8)
     assert k._wgrad_plan(*shape, (16, 128, 4, 1)) == k.WgradPlan(False, 16, 16, 128, 4, 1, 3584, 1)
     allj = k._wgrad_plan(*shape, ("allj",))
-    assert allj == k.WgradPlan(True, 32, 16, 64, 8, 3, 1216, 8)  # C programs per tile pair, not C * kw: more splits
+    # the swept tile of this layer (64-row Gram tiles, 8 warps); C programs per tile pair, not C * kw: more splits
+    assert allj == k.WgradPlan(True, 64, 16, 32, 8, 5, 736, 8)
     assert k._wgrad_plan(*shape, ("allj", 32, 32, 128, 8, 1)) == k.WgradPlan(True, 32, 32, 128, 8, 5, 768, 1)
-    for plan in (allj, k._wgrad_plan(*shape)):
+    for plan in (allj, per_column):
         assert k._wgrad_plan(*shape, plan.config()) == plan
     with pytest.raises(ValueError, match="allj"):
         k._wgrad_plan(*shape, ("allj", 32, 16))
-    monkeypatch.setattr(k, "WGRAD_ALLJ", True)
+    monkeypatch.setattr(k, "WGRAD_ALLJ", True)  # the default (SLAK_WGRAD_ALLJ unset)
     assert k._wgrad_plan(*shape) == allj
     assert not k._wgrad_plan(64, 124, 56, 56, 9, 9, True).all_columns  # more columns than WGRAD_ALLJ_MAX_COLUMNS
+    # the session-12 sweep's winners: 32 x 32 tiles on 4 warps for the wide kernel, 28-row maps and 5x5; 16-row tiles
+    # with 64 columns for tall and square kernels on 14-row maps (the wide one there keeps 32 x 32)
+    tiles = {(band, kb, kf, tall): k._wgrad_plan(64, 124, band, band, kb, kf, tall).config()[1:5]
+             for band, kb, kf, tall in ((56, 51, 5, False), (56, 5, 5, True), (28, 49, 5, True), (28, 49, 5, False),
+                                        (14, 47, 5, True), (14, 5, 5, True), (14, 47, 5, False))}
+    assert tiles == {(56, 51, 5, False): (32, 16, 32, 4), (56, 5, 5, True): (32, 16, 32, 4),
+                     (28, 49, 5, True): (32, 16, 32, 4), (28, 49, 5, False): (32, 16, 32, 4),
+                     (14, 47, 5, True): (16, 16, 64, 4), (14, 5, 5, True): (16, 16, 64, 4),
+                     (14, 47, 5, False): (32, 16, 32, 4)}
+    # SLaK-T's 5x5 on 56 and 28 maps: the banded all-columns kernel, no longer the direct one (3x3 keeps direct)
+    assert [k.kernel_path(m, m, 5, 5, weight_grad=True) for m in (56, 28, 14, 7)] == ["banded"] * 3 + ["plane"]
+    assert k.kernel_path(56, 56, 3, 3, weight_grad=True) == "direct"
+    monkeypatch.setattr(k, "WGRAD_ALLJ", False)
+    assert k.kernel_path(56, 56, 5, 5, weight_grad=True) == k.kernel_path(56, 56, 7, 7, weight_grad=True) == "direct"
 
 
 @pytest.mark.parametrize("key", ["routes 7x7 13x5", "routes 17x16 5x5", "routes 11x9 9x3"])  # plane, direct, banded
@@ -635,7 +654,7 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
         sys.path.pop(0)
     assert k._recording is None
     one = k.twin_launch_keys(2, 124, 200, 336, 51, 5, torch.float32)
-    assert k._recording is None and {key[0] for key in one} == {"dwconv_fwd_kernel", "dwconv_wgrad_kernel"}
+    assert k._recording is None and {key[0] for key in one} == {"dwconv_fwd_kernel", "dwconv_wgrad_allj_kernel"}
     # stages 3 and 4's large-kernel branches (the most varied plans; stage 1 and 2 maps are plain multiples of 8)
     big_kernels = {c: big for c, big in tv.STAGES[2:]}
     # the simulator's twin keys, in twin_launch_keys' form (kernel names without the " (twin)" suffix)
