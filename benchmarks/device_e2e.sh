@@ -46,9 +46,9 @@ mkdir -p "$OUT"
   # consecutive imports of torch + timm take (the second with the page cache and .pyc files of the first)?
   for i in 1 2; do TIMEFORMAT="import torch, timm #$i: %R s"; time python3 -c "import sys, torch, timm
 print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__file__)"; done
-  # which modules those seconds go to (cumulative microseconds per top-level import, largest first)
-  python3 -X importtime -c "import torch, timm" 2> "$OUT/importtime.txt"
-  sort -t'|' -k2 -n -r "$OUT/importtime.txt" | head -25
+  # which modules those seconds go to (cumulative microseconds per import, largest first; IMPORTTIME=1, ~10 s)
+  if [ "${IMPORTTIME:-0}" = 1 ]; then python3 -X importtime -c "import torch, timm" 2> "$OUT/importtime.txt"
+    sort -t'|' -k2 -n -r "$OUT/importtime.txt" | head -25; fi
 } 2>&1 | tee "$OUT/machine.txt"
 left() { echo $(( $1 - $(date +%s) + START )); }
 case "${1:-main}" in
