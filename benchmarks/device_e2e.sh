@@ -20,8 +20,8 @@
 #                                          graph replays and eager, 2 rounds (~8-9 min)
 #   bash benchmarks/device_e2e.sh wgrad [B] GPU-only tests, the weight-gradient sweep (all-columns kernel included,
 #                                          every candidate checked), then `ab`'s four models, graph replays (~9 min)
-#   bash benchmarks/device_e2e.sh allj     GPU-only kernel tests, then training graph replays at batch 64 (per-column
-#                                          weight gradient as the A/B) and 128, eager + tails and whole compile
+#   bash benchmarks/device_e2e.sh allj     training graph replays at batch 64 (per-column weight gradient as the A/B)
+#                                          and 128, eager + tails and whole compile, then GPU-only kernel tests
 #   bash benchmarks/device_e2e.sh ncu [B]  issue 20: Nsight Compute counters of every kernel of one training step
 #                                          (ncu_step.py: per group time, DRAM bytes, bandwidth, occupancy), SLaK-T,
 #                                          compiled ConvNeXt-T and SLaK-T dwconv=identity (NCU_MODELS to choose)
@@ -121,18 +121,21 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
       --steps 20 --models "$AB" --json "$OUT/throughput_ab_graph_b${2:-64}.json" 2>&1 | grep -v -i warn \
       | tee -a "$OUT/ab.log" ;;
   allj)
-    # session 12: the all-columns weight gradient made the default. The GPU-only tests of the kernels and of the
-    # block's one-pass input gradient, then training graph replays (no inference) at batch 64 with the per-column
-    # kernel as the same-call A/B, eager + compiled tails and whole-model compile, then batch 128
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dwconv.py \
-      tests/test_slak.py::test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops 2>&1 | tail -8 \
-      | tee "$OUT/gpu_tests.txt"
+    # session 12: the all-columns weight gradient made the default. Training graph replays (no inference) at batch
+    # 64 with the per-column kernel as the same-call A/B, eager + compiled tails and whole-model compile, then batch
+    # 128, then the GPU-only tests of the kernels and of the block's one-pass input gradient (~8 min in all;
+    # ALLJ_END_S, default 560, is the second by which everything must be done)
+    E=${ALLJ_END_S:-560}
     M="convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours per-column wgrad,SLaK-T ours torch.compile"
-    timeout "$(left 430)" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 0 --steps 20 \
-      --models "$M" --json "$OUT/throughput_allj_b64.json" 2>&1 | grep -v -i warn | tee -a "$OUT/allj.log"
+    timeout "$(left $((E * 7 / 10)))" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 0 \
+      --steps 20 --models "$M" --json "$OUT/throughput_allj_b64.json" 2>&1 | grep -v -i warn | tee -a "$OUT/allj.log"
     M="convnext_tiny (timm) torch.compile,SLaK-T ours torch.compile,SLaK-T ours"
-    timeout "$(left 585)" python3 benchmarks/bench_throughput.py --graph --train-batch 128 --infer-batch 0 --steps 20 \
-      --models "$M" --json "$OUT/throughput_allj_b128.json" 2>&1 | grep -v -i warn | tee -a "$OUT/allj.log" ;;
+    timeout "$(left $((E * 95 / 100)))" python3 benchmarks/bench_throughput.py --graph --train-batch 128 \
+      --infer-batch 0 --steps 20 --models "$M" --json "$OUT/throughput_allj_b128.json" 2>&1 | grep -v -i warn \
+      | tee -a "$OUT/allj.log"
+    timeout "$(left "$E")" python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dwconv.py \
+      tests/test_slak.py::test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops 2>&1 | tail -8 \
+      | tee "$OUT/gpu_tests.txt" ;;
   ncu)
     # issue 20's ncu evidence: the counters of every kernel of one training step (benchmarks/ncu_step.py)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
