@@ -188,6 +188,41 @@ def infer_speed(model, batch, steps, graph=False):
     return batch / seconds_per_call(fn, steps), torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+def select_models(names, models: str, parser):
+    """The names ``--models`` asks for, in its order (a device call that runs out of time loses the last ones, so
+    the caller sets the priority); every name of ``names`` for "all". A name that is not a row is an error (it was
+    silently skipped before)."""
+    if models == "all":
+        return list(names)
+    asked = [m for m in models.split(",") if m]
+    unknown = [m for m in asked if m not in names]
+    if unknown or not asked:
+        parser.error(f"--models: unknown name(s) {unknown!r}; the rows are: {', '.join(names)}")
+    return list(dict.fromkeys(asked))
+
+
+def medians(samples):
+    """{name: (train img/s, train GiB, infer img/s, infer GiB)}, each the median over the rounds (models with at
+    least one round)."""
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+    return {name: tuple(median([r[i] for r in runs]) for i in range(4)) for name, runs in samples.items() if runs}
+
+
+def write_json(path, args, rows):
+    """The medians so far, written atomically (temp file + rename): the file is always a whole record."""
+    import json
+    import os
+    record = {"device": torch.cuda.get_device_name(), "graph": args.graph, "train_batch": args.train_batch,
+              "infer_batch": args.infer_batch, "repeats": args.repeats,
+              "rows": {name: {"train_img_s": r[0], "train_mem_gb": r[1], "infer_img_s": r[2], "infer_mem_gb": r[3]}
+                       for name, r in rows.items()}}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=True))
+    os.replace(tmp, path)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-batch", type=int, default=64)
@@ -216,8 +251,7 @@ def main():
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
-    if args.models != "all":
-        names = [n for n in names if n in args.models.split(",")]
+    names = select_models(names, args.models, parser)
     samples = {name: [] for name in names}
     for rep in range(args.repeats):
         for name in names:
@@ -247,24 +281,17 @@ def main():
                   f"{time.perf_counter() - start - train_wall:.0f} s", flush=True)
             del model
             torch.cuda.empty_cache()
+            if args.json:  # after every model: a call cut short by its time limit keeps what it measured
+                write_json(args.json, args, medians(samples))
 
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
-
-    rows = {name: tuple(median([r[i] for r in runs]) for i in range(4)) for name, runs in samples.items() if runs}
+    rows = medians(samples)
     print(f"medians of {args.repeats} round(s):")
     for name, (train, train_mem, infer, infer_mem) in rows.items():
         spread = [r[0] for r in samples[name]]
         print(f"{name:36s} train {train:8.1f} img/s (min {min(spread):.1f}, max {max(spread):.1f}; "
               f"{train_mem:.1f} GiB)  infer {infer:8.1f} img/s ({infer_mem:.1f} GiB)")
     if args.json:
-        import json
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "graph": args.graph, "train_batch": args.train_batch,
-            "infer_batch": args.infer_batch, "repeats": args.repeats,
-            "rows": {name: {"train_img_s": r[0], "train_mem_gb": r[1], "infer_img_s": r[2], "infer_mem_gb": r[3]}
-                     for name, r in rows.items()}}, indent=1, allow_nan=True))
+        write_json(args.json, args, rows)
     base = rows.get("convnext_tiny (timm)")
     if base:
         for name, (train, _, infer, _) in rows.items():

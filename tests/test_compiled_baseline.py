@@ -245,3 +245,43 @@ def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(make_sw
     model.reparameterize(decomposed=True)
     lk = model._orig_mod.stages[0][0].large_kernel
     assert hasattr(lk, 'lkb_decomposed') and not hasattr(lk, 'LoRA1') and not lk.training
+
+
+def test_models_run_in_the_asked_order_and_unknown_names_are_refused():
+    """--models sets the order (a device call cut short by its time limit loses the last names, so the script that
+    calls it decides what comes first); a misspelt name is an error, not a silently missing row."""
+    import argparse
+
+    import bench_throughput
+    parser = argparse.ArgumentParser()
+    names = ['a', 'b torch.compile', 'c', 'd']
+    assert bench_throughput.select_models(names, 'all', parser) == names
+    assert bench_throughput.select_models(names, 'd,a,b torch.compile,a', parser) == ['d', 'a', 'b torch.compile']
+    for bad in ('a,e', ''):
+        with pytest.raises(SystemExit):
+            bench_throughput.select_models(names, bad, parser)
+
+
+def test_throughput_record_is_rewritten_whole_after_every_model(tmp_path, monkeypatch):
+    """The JSON holds the medians of the models measured so far, and is replaced atomically (no temp file left)."""
+    import argparse
+    import json
+    import math
+
+    import torch
+
+    import bench_throughput
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'fake card')
+    args = argparse.Namespace(graph=True, train_batch=64, infer_batch=0, repeats=3)
+    samples = {'x': [(3.0, 1.0, float('nan'), float('nan')), (1.0, 2.0, float('nan'), float('nan')),
+                     (2.0, 3.0, float('nan'), float('nan'))], 'y': []}
+    path = tmp_path / 'throughput.json'
+    bench_throughput.write_json(str(path), args, bench_throughput.medians(samples))
+    record = json.loads(path.read_text())
+    assert record['device'] == 'fake card' and record['train_batch'] == 64 and list(record['rows']) == ['x']
+    row = record['rows']['x']
+    assert (row['train_img_s'], row['train_mem_gb']) == (2.0, 2.0) and math.isnan(row['infer_img_s'])
+    samples['y'].append((5.0, 1.0, 7.0, 1.0))
+    bench_throughput.write_json(str(path), args, bench_throughput.medians(samples))
+    assert list(json.loads(path.read_text())['rows']) == ['x', 'y']
+    assert [p.name for p in tmp_path.iterdir()] == ['throughput.json']
