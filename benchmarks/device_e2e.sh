@@ -26,8 +26,9 @@
 #                                          (ncu_step.py: per group time, DRAM bytes, bandwidth, occupancy), SLaK-T,
 #                                          compiled ConvNeXt-T and SLaK-T dwconv=identity (NCU_MODELS to choose)
 #   bash benchmarks/device_e2e.sh kernels  issue 20's record: graph replays at training batch 64 and 128 (compiled
-#                                          ConvNeXt-T, SLaK-T, folded SLaK-T), the L2-rotating layer check
-#                                          (bench_dwconv --rotate_mb 256), compiled_baseline_<card>.json (~8 min)
+#                                          ConvNeXt-T, SLaK-T whole-compiled and eager + tails, folded SLaK-T
+#                                          compiled and eager), the L2-rotating layer check (bench_dwconv
+#                                          --rotate_mb 256), compiled_baseline_<card>.json (~9-10 min)
 # Needs the pinned timm/tensorboardX wheels in .whl/ (see the device README); writes everything under $OUT.
 set -u
 START=$(date +%s)
@@ -150,16 +151,18 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
       python3 benchmarks/ncu_step.py report "$f.csv" 2>&1 | tee "$f.txt" | head -24
     done ;;
   kernels)
-    for b in 64 128; do
-      models="convnext_tiny (timm) torch.compile,SLaK-T ours"
-      # batch 64 also re-measures the two ceilings of issue 20's item 1 (depthwise convs / large-kernel part free)
-      [ $b = 64 ] && models="$models,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,SLaK-T ours pad64"
-      [ $b = 128 ] && models="$models,SLaK-T ours folded decomposed"
-      timeout "$(left $((b == 64 ? 230 : 390)))" python3 benchmarks/bench_throughput.py --graph --train-batch $b \
-        --infer-batch 128 --steps 20 --models "$models" --json "$OUT/throughput_b$b.json" 2>&1 \
-        | grep -v -i warn | tee -a "$OUT/kernels.log"
-    done
-    timeout "$(left 560)" python3 benchmarks/bench_dwconv.py --skip-check --rotate_mb 256 \
+    # issue 20's record in one call: training graph replays at batch 64 (training only) and 128 (with inference at
+    # 128), SLaK-T both ways (whole-model compile first: the faster path, then eager + compiled tails; folded
+    # inference compiled and eager), then the L2-rotating layer check, then the record (the faster path of each)
+    C="convnext_tiny (timm) torch.compile"
+    timeout "$(left 240)" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 0 --steps 20 \
+      --models "$C,SLaK-T ours torch.compile,SLaK-T ours" --json "$OUT/throughput_b64.json" 2>&1 \
+      | grep -v -i warn | tee -a "$OUT/kernels.log"
+    F="SLaK-T ours folded decomposed"
+    timeout "$(left 480)" python3 benchmarks/bench_throughput.py --graph --train-batch 128 --infer-batch 128 \
+      --steps 20 --models "$C,SLaK-T ours torch.compile,$F torch.compile,$F,SLaK-T ours" \
+      --json "$OUT/throughput_b128.json" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels.log"
+    timeout "$(left 570)" python3 benchmarks/bench_dwconv.py --skip-check --rotate_mb 256 \
       --layers_json "$OUT/layers_rotate256.json" 2>&1 | tee -a "$OUT/kernels.log" | tail -20
     python3 benchmarks/compiled_baseline.py --b64 "$OUT/throughput_b64.json" --b128 "$OUT/throughput_b128.json" \
       --layers "$OUT/layers_rotate256.json" --out "$OUT" 2>&1 | tee -a "$OUT/kernels.log" ;;

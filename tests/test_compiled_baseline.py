@@ -52,13 +52,38 @@ def test_record_ratios_and_verdicts(tmp_path):
                           '--b128', str(paths[1]), '--layers', str(paths[2]), '--out', str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     record = json.loads((tmp_path / 'compiled_baseline_H100_80GB_HBM3.json').read_text())
-    assert record['train']['64'] == {'convnext_tiny_compiled': 3000.0, 'slak_t': 1500.0, 'ratio': 0.5}
+    assert record['train']['64'] == {'convnext_tiny_compiled': 3000.0, 'slak_t': 1500.0, 'ratio': 0.5,
+                                     'slak_t_path': 'eager + compiled tails',
+                                     'slak_t_paths': {'eager + compiled tails': 1500.0}}
     assert abs(record['train']['128']['ratio'] - 1300 / 3700) < 1e-12
     assert abs(record['infer_128']['ratio'] - 7500 / 14700) < 1e-12
     assert record['layers'][0]['layer'] == '124@56 51x5'
     lines = out.splitlines()
     assert lines[0].endswith('(target 0.45) met') and lines[1].endswith('(target 0.45) NOT met')
     assert lines[2].endswith('(target 0.5) met') and lines[3].endswith('(target 8.0) met')
+
+
+def test_the_faster_of_slak_ts_paths_is_recorded_and_named():
+    """Training: the whole-model compile where it is faster than eager + compiled tails (and the other way round);
+    folded inference likewise; an unmeasured (NaN) path never wins."""
+    nan = float('nan')
+    compiled_slak, compiled_folded = cb.TRAIN_PATHS['whole-model torch.compile'], cb.FOLDED_PATHS[
+        'whole-model torch.compile']
+    b64 = throughput('NVIDIA H100 80GB HBM3', 64, {cb.COMPILED: (3300.0, nan), cb.SLAK: (1400.0, nan),
+                                                    compiled_slak: (1540.0, nan)})
+    b128 = throughput('NVIDIA H100 80GB HBM3', 128, {cb.COMPILED: (3700.0, 14000.0), cb.SLAK: (1500.0, 4400.0),
+                                                      compiled_slak: (nan, 6100.0), cb.FOLDED: (nan, 5600.0),
+                                                      compiled_folded: (nan, 7700.0)})
+    record = cb.compose(b64, b128, {})
+    assert record['train']['64']['slak_t'] == 1540.0 and record['train']['64']['ratio'] == 1540.0 / 3300.0
+    assert record['train']['64']['slak_t_path'] == 'whole-model torch.compile'
+    assert record['train']['64']['slak_t_paths'] == {'eager + compiled tails': 1400.0,
+                                                     'whole-model torch.compile': 1540.0}
+    assert record['train']['128']['slak_t'] == 1500.0 and record['train']['128']['slak_t_path'] == (
+        'eager + compiled tails')
+    assert record['infer_128']['slak_t_folded'] == 7700.0 and record['infer_128']['ratio'] == 0.55
+    assert record['infer_128']['slak_t_folded_path'] == 'whole-model torch.compile'
+    assert cb.TRAIN_PATHS['whole-model torch.compile'] == 'SLaK-T ours torch.compile'
 
 
 def test_missing_pieces_are_not_measured_never_met():
