@@ -15,9 +15,10 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
 * Periodic checkpoints are written after the epoch's evaluation, so they also carry the best accuracy so far. As in
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
-* New flags: ``--amp_dtype``, ``--channels_last``, ``--compile``, ``--grad_checkpointing``, ``--sync_bn``,
-  ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``, ``--gpu_pipeline``
-  (decode and augment on the device, ``datasets.GpuAugment``); ``--sparse_init`` also accepts ``snip_topk``.
+* New flags: ``--amp_dtype``, ``--channels_last``, ``--compile`` (``--compile_mode``), ``--grad_checkpointing``,
+  ``--sync_bn``, ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``,
+  ``--gpu_pipeline`` (decode and augment on the device, ``datasets.GpuAugment``); ``--sparse_init`` also accepts
+  ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
@@ -70,6 +71,7 @@ from utils import NativeScalerWithGradNormCount as NativeScaler
 from utils import str2bool
 
 DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--layer_scale_init_value', default=1e-6, type=float, help='Layer scale initial values')
     parser.add_argument('--channels_last', type=str2bool, default=False, help='channels_last memory format')
     parser.add_argument('--compile', type=str2bool, default=False, help='torch.compile the model (in place)')
+    parser.add_argument('--compile_mode', type=str, default='default', choices=COMPILE_MODES,
+                        help="torch.compile's mode with --compile: 'reduce-overhead' also replays the compiled "
+                             'graphs as CUDA graphs (no per-kernel launch cost; not yet measured with SLaK)')
     parser.add_argument('--grad_checkpointing', type=str2bool, default=False,
                         help='recompute each block in backward (less memory, more time)')
     parser.add_argument('--sync_bn', type=str2bool, default=True,
@@ -409,6 +414,14 @@ def model_kwargs(args: argparse.Namespace, name: str) -> dict:
         if args.conv_impl is not None:
             kwargs['conv_impl'] = args.conv_impl
     return kwargs
+
+
+def compile_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """``--compile``: ``model.compile`` in place (a DDP wrapper compiles what it wraps), in ``--compile_mode``.
+    Eager SLaK-T launches ~1,600 kernels per training step and its host time exceeds its GPU time (H100, batch 64:
+    118 vs 54 ms eager, 85 vs 46 ms compiled as a whole; benchmarks/RESULTS.md): 'reduce-overhead' is the mode that
+    removes that launch cost, by CUDA-graph replays of the compiled graphs."""
+    model.compile(**({} if args.compile_mode == 'default' else {'mode': args.compile_mode}))
 
 
 def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
@@ -925,7 +938,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         utils.set_rng_state(resumed_rng)
     print_model_size(model_without_ddp, n_parameters, args.input_size, sparse=mask is not None)
     if args.compile:
-        model.compile()
+        compile_model(args, model)
     for pending in (warmer, precompiler, graph_warm_up):
         if pending is not None:
             pending.wait()

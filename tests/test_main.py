@@ -835,3 +835,21 @@ def test_tf32_flag_sets_cuda_precision_and_leaves_cpu_exact():
         assert (matmul.allow_tf32, conv.allow_tf32) == (False, False)
     finally:
         matmul.allow_tf32, conv.allow_tf32 = before
+
+
+def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused():
+    """--compile_mode is handed to model.compile (nothing for 'default', torch's own default), and a mode torch does
+    not know is refused by the parser before any work."""
+    seen = []
+
+    class Model(torch.nn.Module):
+        def compile(self, **kwargs):
+            seen.append(kwargs)
+    parser = main.get_args_parser()
+    for mode, expected in (('default', {}), ('reduce-overhead', {'mode': 'reduce-overhead'}),
+                           ('max-autotune-no-cudagraphs', {'mode': 'max-autotune-no-cudagraphs'})):
+        main.compile_model(parser.parse_args(['--compile', 'true', '--compile_mode', mode]), Model())
+        assert seen[-1] == expected
+    assert parser.parse_args([]).compile_mode == 'default'
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--compile_mode', 'fast'])
