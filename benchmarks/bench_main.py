@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument('--runs', default='all',
                         help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
                              'throughput, throughput_graph; also (not in "all") slak_compile (SLaK-T with --compile '
-                             'true), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own '
+                             'true), slak_compile_ro (and --compile_mode reduce-overhead), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own '
                              'caches), slak_cold_graphs, slak_warm_graphs (SLAK_WARM_GRAPHS=1, own caches), '
                              'slak_eval, slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s '
                              'command)')
@@ -430,6 +430,9 @@ def main() -> None:
     convnext_c = main_run('convnext_compile', CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext')
     slak_warm = main_run('slak_warm', SLAK_T_FLAGS, 'slak')
     slak_c = main_run('slak_compile', SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile')  # cold caches
+    # optional: the whole-model compile replayed as CUDA graphs by torch.compile (no per-kernel launch cost)
+    main_run('slak_compile_ro', SLAK_T_FLAGS + ['--compile', 'true', '--compile_mode', 'reduce-overhead'],
+             'slak_compile')
     # optional: without the background compile of the step's Triton kernels (main.py's default), own caches
     main_run('slak_cold_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
     main_run('slak_warm_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
