@@ -89,7 +89,15 @@ def make(name):
     # the blocks' compiled tails (SLaK.Block.COMPILE_TAIL, on CUDA by default) unless the name asks for eager ones
     SLaK.Block.COMPILE_TAIL = False if ("eager tail" in name or "unpadded" in name) else "auto"
     round9_launch_plans("round-9 plans" in name)
-    kernels = getattr(sys.modules.get(SLaK._DWCONV_MODULE_NAME), "_kernels", None)
+    # the fast module's switches are read at run time, so they are set here, right before each model is timed, for
+    # every row (compiled ones included): our fused branch-BN kernels (cutlass/branch_bn_triton.py) unless the name
+    # asks for one BN call per branch
+    fast = sys.modules.get(SLaK._DWCONV_MODULE_NAME)
+    if fast is not None:
+        fast.FUSED_BRANCH_BN = "per-branch BN" not in name
+        fast.FUSED_FAN_IN = "torch fan-in" not in name  # session 11: the block input's gradient in one pass
+        fast.COMPILED_BRANCH_BN = "op BN" in name  # session 12: those kernels as one op inside a whole-model compile
+    kernels = getattr(fast, "_kernels", None)
     if kernels is not None:  # session 12: the all-columns weight gradient (read at run time, compiled models too)
         kernels.WGRAD_ALLJ = "per-column wgrad" not in name
     if name.startswith("convnext_tiny (timm)"):
@@ -106,12 +114,6 @@ def make(name):
         elif "dwconv=identity" in name:
             for branch in ("LoRA1", "LoRA2", "small_conv"):
                 getattr(block.large_kernel, branch).conv = identity_dwconv(getattr(block.large_kernel, branch).conv)
-    # our fused branch-BN kernels (cutlass/branch_bn_triton.py) run unless the name asks for one BN call per branch;
-    # the switch is read at forward time, so it is set here, right before each model is timed
-    fast = sys.modules.get(SLaK._DWCONV_MODULE_NAME)
-    if fast is not None:
-        fast.FUSED_BRANCH_BN = "per-branch BN" not in name
-        fast.FUSED_FAN_IN = "torch fan-in" not in name  # session 11: the block input's gradient in one pass
     if "SyncBN sum" in name:  # the branch BNs + sum through utils.sync_batch_norm_sum (one process: no collective)
         import utils
         model = utils.convert_sync_batchnorm(model)
@@ -244,7 +246,7 @@ def main():
              "SLaK-T ours round-9 plans", "SLaK-T ours torch.compile",
              "SLaK-T ours per-conv casts", "SLaK-T ours per-branch BN", "SLaK-T ours torch fan-in",
              "SLaK-T ours original LN", "SLaK-T ours original LN torch fan-in", "SLaK-T ours per-column wgrad",
-             "SLaK-T ours torch.compile per-column wgrad",
+             "SLaK-T ours torch.compile per-column wgrad", "SLaK-T ours torch.compile op BN",
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed", "SLaK-T ours folded decomposed torch.compile",

@@ -6,7 +6,8 @@
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
 #                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
-#   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole vs eager + compiled tails vs compiled
+#   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole (with Inductor's BNs, and with our fused
+#                                          branch BN as an op: "op BN") vs eager + compiled tails vs compiled
 #                                          ConvNeXt-T (graph replays, training batch B, default 64), then each
 #                                          one's step split by kernel group (profile_step.py; ~8 min in all)
 #   bash benchmarks/device_e2e.sh step [B]  issue 20: where the GPU time of a training step goes (profile_step.py),
@@ -77,12 +78,13 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than
     # eager + the blocks' compiled tails? Graph replays at training batch ${2:-64}, beside compiled ConvNeXt-T.
     FOLDED="SLaK-T ours folded decomposed,SLaK-T ours folded decomposed torch.compile"  # (inference only)
+    WHOLE="SLaK-T ours torch.compile"
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch "${2:-64}" --infer-batch 128 \
-      --steps 20 --models "convnext_tiny (timm) torch.compile,SLaK-T ours,SLaK-T ours torch.compile,$FOLDED" \
+      --steps 20 --models "convnext_tiny (timm) torch.compile,$WHOLE,$WHOLE op BN,SLaK-T ours,$FOLDED" \
       --json "$OUT/throughput_compile_b${2:-64}.json" 2>&1 | grep -v -i warn | tee "$OUT/compile.log"
     # then where each one's step time goes (Inductor's FX/Triton caches are warm from the runs above)
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
-      "SLaK-T ours torch.compile,SLaK-T dwconv=identity,convnext_tiny (timm) torch.compile,SLaK-T ours" 2>&1 \
+      "SLaK-T ours torch.compile op BN,SLaK-T ours torch.compile,convnext_tiny (timm) torch.compile,SLaK-T ours" 2>&1 \
       | grep -v -i warn | tee "$OUT/profile_step_compile_b${2:-64}.txt" ;;
   eval)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
@@ -135,7 +137,8 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
       --infer-batch 0 --steps 20 --models "$M" --json "$OUT/throughput_allj_b128.json" 2>&1 | grep -v -i warn \
       | tee -a "$OUT/allj.log"
     timeout "$(left "$E")" python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_dwconv.py \
-      tests/test_slak.py::test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops 2>&1 | tail -8 \
+      tests/test_slak.py::test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops \
+      tests/test_branch_bn.py::test_gpu_compiled_model_with_the_branch_bn_op_matches_eager 2>&1 | tail -8 \
       | tee "$OUT/gpu_tests.txt" ;;
   ncu)
     # issue 20's ncu evidence: the counters of every kernel of one training step (benchmarks/ncu_step.py)

@@ -298,6 +298,63 @@ def _three(ts: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
+def bn_sum_forward(eps: float, momentum: float, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
+                   bs: Sequence[torch.Tensor], rms: Sequence[torch.Tensor], rvs: Sequence[torch.Tensor],
+                   group=None, world_size: int = 1):
+    """The forward pass of :class:`BranchBatchNormSum` (arguments as there, as sequences): ``(out, coef, split,
+    block)``, ``coef`` the (3 nb + 2, C) fp32 per-channel coefficients the backward pass reads; updates the running
+    statistics in place."""
+    nb = len(ys)
+    n, c, h, w = ys[0].shape
+    hw, total = h * w, ys[0].numel()
+    device = ys[0].device
+    split, block = _stats_config(n, c, hw, device, distributed=world_size > 1)
+    local = torch.empty((split * 2 * nb + nb + 1, c), device=device, dtype=torch.float32)
+    bn_stats_kernel[(c, split)](*_three(ys), local, n, c, hw, split, NB=nb, BLOCK=block, num_warps=4)
+    if world_size > 1:
+        # (world * rows, C): the ranks' blocks one after another (the layout gloo and NCCL both accept)
+        stats = torch.empty((world_size * local.shape[0], c), device=device, dtype=torch.float32)
+        _all_gather_single(stats, local, group=group)
+    else:
+        stats = local
+    coef = torch.empty((3 * nb + 2, c), device=device, dtype=torch.float32)
+    bn_fwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
+        stats, world_size, *_three(ws), *_three(bs), *_three(rms), *_three(rvs), coef, c, hw, split,
+        float(eps), float(momentum), NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
+        SPLIT_P2=triton.next_power_of_2(split), num_warps=4)
+    out = torch.empty_like(ys[0])
+    bn_fwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+        *_three(ys), out, coef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK, WIDE=total >= 2 ** 31 - _APPLY_BLOCK,
+        num_warps=8)
+    return out, coef, split, block
+
+
+def bn_sum_backward(dy: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], coef: torch.Tensor,
+                    split: int, block: int, group=None, world_size: int = 1):
+    """The backward pass of :class:`BranchBatchNormSum`: ``(dxs, gw, gb)``, the branch input gradients and the
+    (nb, C) fp32 weight and bias gradients, for the output gradient ``dy`` (NCHW-contiguous)."""
+    nb = len(ys)
+    n, c, h, w = ys[0].shape
+    hw, total = h * w, ys[0].numel()
+    part = torch.empty((split, 1 + nb, c), device=dy.device, dtype=torch.float32)
+    bn_bwd_reduce_kernel[(c, split)](dy, *_three(ys), coef, part, n, c, hw, split, NB=nb, BLOCK=block, num_warps=4)
+    glob = part
+    if world_size > 1:
+        glob = part.clone()
+        dist.all_reduce(glob, group=group)
+    gw = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
+    gb = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
+    bcoef = torch.empty((1 + 2 * nb, c), device=dy.device, dtype=torch.float32)
+    bn_bwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
+        part, glob, coef, *_three(ws), gw, gb, bcoef, c, split, NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
+        SPLIT_P2=triton.next_power_of_2(split), num_warps=4)
+    dxs = [torch.empty_like(ys[0]) for _ in range(nb)]
+    bn_bwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+        dy, *_three(ys), *_three(dxs), coef, bcoef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK,
+        WIDE=total >= 2 ** 31 - _APPLY_BLOCK, num_warps=8)
+    return dxs, gw, gb
+
+
 class BranchBatchNormSum(torch.autograd.Function):
     """``sum_i batch_norm(y_i, running_mean_i, running_var_i, w_i, b_i, training=True, momentum, eps)``.
 
@@ -315,27 +372,7 @@ class BranchBatchNormSum(torch.autograd.Function):
     def forward(ctx, eps, momentum, nb, group, world_size, *tensors):
         ys, ws, bs = tensors[:nb], tensors[nb:2 * nb], tensors[2 * nb:3 * nb]
         rms, rvs = tensors[3 * nb:4 * nb], tensors[4 * nb:5 * nb]
-        n, c, h, w = ys[0].shape
-        hw, total = h * w, ys[0].numel()
-        device = ys[0].device
-        split, block = _stats_config(n, c, hw, device, distributed=world_size > 1)
-        local = torch.empty((split * 2 * nb + nb + 1, c), device=device, dtype=torch.float32)
-        bn_stats_kernel[(c, split)](*_three(ys), local, n, c, hw, split, NB=nb, BLOCK=block, num_warps=4)
-        if world_size > 1:
-            # (world * rows, C): the ranks' blocks one after another (the layout gloo and NCCL both accept)
-            stats = torch.empty((world_size * local.shape[0], c), device=device, dtype=torch.float32)
-            _all_gather_single(stats, local, group=group)
-        else:
-            stats = local
-        coef = torch.empty((3 * nb + 2, c), device=device, dtype=torch.float32)
-        bn_fwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
-            stats, world_size, *_three(ws), *_three(bs), *_three(rms), *_three(rvs), coef, c, hw, split,
-            float(eps), float(momentum), NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
-            SPLIT_P2=triton.next_power_of_2(split), num_warps=4)
-        out = torch.empty_like(ys[0])
-        bn_fwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
-            *_three(ys), out, coef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK, WIDE=total >= 2 ** 31 - _APPLY_BLOCK,
-            num_warps=8)
+        out, coef, split, block = bn_sum_forward(eps, momentum, ys, ws, bs, rms, rvs, group, world_size)
         ctx.nb, ctx.split, ctx.block = nb, split, block
         ctx.group, ctx.world_size = group, world_size
         ctx.save_for_backward(*ys, *ws, coef)
@@ -346,29 +383,79 @@ class BranchBatchNormSum(torch.autograd.Function):
         nb = ctx.nb
         saved = ctx.saved_tensors
         ys, ws, coef = saved[:nb], saved[nb:2 * nb], saved[2 * nb]
-        dy = grad_out.contiguous()
-        n, c, h, w = ys[0].shape
-        hw, total = h * w, ys[0].numel()
-        part = torch.empty((ctx.split, 1 + nb, c), device=dy.device, dtype=torch.float32)
-        bn_bwd_reduce_kernel[(c, ctx.split)](dy, *_three(ys), coef, part, n, c, hw, ctx.split, NB=nb,
-                                             BLOCK=ctx.block, num_warps=4)
-        glob = part
-        if ctx.world_size > 1:
-            glob = part.clone()
-            dist.all_reduce(glob, group=ctx.group)
-        gw = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
-        gb = torch.empty((nb, c), device=dy.device, dtype=torch.float32)
-        bcoef = torch.empty((1 + 2 * nb, c), device=dy.device, dtype=torch.float32)
-        bn_bwd_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK_C),)](
-            part, glob, coef, *_three(ws), gw, gb, bcoef, c, ctx.split, NB=nb, BLOCK_C=_FINALIZE_BLOCK_C,
-            SPLIT_P2=triton.next_power_of_2(ctx.split), num_warps=4)
-        dxs = [torch.empty_like(ys[0]) for _ in range(nb)]
-        bn_bwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
-            dy, *_three(ys), *_three(dxs), coef, bcoef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK,
-            WIDE=total >= 2 ** 31 - _APPLY_BLOCK, num_warps=8)
+        dxs, gw, gb = bn_sum_backward(grad_out.contiguous(), ys, ws, coef, ctx.split, ctx.block, ctx.group,
+                                      ctx.world_size)
         grad_w = [gw[i].to(ws[i].dtype) for i in range(nb)]
         grad_b = [gb[i].to(ws[i].dtype) for i in range(nb)]
         return (None, None, None, None, None, *dxs, *grad_w, *grad_b, *([None] * (2 * nb)))
+
+
+# ---- the same maths as registered ops, for a model compiled as a whole (torch.compile sees only registered ops) ----
+# An op with an autograd formula must be functional: the forward op returns the new running statistics instead of
+# writing them, and the caller copies them into the BatchNorms' buffers (a few hundred floats).
+def _op_forward(ys: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
+                running_means: List[torch.Tensor], running_vars: List[torch.Tensor], eps: float,
+                momentum: float) -> List[torch.Tensor]:
+    """One process's :class:`BranchBatchNormSum` forward as a functional op: ``[out, coef, running_mean_1..nb,
+    running_var_1..nb]`` (the sum, the coefficients its backward reads, the updated running statistics)."""
+    rms = [t.clone() for t in running_means]
+    rvs = [t.clone() for t in running_vars]
+    out, coef, _, _ = bn_sum_forward(eps, momentum, [y.contiguous() for y in ys], weights, biases, rms, rvs)
+    return [out, coef, *rms, *rvs]
+
+
+def _op_forward_fake(ys, weights, biases, running_means, running_vars, eps, momentum):
+    return ([torch.empty_like(ys[0], memory_format=torch.contiguous_format),
+             ys[0].new_empty((3 * len(ys) + 2, ys[0].shape[1]), dtype=torch.float32)]
+            + [torch.empty_like(t) for t in (*running_means, *running_vars)])
+
+
+def _op_backward_impl(grad_out: torch.Tensor, ys: List[torch.Tensor], weights: List[torch.Tensor],
+                      coef: torch.Tensor) -> List[torch.Tensor]:
+    """``[dx_1..dx_nb, gw, gb]`` of the forward op (``gw``, ``gb``: (nb, C) fp32)."""
+    n, c, h, w = ys[0].shape
+    split, block = _stats_config(n, c, h * w, ys[0].device)  # as the forward chose them (one process)
+    dxs, gw, gb = bn_sum_backward(grad_out.contiguous(), ys, weights, coef, split, block)
+    return [*dxs, gw, gb]
+
+
+def _op_backward_fake(grad_out, ys, weights, coef):
+    nb, c = len(ys), ys[0].shape[1]
+    return ([torch.empty_like(ys[0], memory_format=torch.contiguous_format) for _ in range(nb)]
+            + [coef.new_empty((nb, c)), coef.new_empty((nb, c))])
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    ys, weights = inputs[0], inputs[1]
+    ctx.nb = len(ys)
+    ctx.save_for_backward(*ys, *weights, output[1])
+
+
+def _op_autograd(ctx, grads):
+    nb = ctx.nb
+    saved = ctx.saved_tensors
+    ys, ws, coef = list(saved[:nb]), list(saved[nb:2 * nb]), saved[2 * nb]
+    res = torch.ops.slak.branch_bn_sum_backward(grads[0].contiguous(), ys, ws, coef)
+    gw, gb = res[nb], res[nb + 1]
+    return (list(res[:nb]), [gw[i].to(ws[i].dtype) for i in range(nb)], [gb[i].to(ws[i].dtype) for i in range(nb)],
+            [None] * nb, [None] * nb, None, None)  # (same structure as the inputs: lists for list arguments)
+
+
+def _register_ops() -> Optional[str]:
+    """Registers ``slak::branch_bn_sum`` and ``slak::branch_bn_sum_backward``; the reason as text if this torch
+    refuses (the eager kernels above stay usable either way)."""
+    try:
+        fwd = torch.library.custom_op("slak::branch_bn_sum", _op_forward, mutates_args=())
+        fwd.register_fake(_op_forward_fake)
+        bwd = torch.library.custom_op("slak::branch_bn_sum_backward", _op_backward_impl, mutates_args=())
+        bwd.register_fake(_op_backward_fake)
+        fwd.register_autograd(_op_autograd, setup_context=_op_setup_context)
+    except Exception as exc:  # noqa: BLE001 - an older/newer torch must not cost the eager fused kernels
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+OP_UNAVAILABLE = _register_ops()  # None when torch.ops.slak.branch_bn_sum exists
 
 
 # ---- the launches of one block, found without launching (for compiling them ahead) ---------------------------------

@@ -206,6 +206,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 # SLaK's ReparamLargeKernelConv sums its branches' BatchNorms through branch_bn_sum when this is on;
 # SLAK_FUSED_BRANCH_BN=0 keeps one nn.BatchNorm2d call per branch (benchmarks compare the two).
 FUSED_BRANCH_BN = os.environ.get("SLAK_FUSED_BRANCH_BN", "1") != "0"
+# Under torch.compile (a model compiled as a whole) the fused branch BatchNorms run as the registered op
+# slak::branch_bn_sum when this is on (opt-in: SLAK_COMPILED_BRANCH_BN=1; not yet measured on a GPU), else Inductor
+# compiles the plain BatchNorms (5.7 ms of an H100 step against 3.5 ms for these kernels; RESULTS, session 11).
+COMPILED_BRANCH_BN = os.environ.get("SLAK_COMPILED_BRANCH_BN", "0") == "1"
 # SLaK's blocks sum their input's gradients (branch handles + shortcut) through fan_in_sum when this is on.
 FUSED_FAN_IN = os.environ.get("SLAK_FUSED_FAN_IN", "1") != "0"
 
@@ -231,9 +235,10 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
 
     Returns None, having computed nothing, when the fused path does not apply: switched off (``FUSED_BRANCH_BN``),
     no Triton, CPU without the interpreter, a BN that is not a plain training-mode ``nn.BatchNorm2d`` with fp32
-    state and shared eps/momentum, a single value per channel, or under ``torch.compile`` / dispatch modes (the
-    FLOP counter sees the plain modules). ``x`` may also be a list with one input per branch (the same values:
-    SLaK hands each branch its own handle on one autocast copy, ``SLaK._branch_inputs``).
+    state and shared eps/momentum, a single value per channel, or under dispatch modes (the FLOP counter sees the
+    plain modules) and ``torch.compile`` -- there, with ``COMPILED_BRANCH_BN`` and one process, the same kernels run
+    as the registered op ``slak::branch_bn_sum`` instead. ``x`` may also be a list with one input per branch (the
+    same values: SLaK hands each branch its own handle on one autocast copy, ``SLaK._branch_inputs``).
     """
     xs = list(x) if isinstance(x, (list, tuple)) else [x] * len(branches)
     x = xs[0]
@@ -245,7 +250,9 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
     synced = world_size is not None
     if bns[0] is None or not all(bn is not None and _fusable_bn(bn, bns[0], synced) for bn in bns):
         return None
-    if _needs_registered_op() or x.shape[0] * x.shape[2] * x.shape[3] < 2:
+    as_op = (COMPILED_BRANCH_BN and not synced and torch.compiler.is_compiling()
+             and getattr(_bn_kernels, "OP_UNAVAILABLE", "") is None)
+    if (_needs_registered_op() and not as_op) or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return None
     if any(t.device != x.device for bn in bns for t in (bn.weight, bn.running_mean)):
         return None
@@ -257,6 +264,15 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
     for bn in bns:
         bn.num_batches_tracked.add_(1)
     bn0 = bns[0]
+    if as_op:  # (a functional op: it returns the new running statistics, copied into the buffers here)
+        res = torch.ops.slak.branch_bn_sum(ys, [bn.weight for bn in bns], [bn.bias for bn in bns],
+                                           [bn.running_mean for bn in bns], [bn.running_var for bn in bns],
+                                           float(bn0.eps), float(bn0.momentum))
+        for i, bn in enumerate(bns):
+            bn.running_mean.copy_(res[2 + i])
+            bn.running_var.copy_(res[2 + len(bns) + i])
+        out = res[0]
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
     out = _bn_kernels.BranchBatchNormSum.apply(
         bn0.eps, bn0.momentum, len(bns), group, world_size or 1, *ys, *[bn.weight for bn in bns],
         *[bn.bias for bn in bns], *[bn.running_mean for bn in bns], *[bn.running_var for bn in bns])

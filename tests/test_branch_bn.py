@@ -375,3 +375,96 @@ if __name__ == '__main__':
     print(json.dumps(result, indent=1))
     check(result)
     print('BRANCH_BN_CHECK OK')
+
+
+COMPILE_SCRIPT = r"""
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import torch, timm
+import SLaK
+assert SLaK._load_fast_dwconv() is not None
+dw = sys.modules[SLaK._DWCONV_MODULE_NAME]
+assert dw._bn_kernels.OP_UNAVAILABLE is None, dw._bn_kernels.OP_UNAVAILABLE
+dw._kernels = None  # the convs through F.conv2d (the interpreter's conv kernels cost 10 s here; their op under
+warnings.simplefilter('ignore')  # torch.compile is tested in test_dwconv.py), the branch BNs through ours
+x0 = torch.randn(2, 3, 32, 32)
+
+
+def make():
+    torch.manual_seed(0)
+    return timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1, drop_path_rate=0.,
+                             kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='cutlass').train()
+
+
+def step(model):
+    x = x0.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad
+
+
+from torch._dynamo.backends.debugging import aot_eager
+graphs, out = {}, {}
+for name, switch, compiled in (('eager', True, False), ('True', True, True), ('False', False, False)):
+    dw.COMPILED_BRANCH_BN = switch
+    torch._dynamo.reset()
+    m, seen = make(), []
+    if name == 'False':  # the graph only: Inductor's input with the switch off
+        torch.compile(m, backend=lambda gm, ex: seen.append(str(gm.graph)) or gm.forward, fullgraph=True)(x0)
+    else:
+        y, dx = step(torch.compile(m, backend=lambda gm, ex: seen.append(str(gm.graph)) or aot_eager(gm, ex),
+                                   fullgraph=True) if compiled else m)
+        out[name] = [y, dx] + [p.grad for p in m.parameters()] + [b for b in m.buffers()]
+    if name != 'eager':
+        graphs[name] = dict(ops=sum(g.count('slak.branch_bn_sum') for g in seen),
+                            batch_norms=sum(g.count('batch_norm') for g in seen), graphs=len(seen))
+diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(out['eager'], out['True'])]
+bn_modules = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in make().modules())
+print(json.dumps(dict(diffs=diffs, n=len(diffs), graphs=graphs, bn_modules=bn_modules)))
+"""
+
+
+def test_compiled_model_runs_the_fused_branch_bn_as_one_op_with_the_same_bits(tmp_path):
+    """A SLaK model compiled as a whole (fullgraph, through AOT autograd) with ``SLAK_COMPILED_BRANCH_BN``: each
+    block's branch BatchNorms + sum are one ``slak::branch_bn_sum`` op in the graph (no BatchNorm left), and the
+    output, the input and every parameter gradient, the running statistics and num_batches_tracked equal the eager
+    fused kernels' bit for bit (interpreter, CPU); with the switch off Inductor gets the plain BatchNorms."""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT, ROOT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r['n'] > 40 and max(r['diffs']) == 0.0, r
+    blocks = 4  # depths [1, 1, 1, 1]: 2-3 branches each (stage 4's 3 x 3 kernel has no separate small branch)
+    assert r['graphs']['True'] == {'ops': blocks, 'batch_norms': 0, 'graphs': 1}, r
+    assert r['graphs']['False'] == {'ops': 0, 'batch_norms': r['bn_modules'], 'graphs': 1} and r['bn_modules'] > 8, r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_gpu_compiled_model_with_the_branch_bn_op_matches_eager():
+    """On the GPU, through Inductor: SLaK compiled as a whole with ``COMPILED_BRANCH_BN`` (the fused branch BNs as
+    one op) against the eager model's fused kernels, fp32: outputs, gradients and running statistics agree within
+    fp32 reordering (Inductor fuses the rest of the block differently)."""
+    sys.path.insert(0, ROOT)
+    import timm
+    import SLaK
+    assert SLaK._load_fast_dwconv() is not None
+    dw = sys.modules[SLaK._DWCONV_MODULE_NAME]
+    x0 = torch.randn(4, 3, 64, 64, device='cuda')
+    out = {}
+    try:
+        for name in ('eager', 'op'):
+            dw.COMPILED_BRANCH_BN = True
+            torch.manual_seed(0)
+            m = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 2, 1], width_factor=0.5,
+                                  kernel_size=[13, 13, 13, 13, 5], Decom=True).cuda().train()
+            f = torch.compile(m, fullgraph=True) if name == 'op' else m
+            x = x0.clone().requires_grad_()
+            y = f(x)
+            y.square().sum().backward()
+            out[name] = [y.detach(), x.grad] + [p.grad for p in m.parameters()] + [b.float() for b in m.buffers()]
+    finally:
+        dw.COMPILED_BRANCH_BN = False
+    for a, b in zip(out['op'], out['eager']):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-4

@@ -24,7 +24,7 @@ def make_switches(monkeypatch):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     fast = SLaK._load_fast_dwconv() and sys.modules[SLaK._DWCONV_MODULE_NAME]
     if fast:
-        for name in ('FUSED_BRANCH_BN', 'FUSED_FAN_IN'):
+        for name in ('FUSED_BRANCH_BN', 'FUSED_FAN_IN', 'COMPILED_BRANCH_BN'):
             monkeypatch.setattr(fast, name, getattr(fast, name))
         if fast._kernels is not None:
             monkeypatch.setattr(fast._kernels, 'WGRAD_ALLJ', fast._kernels.WGRAD_ALLJ)
@@ -257,6 +257,11 @@ def test_session_11_switches_follow_the_model_name(make_switches):
         bench_throughput.make(name)
         if fast and fast._kernels is not None:
             assert fast._kernels.WGRAD_ALLJ is allj
+    # session 12: "op BN" runs the fused branch BNs as the registered op inside the whole-model compile
+    for name, op in (('SLaK-T ours torch.compile op BN', True), ('SLaK-T ours torch.compile', False)):
+        bench_throughput.make(name)
+        if fast:
+            assert fast.COMPILED_BRANCH_BN is op
 
 
 def test_folded_compiled_row_folds_the_model_inside_the_compiled_wrapper(make_switches):
