@@ -680,6 +680,10 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
 # SLAK_WGRAD_ALLJ=0 restores the per-column kernel (and the direct weight gradient of 5x5 and 7x7 kernels).
 WGRAD_ALLJ = os.environ.get("SLAK_WGRAD_ALLJ", "1") != "0"
 WGRAD_ALLJ_MAX_COLUMNS = 8
+# ... on band axes of at most this length (the sweep's maps are 14-56). Longer ones (detection and segmentation:
+# 200-336 on stage 1) keep the per-column / direct kernels, measured there: the all-columns kernel's fp32 scratch has
+# a slot for every Gram tile pair, also those without a diagonal of the kernel (~470 MiB for 5x51 on a 200x336 map).
+WGRAD_ALLJ_MAX_BAND = 64
 
 
 class WgradPlan(NamedTuple):
@@ -714,6 +718,11 @@ def _wgrad_allj_tile(band: int, kband: int, kflat: int, tall: bool = True) -> Tu
     return 32, 16, 32, 4
 
 
+def _allj_applies(band: int, kflat: int) -> bool:
+    """Whether a banded weight gradient takes the all-columns kernel by default (``WGRAD_ALLJ``)."""
+    return WGRAD_ALLJ and kflat <= WGRAD_ALLJ_MAX_COLUMNS and band <= WGRAD_ALLJ_MAX_BAND
+
+
 def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, tall: bool,
                 config: Optional[Tuple] = None) -> WgradPlan:
     """The launch plan of a weight gradient; ``config`` as for :func:`_launch_wgrad`."""
@@ -727,7 +736,7 @@ def _wgrad_plan(n: int, c: int, band: int, flat: int, kband: int, kflat: int, ta
     elif config:
         block, block_n, warps, max_vec = (tuple(config) + (8,))[:4]
         block_k, all_columns = block, False
-    elif WGRAD_ALLJ and kflat <= WGRAD_ALLJ_MAX_COLUMNS:
+    elif _allj_applies(band, kflat):
         (block, block_k, block_n, warps), max_vec, all_columns = _wgrad_allj_tile(band, kband, kflat, tall), 8, True
     else:
         # Sweep (H200): 32-row Gram tiles for tall kernels (51x5@56: 0.726 vs 0.805 ms), 64 for wide ones (5x51).
@@ -782,11 +791,13 @@ def kernel_path(h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> 
     > DIRECT_MIN_PIXELS: for 5x5 the banded forward won the sweep on every map (H200, round 9: 0.170 vs 0.258 ms at
     56x56, 0.074 vs 0.152 at 28x28; 25 % on 14x14). So does, since session 12, the weight gradient: the all-columns
     banded kernel (``WGRAD_ALLJ``) beat the direct one on 5x5 (H100: 0.223 vs 0.302 ms at 56x56, 0.106 vs 0.140 at
-    28x28), so direct keeps the weight gradient of kernels <= 3 only; with ``WGRAD_ALLJ`` off, of kernels <= 7
-    (``DIRECT_WGRAD_MAX_KERNEL``) as before."""
+    28x28), so direct keeps the weight gradient of kernels <= 3 only where that kernel applies (band axis <=
+    ``WGRAD_ALLJ_MAX_BAND``); elsewhere, and with ``WGRAD_ALLJ`` off, of kernels <= 7 (``DIRECT_WGRAD_MAX_KERNEL``)
+    as before."""
     if h * w <= PLANE_MAX_PIXELS:
         return "plane"
-    max_kernel = DIRECT_WGRAD_MAX_KERNEL if weight_grad and not WGRAD_ALLJ else DIRECT_FWD_MAX_KERNEL
+    allj = weight_grad and _allj_applies(h if kh >= kw else w, min(kh, kw))
+    max_kernel = DIRECT_WGRAD_MAX_KERNEL if weight_grad and not allj else DIRECT_FWD_MAX_KERNEL
     return "direct" if max(kh, kw) <= max_kernel and h * w > DIRECT_MIN_PIXELS else "banded"
 
 

@@ -444,6 +444,12 @@ def test_wgrad_plan_keeps_per_column_configs_and_reads_all_columns_ones(monkeypa
     # SLaK-T's 5x5 on 56 and 28 maps: the banded all-columns kernel, no longer the direct one (3x3 keeps direct)
     assert [k.kernel_path(m, m, 5, 5, weight_grad=True) for m in (56, 28, 14, 7)] == ["banded"] * 3 + ["plane"]
     assert k.kernel_path(56, 56, 3, 3, weight_grad=True) == "direct"
+    # band axes longer than the sweep's maps (detection's 200 x 336 on stage 1) keep the per-column / direct kernels
+    assert not k._wgrad_plan(2, 124, 200, 336, 51, 5, True).all_columns
+    assert not k._wgrad_plan(2, 124, 336, 200, 51, 5, False).all_columns
+    assert k._wgrad_plan(2, 124, 64, 80, 51, 5, True).all_columns
+    assert k.kernel_path(200, 336, 5, 5, weight_grad=True) == "direct"
+    assert k.kernel_path(200, 48, 5, 51, weight_grad=True) == "banded"  # (wide kernel: its band is the 48 columns)
     monkeypatch.setattr(k, "WGRAD_ALLJ", False)
     assert k.kernel_path(56, 56, 5, 5, weight_grad=True) == k.kernel_path(56, 56, 7, 7, weight_grad=True) == "direct"
 
@@ -654,7 +660,7 @@ def test_twin_dry_run_keys_and_warm_plan_cover_multiscale_training():
         sys.path.pop(0)
     assert k._recording is None
     one = k.twin_launch_keys(2, 124, 200, 336, 51, 5, torch.float32)
-    assert k._recording is None and {key[0] for key in one} == {"dwconv_fwd_kernel", "dwconv_wgrad_allj_kernel"}
+    assert k._recording is None and {key[0] for key in one} == {"dwconv_fwd_kernel", "dwconv_wgrad_kernel"}
     # stages 3 and 4's large-kernel branches (the most varied plans; stage 1 and 2 maps are plain multiples of 8)
     big_kernels = {c: big for c, big in tv.STAGES[2:]}
     # the simulator's twin keys, in twin_launch_keys' form (kernel names without the " (twin)" suffix)
