@@ -265,12 +265,21 @@ def _branch_inputs(x: torch.Tensor, n: int) -> List[torch.Tensor]:
     return [x] * n
 
 
+def _shares_cast(n: int, input_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> bool:
+    """Where ``_FanOutCast`` applies: ``SHARE_AUTOCAST_CAST``, several branches, a float32 input, autocast on
+    (``autocast_dtype`` not None). The one statement of the rule, for the forward pass and for the plans that compile
+    its kernels ahead (:func:`fan_in_blocks`)."""
+    return SHARE_AUTOCAST_CAST and n > 1 and input_dtype == torch.float32 and autocast_dtype is not None
+
+
 def _fan_out(x: torch.Tensor, n: int, shortcut: bool) -> Optional[List[torch.Tensor]]:
-    """``_FanOutCast``'s handles where it applies (autocast on, a float32 input, several branches), else None."""
+    """``_FanOutCast``'s handles where it applies (:func:`_shares_cast`), else None."""
     device = x.device.type
-    if (SHARE_AUTOCAST_CAST and n > 1 and x.dtype == torch.float32 and not x.is_meta
-            and torch.is_autocast_enabled(device)):
-        return list(_FanOutCast.apply(x, n, torch.get_autocast_dtype(device), shortcut))
+    if x.is_meta or not torch.is_autocast_enabled(device):  # (meta tensors: no autocast state to ask for)
+        return None
+    autocast_dtype = torch.get_autocast_dtype(device)
+    if _shares_cast(n, x.dtype, autocast_dtype):
+        return list(_FanOutCast.apply(x, n, autocast_dtype, shortcut))
     return None
 
 
@@ -1248,16 +1257,17 @@ def fan_in_blocks(model: nn.Module, dtype: torch.dtype) -> List[Tuple[int, int, 
     gradient a training step under autocast to ``dtype`` sums in one fused pass (``_FanOutCast`` with the shortcut:
     compiled tails on, 2+ branches, the fast module's ``FUSED_FAN_IN``); [] elsewhere."""
     fast = sys.modules.get(_DWCONV_MODULE_NAME)
-    if (dtype == torch.float32 or not isinstance(model, SLaK) or not Block.COMPILE_TAIL or not SHARE_AUTOCAST_CAST
-            or not getattr(fast, 'FUSED_FAN_IN', False) or not model.training):
+    if (not isinstance(model, SLaK) or not Block.COMPILE_TAIL or not getattr(fast, 'FUSED_FAN_IN', False)
+            or not model.training):
         return []
+    autocast_dtype = None if dtype == torch.float32 else dtype
     found = []
     for i, stage in enumerate(model.stages):
         for block in stage:
             lk = block.large_kernel
-            if not isinstance(lk, ReparamLargeKernelConv) or lk.branch_count() < 2:
-                continue
-            if block.pwconv1.weight.dtype != torch.float32:
+            # (a block's input has its parameters' dtype: float32 unless the model was cast)
+            if not isinstance(lk, ReparamLargeKernelConv) or not _shares_cast(
+                    lk.branch_count(), block.pwconv1.weight.dtype, autocast_dtype):
                 continue
             key = (block.pwconv1.in_features, lk.branch_count(), 4 * 2 ** i)
             if key not in found:
