@@ -485,8 +485,9 @@ class LayerNorm(nn.Module):
     under autocast a bfloat16 normalisation of the stem's half-precision output. Here it is ``F.layer_norm`` on a
     channels-last view instead: one kernel each way plus the layout copies, in the dtype the original's result had
     (float32 under autocast); the same maths, rounded differently. Counted for SLaK-T's stem and three downsampling
-    LayerNorms at batch 64: ~37 passes over the map forward + backward before, ~14 now, about 2 ms of memory
-    traffic per step at an H100's bandwidth (not yet measured on a GPU).
+    LayerNorms at batch 64: ~37 passes over the map forward + backward before, ~14 now. Measured (H100, graph
+    replays, benchmarks/RESULTS.md session 12): +3-4 % training throughput, but 3.2 % slower inference (its layout
+    copies cost more there than the original's ops on the NCHW map).
     """
 
     FUSED_CHANNELS_FIRST: bool = True  # False: the original's spelled-out ops

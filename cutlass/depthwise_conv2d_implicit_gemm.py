@@ -97,6 +97,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``'s device: CUDA, or CPU through the interpreter."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting())
+
+
 def _check_odd(kh: int, kw: int) -> None:
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"DepthWiseConv2dImplicitGEMM needs odd kernel sizes for 'same' padding; got {kh}x{kw}")
@@ -244,7 +249,7 @@ def branch_bn_sum(x: torch.Tensor, branches, group=None, world_size: Optional[in
     x = xs[0]
     if not FUSED_BRANCH_BN or _bn_kernels is None or not 2 <= len(branches) <= 3 or x.dim() != 4:
         return None
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+    if not _kernels_run_on(x):
         return None
     bns = [getattr(b, "bn", None) for b in branches]
     synced = world_size is not None
@@ -288,7 +293,7 @@ def fan_in_sum(grads, shortcut: Optional[torch.Tensor], dtype: torch.dtype) -> O
         return None
     ts = list(grads) + ([shortcut] if shortcut is not None else [])
     first = ts[0]
-    if first.device.type != "cuda" and not (first.device.type == "cpu" and _interpreting()):
+    if not _kernels_run_on(first):
         return None
     if len(grads) > 3 or any(t.shape != first.shape or t.device != first.device or not t.is_contiguous() for t in ts):
         return None

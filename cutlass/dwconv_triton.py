@@ -672,11 +672,11 @@ def _launch_fwd(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     return out
 
 
-# Opt-in, never timed on a GPU: banded weight gradients of kernels with at most WGRAD_ALLJ_MAX_COLUMNS columns (the
-# short side) run dwconv_wgrad_allj_kernel, which loads each dy tile once for all columns instead of once per column.
-# The all-columns weight-gradient kernel for kernels of <= WGRAD_ALLJ_MAX_COLUMNS columns (SLaK's K x 5, 5 x K, 5 x 5):
-# 2.0-3.5x faster than the per-column kernel on every SLaK-T layer of maps 14-56 (H100, session 12: 51x5@56 0.597 ->
-# 0.267 ms, 5x51@56 0.851 -> 0.445, 5x5@56 0.302 (direct) -> 0.223, 47x5@14 0.153 -> 0.045; benchmarks/RESULTS.md).
+# Banded weight gradients of kernels with at most WGRAD_ALLJ_MAX_COLUMNS columns (the short side: SLaK's K x 5, 5 x K,
+# 5 x 5) run dwconv_wgrad_allj_kernel, which loads each dy tile once for all columns instead of once per column:
+# 1.8-3.4x faster than the per-column kernel on every SLaK-T layer of maps 14-56, 1.3-1.4x faster than the direct one
+# on 5x5 (H100, session 12: 51x5@56 0.597 -> 0.267 ms, 5x51@56 0.851 -> 0.445, 5x5@56 0.302 (direct) -> 0.223,
+# 47x5@14 0.153 -> 0.045; benchmarks/RESULTS.md).
 # SLAK_WGRAD_ALLJ=0 restores the per-column kernel (and the direct weight gradient of 5x5 and 7x7 kernels).
 WGRAD_ALLJ = os.environ.get("SLAK_WGRAD_ALLJ", "1") != "0"
 WGRAD_ALLJ_MAX_COLUMNS = 8
