@@ -331,9 +331,10 @@ def bn_sum_forward(eps: float, momentum: float, ys: Sequence[torch.Tensor], ws: 
 
 def bn_sum_backward(dy: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], coef: torch.Tensor,
                     split: int, block: int, group=None, world_size: int = 1):
-    """The backward pass of :class:`BranchBatchNormSum`: ``(dxs, grad_w, grad_b)``, the branch input gradients and
-    the per-branch weight and bias gradients (reduced in fp32, returned in each weight's dtype), for the output
-    gradient ``dy`` (NCHW-contiguous)."""
+    """The backward pass of :class:`BranchBatchNormSum`: ``(dxs, gw, gb)``, the branch input gradients and the
+    (nb, C) fp32 weight and bias gradients, for the output gradient ``dy`` (NCHW-contiguous). The callers cast
+    ``gw[i]``/``gb[i]`` to each weight's dtype (the registered op cannot: its outputs may not be views of one
+    buffer)."""
     nb = len(ys)
     n, c, h, w = ys[0].shape
     hw, total = h * w, ys[0].numel()
@@ -353,7 +354,7 @@ def bn_sum_backward(dy: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[t
     bn_bwd_apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
         dy, *_three(ys), *_three(dxs), coef, bcoef, c, hw, total, NB=nb, BLOCK=_APPLY_BLOCK,
         WIDE=total >= 2 ** 31 - _APPLY_BLOCK, num_warps=8)
-    return dxs, [gw[i].to(ws[i].dtype) for i in range(nb)], [gb[i].to(ws[i].dtype) for i in range(nb)]
+    return dxs, gw, gb
 
 
 class BranchBatchNormSum(torch.autograd.Function):
@@ -384,8 +385,10 @@ class BranchBatchNormSum(torch.autograd.Function):
         nb = ctx.nb
         saved = ctx.saved_tensors
         ys, ws, coef = saved[:nb], saved[nb:2 * nb], saved[2 * nb]
-        dxs, grad_w, grad_b = bn_sum_backward(grad_out.contiguous(), ys, ws, coef, ctx.split, ctx.block, ctx.group,
-                                              ctx.world_size)
+        dxs, gw, gb = bn_sum_backward(grad_out.contiguous(), ys, ws, coef, ctx.split, ctx.block, ctx.group,
+                                      ctx.world_size)
+        grad_w = [gw[i].to(ws[i].dtype) for i in range(nb)]
+        grad_b = [gb[i].to(ws[i].dtype) for i in range(nb)]
         return (None, None, None, None, None, *dxs, *grad_w, *grad_b, *([None] * (2 * nb)))
 
 
@@ -411,16 +414,17 @@ def _op_forward_fake(ys, weights, biases, running_means, running_vars, eps, mome
 
 def _op_backward_impl(grad_out: torch.Tensor, ys: List[torch.Tensor], weights: List[torch.Tensor],
                       coef: torch.Tensor) -> List[torch.Tensor]:
-    """``[dx_1..dx_nb, grad_w_1..nb, grad_b_1..nb]`` of the forward op."""
+    """``[dx_1..dx_nb, gw, gb]`` of the forward op (``gw``, ``gb``: (nb, C) fp32)."""
     n, c, h, w = ys[0].shape
     split, block = _stats_config(n, c, h * w, ys[0].device)  # as the forward chose them (one process)
-    dxs, grad_w, grad_b = bn_sum_backward(grad_out.contiguous(), ys, weights, coef, split, block)
-    return [*dxs, *grad_w, *grad_b]
+    dxs, gw, gb = bn_sum_backward(grad_out.contiguous(), ys, weights, coef, split, block)
+    return [*dxs, gw, gb]
 
 
 def _op_backward_fake(grad_out, ys, weights, coef):
-    return ([torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
-            + [torch.empty_like(w) for w in (*weights, *weights)])
+    nb, c = len(ys), ys[0].shape[1]
+    return ([torch.empty_like(ys[0], memory_format=torch.contiguous_format) for _ in range(nb)]
+            + [coef.new_empty((nb, c)), coef.new_empty((nb, c))])
 
 
 def _op_setup_context(ctx, inputs, output) -> None:
@@ -434,7 +438,8 @@ def _op_autograd(ctx, grads):
     saved = ctx.saved_tensors
     ys, ws, coef = list(saved[:nb]), list(saved[nb:2 * nb]), saved[2 * nb]
     res = torch.ops.slak.branch_bn_sum_backward(grads[0].contiguous(), ys, ws, coef)
-    return (list(res[:nb]), list(res[nb:2 * nb]), list(res[2 * nb:]),
+    gw, gb = res[nb], res[nb + 1]
+    return (list(res[:nb]), [gw[i].to(ws[i].dtype) for i in range(nb)], [gb[i].to(ws[i].dtype) for i in range(nb)],
             [None] * nb, [None] * nb, None, None)  # (same structure as the inputs: lists for list arguments)
 
 
