@@ -347,7 +347,7 @@ class Data:
     dataset_val: Optional[torch.utils.data.Dataset]
     sampler_train: torch.utils.data.DistributedSampler
     data_loader_train: Union[utils.FirstBatchShared, DeviceBatches]  # DeviceBatches with --gpu_pipeline
-    data_loader_val: Optional[Union[torch.utils.data.DataLoader, DeviceBatches]]
+    data_loader_val: Optional[Union[utils.FirstBatchShared, DeviceBatches]]
     mixup_fn: Optional[Mixup]
 
 
@@ -367,10 +367,13 @@ def build_data(args: argparse.Namespace) -> Data:
     encoded = dict(collate_fn=collate_encoded, pin_memory=False) if args.gpu_pipeline else dict(pin_memory=pin_memory)
     sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
                                                         shuffle=True, seed=args.seed)
-    # FirstBatchShared: SNIP's scoring batch is epoch 0's first batch, read once by one set of workers
+    # FirstBatchShared: SNIP's scoring batch is epoch 0's first batch, read once by one set of workers;
+    # SplitFirstBatch: each pass's first batch is prepared by all the workers side by side (slices joined again)
+    batches_train = utils.SplitFirstBatch(torch.utils.data.BatchSampler(sampler_train, args.batch_size,
+                                                                        drop_last=True), args.num_workers)
     data_loader_train = utils.FirstBatchShared(torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        drop_last=True, persistent_workers=False, **encoded))
+        dataset_train, batch_sampler=batches_train, num_workers=args.num_workers, persistent_workers=False,
+        **encoded))
     if len(data_loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images over {num_tasks} processes) is smaller than '
                          f'one batch; lower --batch_size')
@@ -381,9 +384,10 @@ def build_data(args: argparse.Namespace) -> Data:
             sampler_val = utils.DistributedEvalSampler(dataset_val, num_replicas=num_tasks, rank=global_rank)
         else:
             sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-        data_loader_val = torch.utils.data.DataLoader(
-            dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
-            drop_last=False, **encoded)
+        batches_val = utils.SplitFirstBatch(torch.utils.data.BatchSampler(sampler_val, int(1.5 * args.batch_size),
+                                                                          drop_last=False), args.num_workers)
+        data_loader_val = utils.FirstBatchShared(torch.utils.data.DataLoader(
+            dataset_val, batch_sampler=batches_val, num_workers=args.num_workers, **encoded))
     if args.gpu_pipeline:
         data_loader_train = DeviceBatches(data_loader_train, GpuAugment(True, args, torch.device(args.device)))
         print(f'Transform = {data_loader_train.augment}')

@@ -43,7 +43,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -220,6 +220,38 @@ EVAL_FLAGS = ['--model', 'SLaK_tiny', '--eval', 'true', '--Decom', 'True', '--ke
               '5', '--width_factor', '1.3', '--input_size', '224', '--drop_path', '0.2']  # the README's command
 
 
+# main.py runs: name -> (model flags, cache folder: runs sharing one are cold then warm, environment)
+MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
+    'slak_cold': (SLAK_T_FLAGS, 'slak', {}),
+    'convnext': (CONVNEXT_FLAGS, 'convnext', {}),
+    'convnext_compile': (CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext', {}),
+    'slak_warm': (SLAK_T_FLAGS, 'slak', {}),
+    'slak_compile': (SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile', {}),  # cold caches
+    # the whole-model compile replayed as CUDA graphs by torch.compile (no per-kernel launch cost)
+    'slak_compile_ro': (SLAK_T_FLAGS + ['--compile', 'true', '--compile_mode', 'reduce-overhead'], 'slak_compile_ro',
+                        {}),
+    # without the background compile of the step's Triton kernels (main.py's default), own caches
+    'slak_cold_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
+    'slak_warm_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
+    # the training tail graphs traced ahead in a background thread, own caches
+    'slak_cold_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
+    'slak_warm_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
+}
+DEFAULT_MAIN_RUNS = ('slak_cold', 'convnext', 'convnext_compile', 'slak_warm')
+OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', 'slak_eval', 'slak_eval_bf16', 'eval_loader')
+
+
+def main_run_order(runs: str) -> List[str]:
+    """The main.py runs ``--runs`` asks for, in its order ("all": the default four); an unknown name is an error."""
+    if runs == 'all':
+        return list(DEFAULT_MAIN_RUNS)
+    names = [n for n in runs.split(',') if n]
+    unknown = [n for n in names if n not in MAIN_RUNS and n not in OTHER_RUNS]
+    if unknown or not names:
+        raise ValueError(f'--runs: unknown run(s) {unknown!r}; the runs are: {", ".join([*OTHER_RUNS, *MAIN_RUNS])}')
+    return [n for n in dict.fromkeys(names) if n in MAIN_RUNS]
+
+
 def parse_eval_log(lines: List[tuple]) -> Dict[str, Optional[float]]:
     """Figures of a ``main.py --eval true`` log of (seconds since launch, line): the last progress line's img/s
     (the meter's window: the steady rate), seconds from launch to the first batch done (first progress line) and to
@@ -337,12 +369,12 @@ def main() -> None:
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--num_workers', type=int, default=os.cpu_count())
     parser.add_argument('--runs', default='all',
-                        help='comma-separated subset of: loader, slak_cold, slak_warm, convnext, convnext_compile, '
-                             'throughput, throughput_graph; also (not in "all") slak_compile (SLaK-T with --compile '
-                             'true), slak_compile_ro (and --compile_mode reduce-overhead), slak_cold_noprecompile, slak_warm_noprecompile (SLAK_PRECOMPILE=0, own '
-                             'caches), slak_cold_graphs, slak_warm_graphs (SLAK_WARM_GRAPHS=1, own caches), '
-                             'slak_eval, slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s '
-                             'command)')
+                        help='comma-separated, run in this order: loader, throughput, throughput_graph and the main.py '
+                             'runs ' + ', '.join(MAIN_RUNS) + ' (all: loader, ' + ', '.join(DEFAULT_MAIN_RUNS) +
+                             ', throughput, throughput_graph); slak_compile: SLaK-T with --compile true, '
+                             'slak_compile_ro: and --compile_mode reduce-overhead (own caches); *_noprecompile: '
+                             'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches); also slak_eval, '
+                             'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
@@ -357,8 +389,12 @@ def main() -> None:
     suffix = '_gpu_pipeline' if gpu_pipeline else ''
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        main_run_order(args.runs)
+    except ValueError as e:
+        parser.error(str(e))
     wanted = set(args.runs.split(',')) if args.runs != 'all' else {
-        'loader', 'slak_cold', 'slak_warm', 'convnext', 'convnext_compile', 'throughput', 'throughput_graph'}
+        'loader', *DEFAULT_MAIN_RUNS, 'throughput', 'throughput_graph'}
     report: Dict[str, object] = {'card': card, 'torch': torch.__version__, 'args': vars(args), 'runs': {}}
 
     data_path = args.data_path
@@ -424,21 +460,11 @@ def main() -> None:
         report['loader_img_s'] = loader_img_s
         print(f'loader alone: {loader_img_s:.0f} img/s', flush=True)
 
-    # most wanted first, should the time budget cut the list short
-    slak_cold = main_run('slak_cold', SLAK_T_FLAGS, 'slak')
-    convnext = main_run('convnext', CONVNEXT_FLAGS, 'convnext')
-    convnext_c = main_run('convnext_compile', CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext')
-    slak_warm = main_run('slak_warm', SLAK_T_FLAGS, 'slak')
-    slak_c = main_run('slak_compile', SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile')  # cold caches
-    # optional: the whole-model compile replayed as CUDA graphs by torch.compile (no per-kernel launch cost)
-    main_run('slak_compile_ro', SLAK_T_FLAGS + ['--compile', 'true', '--compile_mode', 'reduce-overhead'],
-             'slak_compile')
-    # optional: without the background compile of the step's Triton kernels (main.py's default), own caches
-    main_run('slak_cold_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
-    main_run('slak_warm_noprecompile', SLAK_T_FLAGS, 'slak_noprecompile', SLAK_PRECOMPILE='0')
-    # optional: the training tail graphs traced ahead in a background thread (SLAK_WARM_GRAPHS=1), own caches
-    main_run('slak_cold_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
-    main_run('slak_warm_graphs', SLAK_T_FLAGS, 'slak_graphs', SLAK_WARM_GRAPHS='1')
+    # the main.py runs, in --runs' order (most wanted first, should the time budget cut the list short)
+    results = {}
+    for name in main_run_order(args.runs):
+        flags, cache, env = MAIN_RUNS[name]
+        results[name] = main_run(name, flags, cache, **env)
 
     # optional (issue 20): main.py --eval true with the README's evaluation command on a 12,800-image view, as
     # written (fp32, batch 64 -> 96 per evaluation batch) and in bf16 at batch 128 (192), SLaK-T folded by default
@@ -462,7 +488,7 @@ def main() -> None:
 
     bench = {}
     names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (
-        ',SLaK-T ours torch.compile' if 'slak_compile' in wanted else '')
+        ',SLaK-T ours torch.compile' if {'slak_compile', 'slak_compile_ro'} & wanted else '')
     for key, graph in (('throughput', False), ('throughput_graph', True)):
         if key in wanted and time.time() - t0 < args.budget_s:
             bench[key] = throughput(names, args.batch_size, graph, env_with('slak'), args.run_timeout_s)
@@ -474,12 +500,14 @@ def main() -> None:
         rows = bench.get('throughput_graph' if graph else 'throughput', {}).get('rows', {})
         return rows.get(model, {}).get('train_img_s')
 
-    def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str) -> None:
+    def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str,
+               compile_mode: Optional[str] = None) -> None:
         if run is None and warm is None:
             return
         steady = warm or run
         records.append({
-            'model': model, 'data': 'jpeg', 'compile': compiled, 'batch': args.batch_size,
+            'model': model, 'data': 'jpeg', 'compile': compiled, 'compile_mode': compile_mode if compiled else None,
+            'batch': args.batch_size,
             'img_s': steady.get('img_s'), 'graph_img_s': bare(bench_name, True),
             'eager_bench_img_s': bare(bench_name, False), 'loader_img_s': loader_img_s,
             'first_step_s_cold': run.get('first_step_s') if run else None,
@@ -488,10 +516,11 @@ def main() -> None:
             'peak_mem_gb': steady.get('peak_mem_gb'), 'startup_peak_mem_gb': steady.get('startup_peak_mem_gb'),
             'eval_img_s': steady.get('eval_img_s'), 'gpu_pipeline': gpu_pipeline, 'card': card})
 
-    record('SLaK-T', False, slak_cold, slak_warm, 'SLaK-T ours')
-    record('convnext_tiny', False, convnext, None, 'convnext_tiny (timm)')
-    record('convnext_tiny', True, convnext_c, None, 'convnext_tiny (timm) torch.compile')
-    record('SLaK-T', True, slak_c, None, 'SLaK-T ours torch.compile')
+    record('SLaK-T', False, results.get('slak_cold'), results.get('slak_warm'), 'SLaK-T ours')
+    record('convnext_tiny', False, results.get('convnext'), None, 'convnext_tiny (timm)')
+    record('convnext_tiny', True, results.get('convnext_compile'), None, 'convnext_tiny (timm) torch.compile')
+    record('SLaK-T', True, results.get('slak_compile'), None, 'SLaK-T ours torch.compile')
+    record('SLaK-T', True, results.get('slak_compile_ro'), None, 'SLaK-T ours torch.compile', 'reduce-overhead')
     save()
     if not args.cache_root:
         shutil.rmtree(caches, ignore_errors=True)

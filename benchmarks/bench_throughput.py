@@ -237,6 +237,9 @@ def main():
     parser.add_argument("--graph", action="store_true",
                         help="time each step as one CUDA-graph replay (GPU time only, no launch overhead); "
                              "every model gets the same treatment, so the ratios are GPU-bound ones")
+    parser.add_argument("--infer-models", default="all",
+                        help="comma-separated rows that also get the inference figure (default every row; a device "
+                             "call saves each skipped row's inference compile and capture)")
     parser.add_argument("--json", default=None, help="also write the medians to this JSON file")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -254,6 +257,7 @@ def main():
              "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]
     names = select_models(names, args.models, parser)
+    inferred = set(select_models(names, args.infer_models, parser))
     samples = {name: [] for name in names}
     for rep in range(args.repeats):
         for name in names:
@@ -268,8 +272,8 @@ def main():
                 else:
                     train, train_mem = train_speed(model, args.train_batch, args.steps, args.graph)
                 train_wall = time.perf_counter() - start
-                infer, infer_mem = (infer_speed(model, args.infer_batch, args.steps, args.graph) if args.infer_batch
-                                    else (float("nan"), float("nan")))
+                infer, infer_mem = (infer_speed(model, args.infer_batch, args.steps, args.graph)
+                                    if args.infer_batch and name in inferred else (float("nan"), float("nan")))
             except Exception as e:  # one model failing (e.g. a compiler error) must not cost the others' figures
                 print(f"[{rep}] {name:36s} FAILED after {time.perf_counter() - start:.0f} s: "
                       f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}", flush=True)

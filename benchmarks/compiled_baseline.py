@@ -5,8 +5,9 @@
 
 Writes ``DIR/compiled_baseline_<card>.json`` = ``{"card", "train": {"64": {"convnext_tiny_compiled", "slak_t"},
 "128": {...}}, "infer_128": {"convnext_tiny_compiled", "slak_t_folded"}, "layers": [...]}`` (img/s of graph replays,
-SLaK-T's faster training path and folded inference path, named; the ratios beside them) and prints the issue's lines against their targets (0.45x training, 0.5x folded inference,
-every large-kernel layer 8x cuDNN forward+backward).
+SLaK-T's faster training path and folded inference path, named; the ratios beside them) and prints the issue's
+lines against their targets (0.45x training, 0.5x folded inference, every large-kernel layer 8x cuDNN
+forward+backward).
 """
 from __future__ import annotations
 

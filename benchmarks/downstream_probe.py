@@ -17,9 +17,9 @@ the op namespaces, such as the ONNX exporter); the profiler table below shows th
 The hook records, after every training iteration, how many SLaK block-tail graphs are compiled so far
 (``SLaK._TAIL_STATE['keys']``) and the seconds torch.compile has spent (dynamo's ``_compile.compile_inner``
 timings: tracing plus Inductor's forward code generation; plus ``bw_compiler``'s: AOTAutograd compiles the backward
-graph later, at its first backward call, outside those) and the ``@triton.jit`` kernels compiled so
-far with their seconds (``count_triton_compiles``: our depthwise kernels specialise on map sizes); it runs ``torch.profiler`` over the training
-iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time: a GPU kernel ran
+graph later, at its first backward call, outside those) and the ``@triton.jit`` kernels compiled so far with
+their seconds (``count_triton_compiles``: our depthwise kernels specialise on map sizes); it runs ``torch.profiler``
+over the training iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time: a GPU kernel ran
 under the op) plus the top rows by GPU time. Everything is written as JSON to ``out_file`` after the run (and at
 exit, should the run fail).
 """

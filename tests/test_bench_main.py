@@ -94,3 +94,16 @@ def test_run_logged_kills_a_silent_command_at_its_timeout():
     assert time.time() - start < 20
     assert [line for _, line in lines][0] == 'started'
     assert lines[-2][1] == 'bench_main: killed after 2 s' and lines[-1][1] == 'bench_main: exit code -9'
+
+
+def test_main_runs_go_in_the_order_asked_and_unknown_names_are_refused():
+    assert bench_main.main_run_order('all') == ['slak_cold', 'convnext', 'convnext_compile', 'slak_warm']
+    # non-main.py runs (the loader, the bare-step benchmarks) are accepted and left to their own places
+    assert bench_main.main_run_order('loader,slak_compile_ro,convnext,slak_compile_ro,throughput_graph') == [
+        'slak_compile_ro', 'convnext']
+    flags, cache, env = bench_main.MAIN_RUNS['slak_compile_ro']
+    assert flags[-4:] == ['--compile', 'true', '--compile_mode', 'reduce-overhead'] and cache == 'slak_compile_ro'
+    assert bench_main.MAIN_RUNS['slak_warm'][1] == bench_main.MAIN_RUNS['slak_cold'][1]  # warm reuses cold's caches
+    for bad in ('slak_fast', ''):
+        with pytest.raises(ValueError, match='unknown run'):
+            bench_main.main_run_order(bad)

@@ -445,6 +445,80 @@ def test_first_batch_shared_hands_snips_batch_and_its_workers_to_epoch_zero(num_
     assert epoch2[0] is not stale and torch.cat([b[1] for b in epoch2]).tolist() == list(iter(sampler))
 
 
+class _IndexWorkerPath(torch.utils.data.Dataset):
+    """Item i: (tensor([i, the id of the worker that loaded it]), i, its 'path')."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return torch.tensor([i, -1 if info is None else info.id]), i, f'img{i}.jpg'
+
+
+@pytest.mark.parametrize('num_workers', [0, 3])
+def test_split_first_batch_is_prepared_by_every_worker_and_joined_in_order(num_workers):
+    sampler = torch.utils.data.DistributedSampler(_IndexWorkerPath(), num_replicas=1, rank=0, shuffle=True, seed=5)
+    batches = utils.SplitFirstBatch(torch.utils.data.BatchSampler(sampler, 5, drop_last=True), num_workers)
+    shared = utils.FirstBatchShared(torch.utils.data.DataLoader(_IndexWorkerPath(), batch_sampler=batches,
+                                                                num_workers=num_workers))
+    assert len(batches) == len(shared) == 3 and shared.sampler is sampler  # whole batches; the index sampler
+    assert len(list(iter(batches))) == 3 + min(max(num_workers, 1), 5) - 1  # what the workers are handed
+    order = list(iter(sampler))
+    first = shared.first_batch()
+    epoch0 = list(shared)
+    assert epoch0[0] is first and len(epoch0) == 3
+    # the structure of an uncut batch: [index/worker tensor, index tensor, the paths], in the sampler's order
+    assert isinstance(first, list) and first[0].shape == (5, 2) and first[1].tolist() == order[:5]
+    assert first[0][:, 0].tolist() == order[:5] and list(first[2]) == [f'img{i}.jpg' for i in order[:5]]
+    workers = first[0][:, 1].tolist()
+    # cut 5 items into 3 slices of 1, 2, 2: each prepared by its own worker (one worker: no cut)
+    assert workers == ([-1] * 5 if num_workers == 0 else [0, 1, 1, 2, 2])
+    assert torch.cat([b[1] for b in epoch0]).tolist() == order[:15]  # every index once, in order
+    assert all(len(set(b[0][:, 1].tolist())) == 1 for b in epoch0[1:])  # the later batches are whole
+    sampler.set_epoch(1)  # a new pass: its first batch is cut and joined again
+    epoch1 = list(shared)
+    assert torch.cat([b[1] for b in epoch1]).tolist() == list(iter(sampler))[:15] and epoch1[0][0].shape == (5, 2)
+
+
+def test_join_batches_keeps_the_structure_of_every_collated_form():
+    encoded = [(torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([3]), torch.tensor([7]), ['a.jpg']),
+               (torch.tensor([4, 5], dtype=torch.uint8), torch.tensor([2]), torch.tensor([8]), ['b.jpg'])]
+    flat, lengths, targets, paths = utils.join_batches(encoded)  # datasets.collate_encoded's batches
+    assert flat.tolist() == [1, 2, 3, 4, 5] and lengths.tolist() == [3, 2] and targets.tolist() == [7, 8]
+    assert paths == ['a.jpg', 'b.jpg'] and isinstance(utils.join_batches(encoded), tuple)
+    assert utils.join_batches([('p', 'q'), ('r',)]) == ('p', 'q', 'r')  # default_collate's paths: a tuple
+    joined = utils.join_batches([{'x': torch.zeros(2, 3), 'n': ['p', 'q']}, {'x': torch.ones(1, 3), 'n': ['r']}])
+    assert joined['x'].tolist() == [[0] * 3] * 2 + [[1] * 3] and joined['n'] == ['p', 'q', 'r']
+    with pytest.raises(TypeError, match='cannot join batches of int'):
+        utils.join_batches([1, 2])
+
+
+def test_main_prepares_each_passes_first_batch_with_every_worker(tmp_path):
+    from PIL import Image
+    import main
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f'{i}.jpg')
+    args = main.get_args_parser().parse_args(
+        ['--data_path', str(tmp_path), '--input_size', '32', '--batch_size', '4', '--num_workers', '2', '--device',
+         'cpu', '--pin_mem', 'false', '--aa', 'none'])
+    data = main.build_data(args)
+    train, val = data.data_loader_train, data.data_loader_val
+    assert isinstance(train.loader.batch_sampler, utils.SplitFirstBatch) and train.sampler is data.sampler_train
+    assert train.loader.batch_sampler.parts == val.loader.batch_sampler.parts == 2
+    assert len(train) == 3 and len(val) == 2  # 12 images: 3 whole batches of 4 (drop_last); 6 + 6 at 1.5 x 4
+    images, targets = train.first_batch()
+    assert images.shape == (4, 3, 32, 32) and targets.shape == (4,)
+    val_batches = list(val)
+    assert [b[0].shape[0] for b in val_batches] == [6, 6]  # not dropped; the first one joined from two slices
+    assert torch.cat([b[1] for b in val_batches]).tolist() == [0] * 6 + [1] * 6  # in order
+
+
 def test_snip_reads_the_loaders_first_batch_without_iterating_it():
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
 
