@@ -78,8 +78,8 @@ class _StepFigures:
             })
 
 
-def _autocast(device: torch.device, use_amp: bool, amp_dtype: torch.dtype):
-    return torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)
+def _autocast(device: torch.device, use_amp: bool, amp_dtype: torch.dtype, cache: bool = True):
+    return torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=cache)
 
 
 def _to_device(samples: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -96,7 +96,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     amp_dtype: torch.dtype = torch.float16,
                     compute_loss: Optional[Callable] = None, channels_last: bool = False,
                     clip_parameters: Optional[Iterable[torch.Tensor]] = None,
-                    sync_modules: Sequence[torch.nn.Module] = (), print_freq: int = 200) -> Dict[str, float]:
+                    sync_modules: Sequence[torch.nn.Module] = (), print_freq: int = 200,
+                    train_forward: Optional[Callable] = None) -> Dict[str, float]:
     """Train for one epoch; returns the epoch averages of every meter (``loss``, ``class_acc``, ``lr``, ...).
 
     The optimizer steps every ``update_freq`` micro-batches (gradients summed, each loss divided by ``update_freq``).
@@ -105,6 +106,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     ``clip_parameters`` (default: the model's) are the tensors whose gradient norm is clipped and logged, and
     ``sync_modules`` further DDP modules trained alongside (distillation heads) that skip their all-reduce on
     accumulation micro-batches like the model. A progress line is printed every ``print_freq`` micro-batches.
+    ``train_forward`` (``main.graph_training_forward``: the model's forward and backward replayed as CUDA graphs)
+    replaces ``model(samples)``; autocast then runs without its weight cache, as the graphs were captured.
     """
     model.train(True)
     update_freq = update_freq or 1
@@ -142,11 +145,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             if not is_update:
                 for module in ddp_modules:
                     sync_ctx.enter_context(module.no_sync())
-            with _autocast(device, use_amp, amp_dtype):
+            with _autocast(device, use_amp, amp_dtype, cache=train_forward is None):
                 if compute_loss is not None:
                     loss, output, terms = compute_loss(samples, targets)
                 else:
-                    output = model(samples)
+                    output = (train_forward or model)(samples)
                     loss = criterion(output, targets)
                     terms = {}
             loss_value = loss.detach()  # read after backward is queued: .item() here would idle the GPU meanwhile

@@ -15,7 +15,8 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
 * Periodic checkpoints are written after the epoch's evaluation, so they also carry the best accuracy so far. As in
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
-* New flags: ``--amp_dtype``, ``--channels_last``, ``--compile`` (``--compile_mode``), ``--grad_checkpointing``,
+* New flags: ``--amp_dtype``, ``--channels_last``, ``--compile`` (``--compile_mode``), ``--cuda_graph``,
+  ``--grad_checkpointing``,
   ``--sync_bn``, ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``,
   ``--gpu_pipeline`` (decode and augment on the device, ``datasets.GpuAugment``); ``--sparse_init`` also accepts
   ``snip_topk``.
@@ -51,7 +52,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -91,6 +92,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compile_mode', type=str, default='default', choices=COMPILE_MODES,
                         help="torch.compile's mode with --compile: 'reduce-overhead' also replays the compiled "
                              'graphs as CUDA graphs (no per-kernel launch cost; not yet measured with SLaK)')
+    parser.add_argument('--cuda_graph', type=str2bool, default=False,
+                        help='replay the training forward and backward as CUDA graphs '
+                             '(torch.cuda.make_graphed_callables): no per-kernel launch cost; one CUDA process, no '
+                             '--compile (use --compile_mode reduce-overhead there), no --grad_checkpointing')
     parser.add_argument('--grad_checkpointing', type=str2bool, default=False,
                         help='recompute each block in backward (less memory, more time)')
     parser.add_argument('--sync_bn', type=str2bool, default=True,
@@ -337,6 +342,15 @@ def check_args(args: argparse.Namespace) -> None:
                          '--resume CHECKPOINT, or --finetune CHECKPOINT --model_key model_ema for EMA weights')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError('--device cuda but no CUDA device is available; use --device cpu')
+    if args.cuda_graph and not args.eval:
+        if not args.device.startswith('cuda'):
+            raise ValueError(f'--cuda_graph true needs a CUDA device (--device is {args.device!r}); drop it on the CPU')
+        if args.compile:
+            raise ValueError('--cuda_graph true and --compile true: torch.compile replays its own CUDA graphs with '
+                             '--compile_mode reduce-overhead; pass one or the other')
+        if args.grad_checkpointing:
+            raise ValueError('--cuda_graph true cannot capture --grad_checkpointing (it recomputes blocks in '
+                             'backward); drop one of them')
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -426,6 +440,45 @@ def compile_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
     118 vs 54 ms eager, 85 vs 46 ms compiled as a whole; benchmarks/RESULTS.md): 'reduce-overhead' is the mode that
     removes that launch cost, by CUDA-graph replays of the compiled graphs."""
     model.compile(**({} if args.compile_mode == 'default' else {'mode': args.compile_mode}))
+
+
+def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                           amp_dtype: torch.dtype, make_graphed=None) -> Optional[Callable]:
+    """``--cuda_graph``: the model's training forward (and its backward) captured as CUDA graphs, or None.
+
+    An eager SLaK-T step launches ~1,600 kernels, and on an H100 the host's launch time exceeds the GPU time at
+    batch 128 (benchmarks/RESULTS.md, issue 18): replayed from a graph, the host launches two graphs instead. The
+    capture (``torch.cuda.make_graphed_callables``: a few warm-up passes on a side stream, then one captured forward
+    and backward on a random batch of the training shape, under the training autocast without its weight cache)
+    happens once, after the masks are set. What stays eager: the loss, the optimizer step, the mask and EMA updates,
+    the schedules. The returned function replaces ``model(samples)`` in training only (``engine.train_one_epoch``'s
+    ``train_forward``): the module itself is left an ordinary module (its ``forward`` attribute is removed again), so
+    evaluation, the folded copies, ``state_dict`` and checkpoints never meet the graphs. The warm-up passes'
+    changes to the BatchNorm running statistics are undone: the run computes what the eager one does (same kernels),
+    except for the random draws (drop path) that the warm-up consumed. Every batch must have the training shape
+    (training drops its last partial batch); a DDP run is refused (its gradient hooks are not captured).
+    """
+    if not args.cuda_graph or args.eval:
+        return None
+    if args.distributed:
+        raise ValueError('--cuda_graph true runs one process only (DDP reduces gradients in hooks a graph does not '
+                         'capture); drop it with torchrun')
+    make_graphed = make_graphed or torch.cuda.make_graphed_callables
+    sample = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    if args.channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm statistics before the warm-up
+    model.train(True)
+    started = time.time()
+    with torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.use_amp, cache_enabled=False):
+        graphed = make_graphed(model, (sample,), allow_unused_input=True)
+    forward = graphed.__dict__.pop('forward')  # the graphed forward; the module is an ordinary module again
+    with torch.no_grad():
+        for buffer, before in buffers:
+            buffer.copy_(before)
+    print(f'CUDA graphs: training forward and backward captured at batch {args.batch_size} in '
+          f'{time.time() - started:.1f} s')
+    return forward
 
 
 def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
@@ -807,7 +860,8 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
                        wd_schedule_values, num_steps: int, device: torch.device, amp_dtype: torch.dtype,
                        model_ema: Optional[ModelEma], mask: Optional[Masking], log_writer, wandb_logger,
                        n_parameters: int, compute_loss=None, extra: Optional[dict] = None,
-                       name: str = 'model', clip_parameters=None, sync_modules=()) -> Optional[dict]:
+                       name: str = 'model', clip_parameters=None, sync_modules=(),
+                       train_forward: Optional[Callable] = None) -> Optional[dict]:
     """The original's epoch loop: train, evaluate (raw and EMA), keep best checkpoints, log; returns the last log.
 
     Periodic checkpoints are written after the epoch's evaluation, so they carry the best accuracy so far and the
@@ -831,7 +885,7 @@ def train_and_evaluate(args: argparse.Namespace, model: torch.nn.Module, model_w
             wd_schedule_values=wd_schedule_values, num_training_steps_per_epoch=num_steps,
             update_freq=args.update_freq, use_amp=args.use_amp, mask=mask, amp_dtype=amp_dtype,
             compute_loss=compute_loss, channels_last=args.channels_last, clip_parameters=clip_parameters,
-            sync_modules=sync_modules, print_freq=args.print_freq)
+            sync_modules=sync_modules, print_freq=args.print_freq, train_forward=train_forward)
 
         def save(tag):
             utils.save_model(args=args, epoch=tag, model=model, model_without_ddp=model_without_ddp,
@@ -949,9 +1003,13 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if device.type == 'cuda':  # progress lines then show the training peak ('max mem'), this line the set-up's
         print(f'Peak GPU memory before training: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB')
         torch.cuda.reset_peak_memory_stats(device)
-    return train_and_evaluate(args, model, model_without_ddp, data, criterion, optimizer, loss_scaler,
-                              lr_schedule_values, wd_schedule_values, num_steps, device, amp_dtype, model_ema, mask,
-                              log_writer, wandb_logger, n_parameters)
+    train_forward = graph_training_forward(args, model, device, amp_dtype)  # (its memory counts in the training peak)
+    log_stats = train_and_evaluate(args, model, model_without_ddp, data, criterion, optimizer, loss_scaler,
+                                   lr_schedule_values, wd_schedule_values, num_steps, device, amp_dtype, model_ema,
+                                   mask, log_writer, wandb_logger, n_parameters, train_forward=train_forward)
+    if device.type == 'cuda':  # the footprint: what the allocator holds (CUDA graphs keep a memory pool of their own)
+        print(f'Peak GPU memory reserved: {torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB')
+    return log_stats
 
 
 def run(argv=None, parser: Optional[argparse.ArgumentParser] = None, main_fn=None) -> int:

@@ -119,6 +119,7 @@ EVAL_END = re.compile(r'^\* Acc@1')
 IPS = re.compile(r'img/s: ([\d.]+)')
 MEM = re.compile(r'max mem: (\d+)')
 PRECOMPILED = re.compile(r'^Triton kernels: (\d+) versions compiled ahead of the first step in ([\d.]+) s')
+CAPTURED = re.compile(r'^CUDA graphs: training forward and backward captured at batch \d+ in ([\d.]+) s')
 GRAPHS_AHEAD = re.compile(r'^Block tails: (\d+) training graphs traced ahead of the first step in ([\d.]+) s')
 PHASES = {  # first log line of each start-up phase (main.py's order)
     'data_ready': re.compile(r'^(Mixup is activated|Model: )'),
@@ -195,6 +196,12 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
         if line.startswith('Peak GPU memory before training'):
             m = re.search(r'([\d.]+) GiB', line)
             out['startup_peak_mem_gb'] = float(m.group(1)) if m else None
+        if line.startswith('Peak GPU memory reserved'):  # the footprint (CUDA graphs keep a pool of their own)
+            m = re.search(r'([\d.]+) GiB', line)
+            out['peak_reserved_gb'] = float(m.group(1)) if m else None
+        m = CAPTURED.search(line)
+        if m:  # --cuda_graph true: the capture's seconds
+            out['graph_capture_s'] = float(m.group(1))
         if EPOCH_END.search(line):
             epoch_end_t = t
         elif EVAL_END.search(line) and epoch_end_t is not None:
@@ -230,6 +237,9 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
     # the whole-model compile replayed as CUDA graphs by torch.compile (no per-kernel launch cost)
     'slak_compile_ro': (SLAK_T_FLAGS + ['--compile', 'true', '--compile_mode', 'reduce-overhead'], 'slak_compile_ro',
                         {}),
+    # the README's command with --cuda_graph true: eager + compiled tails, forward and backward replayed as CUDA
+    # graphs (main.graph_training_forward); shares slak's caches (warm after slak_cold)
+    'slak_graph': (SLAK_T_FLAGS + ['--cuda_graph', 'true'], 'slak', {}),
     # without the background compile of the step's Triton kernels (main.py's default), own caches
     'slak_cold_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
     'slak_warm_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
@@ -372,7 +382,8 @@ def main() -> None:
                         help='comma-separated, run in this order: loader, throughput, throughput_graph and the main.py '
                              'runs ' + ', '.join(MAIN_RUNS) + ' (all: loader, ' + ', '.join(DEFAULT_MAIN_RUNS) +
                              ', throughput, throughput_graph); slak_compile: SLaK-T with --compile true, '
-                             'slak_compile_ro: and --compile_mode reduce-overhead (own caches); *_noprecompile: '
+                             'slak_compile_ro: and --compile_mode reduce-overhead (own caches); slak_graph: '
+                             '--cuda_graph true (slak\'s caches); *_noprecompile: '
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches); also slak_eval, '
                              'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
@@ -501,12 +512,13 @@ def main() -> None:
         return rows.get(model, {}).get('train_img_s')
 
     def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str,
-               compile_mode: Optional[str] = None) -> None:
+               compile_mode: Optional[str] = None, cuda_graph: bool = False) -> None:
         if run is None and warm is None:
             return
         steady = warm or run
         records.append({
             'model': model, 'data': 'jpeg', 'compile': compiled, 'compile_mode': compile_mode if compiled else None,
+            'cuda_graph': cuda_graph,
             'batch': args.batch_size,
             'img_s': steady.get('img_s'), 'graph_img_s': bare(bench_name, True),
             'eager_bench_img_s': bare(bench_name, False), 'loader_img_s': loader_img_s,
@@ -514,6 +526,7 @@ def main() -> None:
             'first_step_s_warm': warm.get('first_step_s') if warm else None,
             'first_eval_s_warm': steady.get('first_eval_s') if warm else None,
             'peak_mem_gb': steady.get('peak_mem_gb'), 'startup_peak_mem_gb': steady.get('startup_peak_mem_gb'),
+            'peak_reserved_gb': steady.get('peak_reserved_gb'),
             'eval_img_s': steady.get('eval_img_s'), 'gpu_pipeline': gpu_pipeline, 'card': card})
 
     record('SLaK-T', False, results.get('slak_cold'), results.get('slak_warm'), 'SLaK-T ours')
@@ -521,6 +534,7 @@ def main() -> None:
     record('convnext_tiny', True, results.get('convnext_compile'), None, 'convnext_tiny (timm) torch.compile')
     record('SLaK-T', True, results.get('slak_compile'), None, 'SLaK-T ours torch.compile')
     record('SLaK-T', True, results.get('slak_compile_ro'), None, 'SLaK-T ours torch.compile', 'reduce-overhead')
+    record('SLaK-T', False, None, results.get('slak_graph'), 'SLaK-T ours', cuda_graph=True)  # (caches warm)
     save()
     if not args.cache_root:
         shutil.rmtree(caches, ignore_errors=True)
@@ -530,7 +544,8 @@ def main() -> None:
     for r in records:
         def f(v, fmt='{:.0f}'):
             return fmt.format(v) if isinstance(v, (int, float)) and not math.isnan(v) else '-'
-        print(f'{r["model"]:16s} {str(r["compile"]):7s} {f(r["img_s"]):>7s} {f(r["graph_img_s"]):>7s} '
+        variant = 'graph' if r['cuda_graph'] else 'ro' if r['compile_mode'] else str(r['compile'])
+        print(f'{r["model"]:16s} {variant:7s} {f(r["img_s"]):>7s} {f(r["graph_img_s"]):>7s} '
               f'{f(r["eager_bench_img_s"]):>7s} {f(r["first_step_s_cold"]):>9s}/{f(r["first_step_s_warm"]):<9s} '
               f'{f(r["first_eval_s_warm"], "{:.1f}"):>8s} {f(r["peak_mem_gb"], "{:.1f}"):>8s} '
               f'{f(r["startup_peak_mem_gb"], "{:.1f}"):>9s}')

@@ -107,3 +107,18 @@ def test_main_runs_go_in_the_order_asked_and_unknown_names_are_refused():
     for bad in ('slak_fast', ''):
         with pytest.raises(ValueError, match='unknown run'):
             bench_main.main_run_order(bad)
+
+
+def test_parser_reads_the_cuda_graph_and_reserved_memory_lines():
+    """main.py --cuda_graph true on a GPU prints the capture's seconds and, at the end, the reserved peak (a graph's
+    memory pool is reserved, not allocated, between replays): the parser keeps both, in main.py's wording."""
+    import main
+    import inspect
+    source = inspect.getsource(main)
+    assert "f'CUDA graphs: training forward and backward captured at batch {args.batch_size} in '" in source
+    assert "print(f'Peak GPU memory reserved: {" in source
+    lines = [(9.0, 'CUDA graphs: training forward and backward captured at batch 128 in 3.4 s'),
+             (9.5, 'Epoch: [0]  [  0/100]  eta: 0:01:00  img/s: 100.0  max mem: 12000'),
+             (99.0, 'Peak GPU memory reserved: 14.25 GiB')]
+    figures = bench_main.parse_main_log(lines, val_images=10)
+    assert figures['graph_capture_s'] == 3.4 and figures['peak_reserved_gb'] == 14.25 and figures['first_step_s'] == 9.5

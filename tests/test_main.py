@@ -853,3 +853,128 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused():
     assert parser.parse_args([]).compile_mode == 'default'
     with pytest.raises(SystemExit):
         parser.parse_args(['--compile_mode', 'fast'])
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(monkeypatch):
+    """--cuda_graph needs one CUDA process without --compile (which has its own graphs) or recomputed blocks."""
+    parser = main.get_args_parser()
+    with pytest.raises(ValueError, match='--cuda_graph true needs a CUDA device'):
+        main.check_args(parser.parse_args(['--cuda_graph', 'true', '--device', 'cpu']))
+    main.check_args(parser.parse_args(['--cuda_graph', 'true', '--device', 'cpu', '--eval', 'true', '--resume', 'x']))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    main.check_args(parser.parse_args(['--cuda_graph', 'true', '--device', 'cuda']))
+    for extra, needle in ((['--compile', 'true'], 'compile_mode reduce-overhead'),
+                          (['--grad_checkpointing', 'true'], 'recomputes blocks')):
+        with pytest.raises(ValueError, match=needle):
+            main.check_args(parser.parse_args(['--cuda_graph', 'true', '--device', 'cuda', *extra]))
+    args = parser.parse_args(['--cuda_graph', 'true'])
+    args.distributed = True
+    with pytest.raises(ValueError, match='one process only'):
+        main.graph_training_forward(args, torch.nn.Linear(2, 2), torch.device('cpu'), torch.bfloat16,
+                                    make_graphed=lambda *a, **k: pytest.fail('nothing is captured'))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_graph_training_forward_leaves_an_ordinary_module_with_its_statistics(channels_last):
+    """What main.py does around torch.cuda.make_graphed_callables, with a stand-in that behaves like it (warm-up
+    passes that move the BatchNorm statistics, then the module's forward replaced): the graphed forward is returned,
+    the module's own forward and its statistics are as before, and the capture saw the training batch's shape and
+    layout under autocast without its weight cache."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3],
+                              Decom=True, drop_path_rate=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def make_graphed(module, sample_args, **kwargs):
+        (sample,) = sample_args
+        seen.update(kwargs, shape=tuple(sample.shape), training=module.training,
+                    channels_last=sample.is_contiguous(memory_format=torch.channels_last) and not sample.is_contiguous(),
+                    autocast=torch.is_autocast_enabled('cpu'), cache=torch.is_autocast_cache_enabled())
+        for _ in range(3):  # make_graphed_callables' warm-up: forward and backward, no .grad written
+            torch.autograd.grad(module(sample).float().sum(), list(module.parameters()), allow_unused=True)
+        eager = module.forward
+        module.forward = lambda x: eager(x) * 2  # the graphed forward's stand-in
+        return module
+
+    args = parse(TINY + ['--cuda_graph', 'true', '--use_amp', 'true', '--amp_dtype', 'bfloat16',
+                         '--channels_last', str(channels_last).lower()])
+    args.distributed = False
+    model.eval()
+    forward = main.graph_training_forward(args, model, torch.device('cpu'), torch.bfloat16, make_graphed)
+    assert seen == {'allow_unused_input': True, 'shape': (32, 3, 32, 32), 'training': True,
+                    'channels_last': channels_last, 'autocast': True, 'cache': False}
+    assert 'forward' not in model.__dict__ and model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics and counts put back
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(forward(x), model(x) * 2)  # the graphed one is returned; the module's own is eager
+    args.cuda_graph = False
+    assert main.graph_training_forward(args, model, torch.device('cpu'), torch.bfloat16, make_graphed) is None
+
+
+def test_training_runs_the_given_train_forward_instead_of_the_module():
+    """engine.train_one_epoch's train_forward (main.py's CUDA-graph replay) stands in for model(samples) in training,
+    under autocast without the weight cache; the run is bit-identical to the module's own forward here."""
+    import engine
+    x, y = _digits_batch(8)
+    results = []
+    for graphed in (False, True):
+        model = _no_bn_model()
+        calls = []
+        model.register_forward_pre_hook(lambda module, inputs: calls.append('module'))
+
+        def train_forward(samples):  # the module's forward without its __call__ (hooks), as a graph replays it
+            calls.append(('replay', torch.is_autocast_cache_enabled()))
+            return model.forward(samples)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), [(x[:4], y[:4]), (x[4:], y[4:])], opt,
+                               torch.device('cpu'), 0, utils.NativeScalerWithGradNormCount('cpu', enabled=False),
+                               start_steps=0, lr_schedule_values=[0.5, 0.5], use_amp=True, amp_dtype=torch.bfloat16,
+                               train_forward=train_forward if graphed else None)
+        assert calls == ([('replay', False)] * 2 if graphed else ['module'] * 2)
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+def test_gpu_cuda_graph_training_matches_eager_and_leaves_evaluation_eager():
+    """--cuda_graph on a GPU: two bf16 steps replayed from the captured graphs give the weights, statistics and
+    logged losses of the eager steps (our kernels' weight gradients sum in a launch-dependent order: a tolerance),
+    and afterwards the module, and main.py's folded copy of it, evaluate eagerly."""
+    import copy
+    import engine
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.25, kernel_size=[13, 11, 9, 7, 3],
+                              Decom=True, drop_path_rate=0.0).cuda()
+    twin = copy.deepcopy(model)
+    start = copy.deepcopy(model.state_dict())
+    x, y = _digits_batch(16)
+    args = parse(TINY + ['--cuda_graph', 'true', '--device', 'cuda', '--batch_size', '8', '--use_amp', 'true',
+                         '--amp_dtype', 'bfloat16'])
+    args.distributed = False
+    forward = main.graph_training_forward(args, model, torch.device('cuda'), torch.bfloat16)
+    losses = []
+    for net, train_forward in ((twin, None), (model, forward)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        stats = engine.train_one_epoch(net, torch.nn.CrossEntropyLoss(), [(x[:8], y[:8]), (x[8:], y[8:])], opt,
+                                       torch.device('cuda'), 0, utils.NativeScalerWithGradNormCount('cuda', False),
+                                       start_steps=0, lr_schedule_values=[0.1, 0.1], use_amp=True,
+                                       amp_dtype=torch.bfloat16, train_forward=train_forward)
+        losses.append(stats['loss'])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    eager, graphed = twin.state_dict(), model.state_dict()
+    assert max((eager[k].float() - start[k].float()).abs().max().item() for k in start) > 1e-3  # the steps moved it
+    for k in eager:
+        assert torch.allclose(graphed[k].float(), eager[k].float(), rtol=1e-3, atol=1e-4), k
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        samples = x[:8].cuda()
+        assert torch.allclose(model(samples), twin(samples), rtol=1e-3, atol=1e-3)
+        folded = main.inference_model(args, model)
+        assert torch.allclose(folded(samples), twin(samples), rtol=1e-3, atol=1e-3)
