@@ -547,16 +547,32 @@ class GpuAugment:
 class DeviceBatches:
     """A DataLoader of :class:`EncodedImageFolder` batches, seen as ``(images, targets)`` already on the device, so
     ``engine``'s loops (and SNIP's first batch) take it as a DataLoader; ``len``, ``sampler``, ``dataset`` pass
-    through."""
+    through. Over a ``utils.FirstBatchShared`` loader, ``first_batch()`` is SNIP's scoring batch, decoded and
+    augmented once: epoch 0 starts with that very batch and the workers that read it keep running."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, augment: GpuAugment):
         self.loader, self.augment = loader, augment
         self.sampler, self.dataset = loader.sampler, loader.dataset
+        self._first = None  # (the loader's first batch, as read; the same augmented)
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _on_device(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        flat, lengths, targets, paths = batch
+        return self.augment(flat.split(lengths.tolist()), paths), targets.to(self.augment.device, non_blocking=True)
+
+    def first_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        take = getattr(self.loader, 'first_batch', None)
+        if take is None:  # a plain DataLoader: a batch of a pass of its own
+            return next(iter(self))
+        raw = take()
+        if self._first is None or self._first[0] is not raw:
+            self._first = (raw, self._on_device(raw))
+        return self._first[1]
+
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for flat, lengths, targets, paths in self.loader:
-            data = flat.split(lengths.tolist())
-            yield self.augment(data, paths), targets.to(self.augment.device, non_blocking=True)
+        first, self._first = self._first, None
+        for batch in self.loader:
+            yield first[1] if first is not None and batch is first[0] else self._on_device(batch)
+            first = None

@@ -235,7 +235,8 @@ class FirstBatchShared:
 
     @property
     def sampler(self):
-        return getattr(self.loader.batch_sampler, 'sampler', None) or self.loader.sampler
+        return (getattr(getattr(self.loader, 'batch_sampler', None), 'sampler', None)
+                or getattr(self.loader, 'sampler', None))
 
     def _epoch(self):
         return getattr(self.sampler, 'epoch', None)
@@ -244,7 +245,7 @@ class FirstBatchShared:
         """A fresh pass: (its iterator after the first batch, the first batch, joined from its slices)."""
         iterator = iter(self.loader)
         first = next(iterator)
-        slices = getattr(self.loader.batch_sampler, 'slices', 1)  # set by SplitFirstBatch as the pass began
+        slices = getattr(getattr(self.loader, 'batch_sampler', None), 'slices', 1)  # set as the pass began
         if slices > 1:
             first = join_batches([first] + [next(iterator) for _ in range(slices - 1)],
                                  pin=bool(getattr(self.loader, 'pin_memory', False)))

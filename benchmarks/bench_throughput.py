@@ -100,14 +100,17 @@ def make(name):
     kernels = getattr(fast, "_kernels", None)
     if kernels is not None:  # session 12: the all-columns weight gradient (read at run time, compiled models too)
         kernels.WGRAD_ALLJ = "per-column wgrad" not in name
+    # "max-autotune": Inductor's GEMM templates with fused epilogues (GELU, layer scale, residual), autotuned; without
+    # its own CUDA graphs (the --graph rows capture theirs)
+    compile_kwargs = {"mode": "max-autotune-no-cudagraphs"} if "max-autotune" in name else {}
     if name.startswith("convnext_tiny (timm)"):
         model = timm.create_model("convnext_tiny")
-        return torch.compile(model) if "torch.compile" in name else model
+        return torch.compile(model, **compile_kwargs) if "torch.compile" in name else model
     impl = "cutlass" if "ours" in name or "identity" in name else "torch"
     kwargs = CONVNEXT_EMULATION if "emulation" in name else SLAK_T
     model = timm.create_model("SLaK_tiny", conv_impl=impl, **kwargs)
     if "torch.compile" in name:  # the whole model (the blocks' own compiled tails then stand aside)
-        return torch.compile(model)
+        return torch.compile(model, **compile_kwargs)
     for block in (b for stage in model.stages for b in stage):
         if "large_kernel=identity" in name:
             block.large_kernel = IdentityLargeKernel()
@@ -253,6 +256,7 @@ def main():
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed", "SLaK-T ours folded decomposed torch.compile",
+             "convnext_tiny (timm) torch.compile max-autotune", "SLaK-T ours folded decomposed torch.compile max-autotune",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]

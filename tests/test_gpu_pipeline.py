@@ -257,3 +257,33 @@ def test_main_refuses_gpu_pipeline_on_other_data_sets(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and '\n' not in err
     assert err.startswith('error: --gpu_pipeline true reads ImageNet-style folders only')
+
+
+def test_device_batches_hand_snips_augmented_batch_to_epoch_zero():
+    """--gpu_pipeline's SNIP batch: DeviceBatches.first_batch() decodes and augments the shared loader's first batch
+    once, epoch 0 starts with that very batch (not a second augmentation of its images), and later passes augment
+    every batch afresh."""
+    import utils
+    encoded = [(torch.arange(6, dtype=torch.uint8) + 10 * i, torch.tensor([2, 4]), torch.tensor([i, i]), ['a', 'b'])
+               for i in range(3)]
+
+    class Augment:
+        device = torch.device('cpu')
+        calls = 0
+
+        def __call__(self, data, paths):
+            Augment.calls += 1
+            return torch.stack([torch.cat([d.float(), torch.zeros(6 - len(d))]) for d in data]) + Augment.calls
+
+    class Loader(list):
+        sampler, dataset = None, None
+    batches = datasets.DeviceBatches(utils.FirstBatchShared(Loader(encoded)), Augment())
+    first = batches.first_batch()
+    assert batches.first_batch() is first and Augment.calls == 1
+    assert first[0].tolist() == [[1, 2, 1, 1, 1, 1], [3, 4, 5, 6, 1, 1]] and first[1].tolist() == [0, 0]
+    epoch0 = list(batches)
+    assert epoch0[0] is first and Augment.calls == 3 and [b[1].tolist() for b in epoch0] == [[0, 0], [1, 1], [2, 2]]
+    again = list(batches)
+    assert again[0] is not first and again[0][0].tolist()[0][0] == 4 and Augment.calls == 6  # augmented afresh
+    plain = datasets.DeviceBatches(Loader(encoded), Augment())  # a loader without first_batch: a pass of its own
+    assert plain.first_batch()[1].tolist() == [0, 0]
