@@ -92,10 +92,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compile_mode', type=str, default='default', choices=COMPILE_MODES,
                         help="torch.compile's mode with --compile: 'reduce-overhead' also replays the compiled "
                              'graphs as CUDA graphs (no per-kernel launch cost; not yet measured with SLaK)')
-    parser.add_argument('--cuda_graph', type=str2bool, default=False,
+    parser.add_argument('--cuda_graph', type=auto_or_bool, default='auto',
                         help='replay the training forward and backward as CUDA graphs '
-                             '(torch.cuda.make_graphed_callables): no per-kernel launch cost; one CUDA process, no '
-                             '--compile (use --compile_mode reduce-overhead there), no --grad_checkpointing')
+                             '(torch.cuda.make_graphed_callables): no per-kernel launch cost. auto (default): for SLaK '
+                             'models trained by one CUDA process without --compile or --grad_checkpointing, falling '
+                             'back to eager steps if the capture fails; true: also other models, and an error where '
+                             'it cannot run; false: eager steps')
     parser.add_argument('--grad_checkpointing', type=str2bool, default=False,
                         help='recompute each block in backward (less memory, more time)')
     parser.add_argument('--sync_bn', type=str2bool, default=True,
@@ -342,7 +344,7 @@ def check_args(args: argparse.Namespace) -> None:
                          '--resume CHECKPOINT, or --finetune CHECKPOINT --model_key model_ema for EMA weights')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError('--device cuda but no CUDA device is available; use --device cpu')
-    if args.cuda_graph and not args.eval:
+    if args.cuda_graph is True and not args.eval:
         if not args.device.startswith('cuda'):
             raise ValueError(f'--cuda_graph true needs a CUDA device (--device is {args.device!r}); drop it on the CPU')
         if args.compile:
@@ -442,9 +444,28 @@ def compile_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
     model.compile(**({} if args.compile_mode == 'default' else {'mode': args.compile_mode}))
 
 
+def auto_or_bool(value: str):
+    """argparse type of ``--cuda_graph``: 'auto', or a boolean as ``str2bool`` reads it."""
+    return 'auto' if str(value).lower() == 'auto' else str2bool(value)
+
+
+def cuda_graph_wanted(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether training replays CUDA graphs: ``--cuda_graph true``, or 'auto' for a SLaK model trained by one CUDA
+    process without ``--compile`` (its own graphs: ``--compile_mode reduce-overhead``) or ``--grad_checkpointing``.
+    Measured (H100, issue 18, session 13): the README's SLaK-T command through ``main.py`` at 1,468 img/s with the
+    graphs against 981 eagerly, 0.94x the bare step's graph replays; other models keep eager steps unless asked."""
+    if args.eval or args.cuda_graph is False:
+        return False
+    if args.cuda_graph is True:
+        return True
+    return (device.type == 'cuda' and not args.distributed and not args.compile and not args.grad_checkpointing
+            and isinstance(model, SLaK.SLaK))
+
+
 def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                            amp_dtype: torch.dtype, make_graphed=None) -> Optional[Callable]:
-    """``--cuda_graph``: the model's training forward (and its backward) captured as CUDA graphs, or None.
+    """``--cuda_graph`` (see :func:`cuda_graph_wanted`): the model's training forward (and its backward) captured as
+    CUDA graphs, or None.
 
     An eager SLaK-T step launches ~1,600 kernels, and on an H100 the host's launch time exceeds the GPU time at
     batch 128 (benchmarks/RESULTS.md, issue 18): replayed from a graph, the host launches two graphs instead. The
@@ -458,7 +479,7 @@ def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, dev
     except for the random draws (drop path) that the warm-up consumed. Every batch must have the training shape
     (training drops its last partial batch); a DDP run is refused (its gradient hooks are not captured).
     """
-    if not args.cuda_graph or args.eval:
+    if not cuda_graph_wanted(args, model, device):
         return None
     if args.distributed:
         raise ValueError('--cuda_graph true runs one process only (DDP reduces gradients in hooks a graph does not '
@@ -470,12 +491,25 @@ def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, dev
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm statistics before the warm-up
     model.train(True)
     started = time.time()
-    with torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.use_amp, cache_enabled=False):
-        graphed = make_graphed(model, (sample,), allow_unused_input=True)
-    forward = graphed.__dict__.pop('forward')  # the graphed forward; the module is an ordinary module again
+    try:
+        with torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.use_amp, cache_enabled=False):
+            make_graphed(model, (sample,), allow_unused_input=True)
+        failure = None
+    except Exception as e:  # 'auto' falls back to eager steps (out of memory, a model that syncs with the host)
+        if args.cuda_graph is True:
+            raise
+        failure = e
+    forward = model.__dict__.pop('forward', None)  # the graphed forward; the module is an ordinary module again
     with torch.no_grad():
         for buffer, before in buffers:
             buffer.copy_(before)
+    if failure is not None or forward is None:
+        lines = str(failure).strip().splitlines() if failure is not None else ['no graphed forward']
+        print(f'warning: the CUDA-graph capture failed ({type(failure).__name__}: {lines[-1] if lines else ""}); '
+              f'training runs eagerly (--cuda_graph false skips the attempt)')
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        return None
     print(f'CUDA graphs: training forward and backward captured at batch {args.batch_size} in '
           f'{time.time() - started:.1f} s')
     return forward

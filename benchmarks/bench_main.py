@@ -232,14 +232,18 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
     'slak_cold': (SLAK_T_FLAGS, 'slak', {}),
     'convnext': (CONVNEXT_FLAGS, 'convnext', {}),
     'convnext_compile': (CONVNEXT_FLAGS + ['--compile', 'true'], 'convnext', {}),
+    # ConvNeXt-T with its training step replayed as CUDA graphs too ('auto' leaves models other than SLaK eager)
+    'convnext_graph': (CONVNEXT_FLAGS + ['--cuda_graph', 'true'], 'convnext', {}),
     'slak_warm': (SLAK_T_FLAGS, 'slak', {}),
     'slak_compile': (SLAK_T_FLAGS + ['--compile', 'true'], 'slak_compile', {}),  # cold caches
     # the whole-model compile replayed as CUDA graphs by torch.compile (no per-kernel launch cost)
     'slak_compile_ro': (SLAK_T_FLAGS + ['--compile', 'true', '--compile_mode', 'reduce-overhead'], 'slak_compile_ro',
                         {}),
-    # the README's command with --cuda_graph true: eager + compiled tails, forward and backward replayed as CUDA
-    # graphs (main.graph_training_forward); shares slak's caches (warm after slak_cold)
+    # the README's command with --cuda_graph true / false: forward and backward replayed as CUDA graphs
+    # (main.graph_training_forward; what 'auto', the default, does for SLaK since session 13) or eager launches;
+    # both share slak's caches (warm after slak_cold)
     'slak_graph': (SLAK_T_FLAGS + ['--cuda_graph', 'true'], 'slak', {}),
+    'slak_eager': (SLAK_T_FLAGS + ['--cuda_graph', 'false'], 'slak', {}),
     # without the background compile of the step's Triton kernels (main.py's default), own caches
     'slak_cold_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
     'slak_warm_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
@@ -383,7 +387,8 @@ def main() -> None:
                              'runs ' + ', '.join(MAIN_RUNS) + ' (all: loader, ' + ', '.join(DEFAULT_MAIN_RUNS) +
                              ', throughput, throughput_graph); slak_compile: SLaK-T with --compile true, '
                              'slak_compile_ro: and --compile_mode reduce-overhead (own caches); slak_graph: '
-                             '--cuda_graph true (slak\'s caches); *_noprecompile: '
+                             '--cuda_graph true, slak_eager: --cuda_graph false (slak\'s caches), convnext_graph: '
+                             'ConvNeXt-T with --cuda_graph true; *_noprecompile: '
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches); also slak_eval, '
                              'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
@@ -512,13 +517,13 @@ def main() -> None:
         return rows.get(model, {}).get('train_img_s')
 
     def record(model: str, compiled: bool, run: Optional[Dict], warm: Optional[Dict], bench_name: str,
-               compile_mode: Optional[str] = None, cuda_graph: bool = False) -> None:
+               compile_mode: Optional[str] = None) -> None:
         if run is None and warm is None:
             return
         steady = warm or run
         records.append({
             'model': model, 'data': 'jpeg', 'compile': compiled, 'compile_mode': compile_mode if compiled else None,
-            'cuda_graph': cuda_graph,
+            'cuda_graph': steady.get('graph_capture_s') is not None,  # main.py said it captured the step
             'batch': args.batch_size,
             'img_s': steady.get('img_s'), 'graph_img_s': bare(bench_name, True),
             'eager_bench_img_s': bare(bench_name, False), 'loader_img_s': loader_img_s,
@@ -532,9 +537,11 @@ def main() -> None:
     record('SLaK-T', False, results.get('slak_cold'), results.get('slak_warm'), 'SLaK-T ours')
     record('convnext_tiny', False, results.get('convnext'), None, 'convnext_tiny (timm)')
     record('convnext_tiny', True, results.get('convnext_compile'), None, 'convnext_tiny (timm) torch.compile')
+    record('convnext_tiny', False, results.get('convnext_graph'), None, 'convnext_tiny (timm)')
     record('SLaK-T', True, results.get('slak_compile'), None, 'SLaK-T ours torch.compile')
     record('SLaK-T', True, results.get('slak_compile_ro'), None, 'SLaK-T ours torch.compile', 'reduce-overhead')
-    record('SLaK-T', False, None, results.get('slak_graph'), 'SLaK-T ours', cuda_graph=True)  # (caches warm)
+    record('SLaK-T', False, None, results.get('slak_graph'), 'SLaK-T ours')  # (caches warm)
+    record('SLaK-T', False, None, results.get('slak_eager'), 'SLaK-T ours')  # (caches warm)
     save()
     if not args.cache_root:
         shutil.rmtree(caches, ignore_errors=True)

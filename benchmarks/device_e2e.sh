@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call of issue 18's end-to-end measurement (see benchmarks/bench_main.py and RESULTS.md "End to end").
-#   bash benchmarks/device_e2e.sh main     the --cuda_graph GPU test, then main.py runs: data, loader, SLaK-T cold,
-#                                          SLaK-T --cuda_graph, ConvNeXt-T eager and compiled, SLaK-T warm, SLaK-T
-#                                          compiled reduce-overhead, as time allows (~9-10 min on one H100); MAIN_RUNS
-#                                          picks others, in its order (bench_main.py --runs)
+#   bash benchmarks/device_e2e.sh main     the --cuda_graph GPU test, then main.py runs: data, loader, SLaK-T cold
+#                                          (CUDA graphs: 'auto'), SLaK-T --cuda_graph false, ConvNeXt-T eager,
+#                                          compiled and --cuda_graph true, SLaK-T warm, as time allows (~9-10 min on
+#                                          one H100); MAIN_RUNS picks others, in its order (bench_main.py --runs)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
 #                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
@@ -62,7 +62,7 @@ case "${1:-main}" in
     timeout 120 python3 -m pytest -q -p no:cacheprovider -k "gpu_cuda_graph" tests/test_main.py 2>&1 | tail -4 \
       | tee "$OUT/gpu_tests.txt"
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
-      --runs "${MAIN_RUNS:-loader,slak_cold,slak_graph,convnext,convnext_compile,slak_warm,slak_compile_ro}" \
+      --runs "${MAIN_RUNS:-loader,slak_cold,slak_eager,convnext,convnext_compile,convnext_graph,slak_warm}" \
       --budget_s "$(left 480)" --run_timeout_s 250 \
       2>&1 | grep -v -e '^Test:' -e '^  ' | tee "$OUT/bench_main.log" | tail -40 ;;
   bench)

