@@ -491,6 +491,11 @@ def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, dev
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # BatchNorm statistics before the warm-up
     model.train(True)
     started = time.time()
+    # The warm-up passes run on a side stream, whose allocations cannot reuse blocks cached on the default stream
+    # (SNIP's scoring pass), and leave blocks that the eager work on the default stream cannot reuse either: both
+    # go back to the driver, before and after the capture (reserved memory; not yet measured on a GPU).
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
     try:
         with torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.use_amp, cache_enabled=False):
             make_graphed(model, (sample,), allow_unused_input=True)
@@ -503,12 +508,12 @@ def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, dev
     with torch.no_grad():
         for buffer, before in buffers:
             buffer.copy_(before)
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
     if failure is not None or forward is None:
         lines = str(failure).strip().splitlines() if failure is not None else ['no graphed forward']
         print(f'warning: the CUDA-graph capture failed ({type(failure).__name__}: {lines[-1] if lines else ""}); '
               f'training runs eagerly (--cuda_graph false skips the attempt)')
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
         return None
     print(f'CUDA graphs: training forward and backward captured at batch {args.batch_size} in '
           f'{time.time() - started:.1f} s')
