@@ -366,6 +366,9 @@ def check_kd_args(args: argparse.Namespace) -> DistillPlan:
                          'student): pass --finetune STUDENT_CHECKPOINT, or --distill_resume with the --output_dir of '
                          'the run; to score the teacher alone run main.py --eval true --resume TEACHER_CHECKPOINT')
     main_train.check_args(args)
+    if args.cuda_graph is True and not args.eval:
+        raise ValueError('--cuda_graph true: main_KD.py takes eager steps (the student and the teacher run inside '
+                         'the distillation loss, which is not captured); drop it')
     main_train.check_ranges(args, KD_FLAG_RANGES)
     plan = parse_distill_type(args.distill_type)
     if not timm.is_model(args.model_s):

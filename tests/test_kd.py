@@ -508,3 +508,14 @@ def test_readme_distillation_commands_parse_unchanged(command, name, update_freq
             defaults.nkd_temp, defaults.nkd_alpha) == ('SLaK_small', 1.0, 'KD', 'smoothL1', 1.0, 7e-5, 0.1, 0.5, 1,
                                                        False, None, None)
     assert main_KD.parse_distill_type(args.distill_type).logit == 'NKD'
+
+
+def test_cuda_graph_true_is_refused_and_auto_takes_eager_steps(monkeypatch, tmp_path):
+    """main_KD.py runs the student and the teacher inside the distillation loss, which main.py's CUDA-graph capture
+    does not cover: --cuda_graph true is refused in one line; 'auto' (the default) passes and trains eagerly."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    argv = ['--device', 'cuda', '--resume', str(tmp_path / 'teacher.pth'), *TEACHER_FLAGS, *STUDENT_FLAGS]
+    with pytest.raises(ValueError, match='--cuda_graph true: main_KD.py takes eager steps'):
+        main_KD.check_kd_args(_parse(argv + ['--cuda_graph', 'true']))
+    assert _parse(argv).cuda_graph == 'auto'
+    assert 'graph_training_forward' not in open(main_KD.__file__).read()  # nothing captures a distillation step
