@@ -16,10 +16,9 @@ Differences from the original ``main.py``, on purpose (each is noted where it ha
   the original they are written every ``--save_ckpt_freq`` epochs and after the last one (no extra "last" file):
   pass ``--save_ckpt_freq 1`` to lose at most one epoch to a crash.
 * New flags: ``--amp_dtype``, ``--channels_last``, ``--compile`` (``--compile_mode``), ``--cuda_graph``,
-  ``--grad_checkpointing``,
-  ``--sync_bn``, ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``, ``--eval_folded``,
-  ``--gpu_pipeline`` (decode and augment on the device, ``datasets.GpuAugment``); ``--sparse_init`` also accepts
-  ``snip_topk``.
+  ``--grad_checkpointing``, ``--sync_bn``, ``--conv_impl``, ``--dist_timeout``, ``--hflip``, ``--print_freq``,
+  ``--eval_folded``, ``--gpu_pipeline`` (decode and augment on the device, ``datasets.GpuAugment``);
+  ``--sparse_init`` also accepts ``snip_topk``.
 * ``--eval true`` evaluates the raw weights of ``--resume``; to evaluate EMA weights pass the checkpoint as
   ``--finetune ckpt --model_key model_ema`` (the original's route; ``checkpoint-best-ema.pth`` keeps the raw model
   under ``model`` and the EMA under ``model_ema``).
@@ -511,9 +510,10 @@ def graph_training_forward(args: argparse.Namespace, model: torch.nn.Module, dev
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     if failure is not None or forward is None:
-        lines = str(failure).strip().splitlines() if failure is not None else ['no graphed forward']
-        print(f'warning: the CUDA-graph capture failed ({type(failure).__name__}: {lines[-1] if lines else ""}); '
-              f'training runs eagerly (--cuda_graph false skips the attempt)')
+        lines = str(failure).strip().splitlines()
+        reason = f'{type(failure).__name__}: {lines[-1] if lines else ""}' if failure else 'no graphed forward'
+        print(f'warning: the CUDA-graph capture failed ({reason}); training runs eagerly (--cuda_graph false skips '
+              f'the attempt)')
         return None
     print(f'CUDA graphs: training forward and backward captured at batch {args.batch_size} in '
           f'{time.time() - started:.1f} s')

@@ -406,7 +406,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        main_run_order(args.runs)
+        main_runs = main_run_order(args.runs)
     except ValueError as e:
         parser.error(str(e))
     wanted = set(args.runs.split(',')) if args.runs != 'all' else {
@@ -478,7 +478,7 @@ def main() -> None:
 
     # the main.py runs, in --runs' order (most wanted first, should the time budget cut the list short)
     results = {}
-    for name in main_run_order(args.runs):
+    for name in main_runs:
         flags, cache, env = MAIN_RUNS[name]
         results[name] = main_run(name, flags, cache, **env)
 

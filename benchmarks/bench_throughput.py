@@ -256,7 +256,8 @@ def main():
              "SLaK-T ours SyncBN sum (1 process)",
              "SLaK-T ours unpadded", "SLaK-T ours pad64", "SLaK-T nn.Conv2d", "SLaK-T ours folded",
              "SLaK-T ours folded decomposed", "SLaK-T ours folded decomposed torch.compile",
-             "convnext_tiny (timm) torch.compile max-autotune", "SLaK-T ours folded decomposed torch.compile max-autotune",
+             "convnext_tiny (timm) torch.compile max-autotune",
+             "SLaK-T ours folded decomposed torch.compile max-autotune",
              "SLaK-T dwconv=identity", "SLaK-T large_kernel=identity",
              "SLaK-T dwconv=identity eager tail", "SLaK-T ours folded decomposed eager tail",
              "emulation [7,7,7,7,100] ours", "emulation [7,7,7,7,100] nn.Conv2d"]

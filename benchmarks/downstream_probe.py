@@ -19,9 +19,9 @@ The hook records, after every training iteration, how many SLaK block-tail graph
 timings: tracing plus Inductor's forward code generation; plus ``bw_compiler``'s: AOTAutograd compiles the backward
 graph later, at its first backward call, outside those) and the ``@triton.jit`` kernels compiled so far with
 their seconds (``count_triton_compiles``: our depthwise kernels specialise on map sizes); it runs ``torch.profiler``
-over the training iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time: a GPU kernel ran
-under the op) plus the top rows by GPU time. Everything is written as JSON to ``out_file`` after the run (and at
-exit, should the run fail).
+over the training iterations ``profile_iters`` = [first, stop) and keeps the rows of box ops (with their GPU time:
+a GPU kernel ran under the op) plus the top rows by GPU time. Everything is written as JSON to ``out_file`` after
+the run (and at exit, should the run fail).
 """
 from __future__ import annotations
 

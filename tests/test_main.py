@@ -890,7 +890,8 @@ def test_graph_training_forward_leaves_an_ordinary_module_with_its_statistics(ch
     def make_graphed(module, sample_args, **kwargs):
         (sample,) = sample_args
         seen.update(kwargs, shape=tuple(sample.shape), training=module.training,
-                    channels_last=sample.is_contiguous(memory_format=torch.channels_last) and not sample.is_contiguous(),
+                    channels_last=(sample.is_contiguous(memory_format=torch.channels_last)
+                                   and not sample.is_contiguous()),
                     autocast=torch.is_autocast_enabled('cpu'), cache=torch.is_autocast_cache_enabled())
         for _ in range(3):  # make_graphed_callables' warm-up: forward and backward, no .grad written
             torch.autograd.grad(module(sample).float().sum(), list(module.parameters()), allow_unused=True)
