@@ -583,6 +583,7 @@ class Block(nn.Module):
                 parts, bias = self.large_kernel.forward_parts(x, handles[1:])
             else:  # (any large-kernel module: forward_parts(x) is the interface)
                 parts, bias = self.large_kernel.forward_parts(x)
+                shortcut = self._promoted_shortcut(x)
             return _run_tail(parts, bias, shortcut, self.norm.weight, self.norm.bias, self.pwconv1.weight,
                              self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
                              self._drop_scale(shortcut), self.norm.eps)
@@ -607,6 +608,18 @@ class Block(nn.Module):
                                                                   self.drop_path)):
             return False  # hooks on the tail's modules would not run inside the compiled function
         return x.is_cuda or mode is True
+
+    def _promoted_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual in the dtype the tail's sum promotes it to anyway (the layer scale's: float32 for the
+        half-precision output of a downsampling conv under autocast): an exact up-cast, so that a stage's first block
+        shares the compiled graph of its later blocks, whose input is already that float32 sum. One training graph
+        and one evaluation graph per stage instead of two (SLaK-T: 4 + 4, not 7 + 7), each compiled on a fresh
+        machine and traced again by every process. Same outputs bit for bit; the drop-path factors are then drawn
+        in float32, as timm's DropPath draws them on the float32 branch."""
+        if self.gamma is None or not x.is_floating_point():
+            return x
+        dtype = torch.promote_types(x.dtype, self.gamma.dtype)
+        return x if dtype == x.dtype else x.to(dtype)
 
     def _drop_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample factors of ``self.drop_path`` (timm's DropPath: Bernoulli(keep) / keep); None in evaluation.
@@ -1307,14 +1320,15 @@ def fused_branch_bn_blocks(model: nn.Module) -> List[Tuple[int, int, int, int]]:
     return blocks
 
 
-# ---- the training step's compiled tail graphs, traced before the first step (opt-in) ------------------------------
+# ---- the training step's compiled tail graphs, traced before the first step ------------------------------------------
 # With warm caches the first training step still spent ~5 s (H100, benchmarks/RESULTS.md issue 18 session 10) with
 # Dynamo tracing the training tail graphs again and importing Inductor, while SNIP's ~4 s before it were half spent
 # waiting for the first batch; on a fresh machine the first step compiled those graphs (~45 s). warm_step_graphs
-# runs one training step of a small copy (each stage's downsampling layer and first two blocks, drop path off, zeros
-# in) in a background thread after the kernel precompile, so the graphs are traced and compiled while main.py
-# prepares the masks; the real step then finds them in the same process. Nothing of the model is touched (a copy, no
-# random numbers drawn). Opt-in (SLAK_WARM_GRAPHS=1) until measured on a GPU.
+# runs one training step of a small copy (each stage's downsampling layer and first block, drop path off, zeros in)
+# in a background thread after the kernel precompile, so the graphs are traced and compiled while main.py prepares
+# the masks; the real step (or main.py's CUDA-graph capture) then finds them in the same process. Nothing of the
+# model is touched (a copy, no random numbers drawn). On by default on CUDA since session 14 ('auto';
+# SLAK_WARM_GRAPHS=0 turns it off): before, each process traced them in its first step or capture.
 WARM_GRAPHS: Union[str, bool] = _env_switch('SLAK_WARM_GRAPHS')
 
 
@@ -1335,32 +1349,34 @@ class GraphWarmUp(_StartUpJob):
 
 def step_graph_copy(model: nn.Module) -> nn.Module:
     """A small training copy of ``model`` (a :class:`SLaK`) whose step meets every training graph of the blocks'
-    compiled tails: each stage's downsampling layer and first two blocks, copied, with drop path off (the tail's
-    per-sample factors are then ones: the same graph, no random draw). Two blocks, because under autocast a
-    stage's first block takes the downsampling conv's half-precision output as its shortcut and the later blocks
-    the float32 sum that the layer scale promotes to: two graphs (7 for SLaK-T's 4 stages)."""
+    compiled tails: each stage's downsampling layer and first block, copied, with drop path off (the tail's
+    per-sample factors are then ones: the same graph, no random draw). One block is enough: a stage's first block
+    up-casts its half-precision shortcut to the float32 that its later blocks receive
+    (``Block._promoted_shortcut``), so all blocks of a stage share one graph (4 for SLaK-T)."""
     layers = [copy.deepcopy(model.downsample_layers[0])]
     for i, stage in enumerate(model.stages):
         if i:
             layers.append(copy.deepcopy(model.downsample_layers[i]))
-        for block in list(stage)[:2]:
-            block = copy.deepcopy(block)
-            block.drop_path = nn.Identity()
-            layers.append(block)
+        block = copy.deepcopy(stage[0])
+        block.drop_path = nn.Identity()
+        layers.append(block)
     return nn.Sequential(*layers).train(model.training)
 
 
 def warm_step_graphs(model: nn.Module, batch: int, input_size: int, amp_dtype: Optional[torch.dtype],
                      device: Union[str, torch.device] = 'cuda', channels_last: bool = False,
-                     after: Optional[KernelPrecompile] = None, force: bool = False) -> Optional[GraphWarmUp]:
+                     after: Optional[KernelPrecompile] = None, force: bool = False,
+                     autocast_cache: bool = True) -> Optional[GraphWarmUp]:
     """Start, in a background thread (after ``after``, the kernel precompile, has finished), one forward and backward
     of :func:`step_graph_copy` at ``batch`` x ``input_size`` under autocast to ``amp_dtype`` (None: no autocast), so
     that the blocks' compiled tail graphs, forward and backward, are traced and compiled before the first step.
-    Returns None where it does not apply: not asked for (``SLAK_WARM_GRAPHS=1``), not CUDA, the tails not compiled
+    ``autocast_cache`` must be the training step's autocast ``cache_enabled`` (False where ``main.py`` captures the
+    step as CUDA graphs): Dynamo guards on it, and a graph traced under the other setting would be traced again.
+    Returns None where it does not apply: switched off (``SLAK_WARM_GRAPHS=0``), not CUDA, the tails not compiled
     there, a model not a :class:`SLaK` or checkpointing its stages, or SyncBatchNorm (its collectives must not run in
     a second thread). ``force`` runs it on any device (tests)."""
     device = torch.device(device)
-    if not force and (device.type != 'cuda' or WARM_GRAPHS is not True):
+    if not force and (device.type != 'cuda' or WARM_GRAPHS is False):
         return None
     if not isinstance(model, SLaK) or model.grad_checkpointing or not Block.COMPILE_TAIL or \
             any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
@@ -1371,7 +1387,8 @@ def warm_step_graphs(model: nn.Module, batch: int, input_size: int, amp_dtype: O
         x = x.contiguous(memory_format=torch.channels_last)
 
     def run_step():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                            cache_enabled=autocast_cache):
             out = small(x)
         out.float().mean().backward()
 

@@ -533,13 +533,15 @@ def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, de
 
 def start_graph_warm_up(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype,
                         after: Optional['SLaK.KernelPrecompile']) -> Optional['SLaK.GraphWarmUp']:
-    """With ``SLAK_WARM_GRAPHS=1``, a CUDA training run of a SLaK model traces and compiles its blocks' training tail
-    graphs in a background thread (one step of a small copy, after the kernel precompile ``after``) while it
-    prepares the masks (``SLaK.warm_step_graphs``; opt-in until measured on a GPU)."""
+    """A CUDA training run of a SLaK model traces and compiles its blocks' training tail graphs in a background
+    thread (one step of a small copy, after the kernel precompile ``after``) while it prepares the masks
+    (``SLaK.warm_step_graphs``; ``SLAK_WARM_GRAPHS=0`` turns it off). Under autocast's weight cache setting of the
+    step that will use them: off where the step is captured as CUDA graphs (:func:`cuda_graph_wanted`)."""
     if args.eval or args.compile:
         return None
     return SLaK.warm_step_graphs(model, args.batch_size, args.input_size, amp_dtype if args.use_amp else None, device,
-                                 channels_last=args.channels_last, after=after)
+                                 channels_last=args.channels_last, after=after,
+                                 autocast_cache=not cuda_graph_wanted(args, model, device))
 
 
 def start_cache_warming(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,

@@ -342,8 +342,10 @@ class Masking:
         sampler = getattr(self.train_loader, 'sampler', None)
         if _is_distributed() and hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(0)
+        start = time.perf_counter()
         take = getattr(self.train_loader, 'first_batch', None)  # utils.FirstBatchShared: the workers keep running
         images, targets = (take() if callable(take) else next(iter(self.train_loader)))[:2]
+        batch_s = time.perf_counter() - start
         live = self.modules[0]
         live = live.module if hasattr(live, 'module') else live
         model = copy.deepcopy(live)
@@ -363,6 +365,10 @@ class Masking:
             grads = list(torch.split(flat, [g.numel() for g in grads]))
         scores = {n: (params[n].detach() * g.view_as(params[n])).abs() for n, g in zip(self.params, grads)}
         del model
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        # where SNIP's seconds go (start-up, benchmarks/bench_main.py reads this line)
+        print(f'SNIP: first batch in {batch_s:.1f} s, scoring pass in {time.perf_counter() - start - batch_s:.1f} s')
         return scores
 
     # ---- the per-step path ----------------------------------------------------------------------------------------

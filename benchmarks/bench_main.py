@@ -121,6 +121,7 @@ MEM = re.compile(r'max mem: (\d+)')
 PRECOMPILED = re.compile(r'^Triton kernels: (\d+) versions compiled ahead of the first step in ([\d.]+) s')
 CAPTURED = re.compile(r'^CUDA graphs: training forward and backward captured at batch \d+ in ([\d.]+) s')
 GRAPHS_AHEAD = re.compile(r'^Block tails: (\d+) training graphs traced ahead of the first step in ([\d.]+) s')
+SNIP_TIMES = re.compile(r'^SNIP: first batch in ([\d.]+) s, scoring pass in ([\d.]+) s')
 PHASES = {  # first log line of each start-up phase (main.py's order)
     'data_ready': re.compile(r'^(Mixup is activated|Model: )'),
     'masks_ready': re.compile(r'^sparse masks'),
@@ -188,8 +189,11 @@ def parse_main_log(lines: List[tuple], val_images: int) -> Dict[str, Optional[fl
             if m:
                 mems.append(float(m.group(1)) / 1024)
         m = GRAPHS_AHEAD.search(line)
-        if m:  # SLAK_WARM_GRAPHS=1: the training tail graphs traced in a background thread
+        if m:  # the training tail graphs traced in a background thread (SLAK_WARM_GRAPHS, on by default)
             out['graphs_ahead'], out['graphs_ahead_s'] = int(m.group(1)), float(m.group(2))
+        m = SNIP_TIMES.search(line)
+        if m:  # SNIP's wait for its batch and its scoring pass
+            out['snip_batch_s'], out['snip_pass_s'] = float(m.group(1)), float(m.group(2))
         m = PRECOMPILED.search(line)
         if m:  # the step's Triton kernels compiled in a background thread (main.py's default on CUDA)
             out['precompiled_kernels'], out['precompile_s'] = int(m.group(1)), float(m.group(2))
@@ -247,10 +251,13 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
     # without the background compile of the step's Triton kernels (main.py's default), own caches
     'slak_cold_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
     'slak_warm_noprecompile': (SLAK_T_FLAGS, 'slak_noprecompile', {'SLAK_PRECOMPILE': '0'}),
-    # the training tail graphs traced ahead in a background thread, own caches
+    # the training tail graphs traced ahead in a background thread (main.py's default since session 14), own caches
     'slak_cold_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
     'slak_warm_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
+    # without that background trace (SLAK_WARM_GRAPHS=0), slak's caches (warm after slak_cold): the A/B of slak_warm
+    'slak_warm_nowg': (SLAK_T_FLAGS, 'slak', {'SLAK_WARM_GRAPHS': '0'}),
 }
+THROUGHPUT_MODELS = ('SLaK-T ours', 'convnext_tiny (timm)', 'convnext_tiny (timm) torch.compile')
 DEFAULT_MAIN_RUNS = ('slak_cold', 'convnext', 'convnext_compile', 'slak_warm')
 OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', 'slak_eval', 'slak_eval_bf16', 'eval_loader')
 
@@ -357,10 +364,13 @@ def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gp
     return n / (time.time() - start)
 
 
-def throughput(models: str, batch: int, graph: bool, env: Dict[str, str], timeout: float) -> Dict[str, dict]:
-    """``bench_throughput.py`` train/infer img/s at ``batch`` for the named models."""
+def throughput(models: str, batch: int, graph: bool, env: Dict[str, str], timeout: float,
+               infer_batch: Optional[int] = None) -> Dict[str, dict]:
+    """``bench_throughput.py`` train/infer img/s at ``batch`` (inference at ``infer_batch``, default ``batch``; 0:
+    none) for the named models."""
     cmd = [sys.executable, 'benchmarks/bench_throughput.py', '--models', models, '--train-batch', str(batch),
-           '--infer-batch', str(batch), '--steps', '20'] + (['--graph'] if graph else [])
+           '--infer-batch', str(batch if infer_batch is None else infer_batch), '--steps', '20'] + (
+               ['--graph'] if graph else [])
     lines = run_logged(cmd, env, timeout)
     rows = {}
     for _, line in lines:
@@ -389,10 +399,17 @@ def main() -> None:
                              'slak_compile_ro: and --compile_mode reduce-overhead (own caches); slak_graph: '
                              '--cuda_graph true, slak_eager: --cuda_graph false (slak\'s caches), convnext_graph: '
                              'ConvNeXt-T with --cuda_graph true; *_noprecompile: '
-                             'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches); also slak_eval, '
+                             'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
+                             'SLAK_WARM_GRAPHS=0 (slak\'s caches); also slak_eval, '
                              'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
+    parser.add_argument('--throughput_models', default=','.join(THROUGHPUT_MODELS),
+                        help='bench_throughput.py models of the throughput runs (comma-separated)')
+    parser.add_argument('--throughput_infer_batch', type=int, default=None,
+                        help='inference batch of the throughput runs (default: --batch_size; 0: training only)')
+    parser.add_argument('--throughput_budget_s', type=float, default=None,
+                        help='the throughput runs start only before this (default: --budget_s)')
     parser.add_argument('--gpu_pipeline', default='false', choices=['true', 'false'],
                         help='pass --gpu_pipeline true to main.py (and time that loader)')
     parser.add_argument('--cache_root', default='',
@@ -503,11 +520,13 @@ def main() -> None:
                            parse_eval_log)
 
     bench = {}
-    names = 'SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile' + (
+    names = args.throughput_models + (
         ',SLaK-T ours torch.compile' if {'slak_compile', 'slak_compile_ro'} & wanted else '')
+    throughput_budget_s = args.budget_s if args.throughput_budget_s is None else args.throughput_budget_s
     for key, graph in (('throughput', False), ('throughput_graph', True)):
-        if key in wanted and time.time() - t0 < args.budget_s:
-            bench[key] = throughput(names, args.batch_size, graph, env_with('slak'), args.run_timeout_s)
+        if key in wanted and time.time() - t0 < throughput_budget_s:
+            bench[key] = throughput(names, args.batch_size, graph, env_with('slak'), args.run_timeout_s,
+                                    args.throughput_infer_batch)
             report[key] = bench[key]
             print(f'{key}: {bench[key]["rows"]}', flush=True)
             save()

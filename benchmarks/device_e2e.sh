@@ -47,8 +47,10 @@ mkdir -p "$OUT"
   uptime; ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | head -8 | cut -c1-160  # left over from a call before?
   # main.py's imports took ~8 s here even warm (issue 18, session 10): are .pyc files written, and what do two
   # consecutive imports of torch + timm take (the second with the page cache and .pyc files of the first)?
-  for i in 1 2; do TIMEFORMAT="import torch, timm #$i: %R s"; time python3 -c "import sys, torch, timm
-print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__file__)"; done
+  # (IMPORT_CHECK=0 skips them: ~20 s)
+  if [ "${IMPORT_CHECK:-1}" = 1 ]; then
+    for i in 1 2; do TIMEFORMAT="import torch, timm #$i: %R s"; time python3 -c "import sys, torch, timm
+print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__file__)"; done; fi
   # which modules those seconds go to (cumulative microseconds per import, largest first; IMPORTTIME=1, ~10 s)
   if [ "${IMPORTTIME:-0}" = 1 ]; then python3 -X importtime -c "import torch, timm" 2> "$OUT/importtime.txt"
     sort -t'|' -k2 -n -r "$OUT/importtime.txt" | head -25; fi
@@ -58,12 +60,16 @@ print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__fi
 left() { echo $(( $1 * ${E2E_END_S:-600} / 600 - $(date +%s) + START )); }
 case "${1:-main}" in
   main)
-    # first the GPU-only test of --cuda_graph (replayed steps against eager ones), then the main.py runs
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -k "gpu_cuda_graph" tests/test_main.py 2>&1 | tail -4 \
-      | tee "$OUT/gpu_tests.txt"
+    # first the GPU-only test of --cuda_graph (replayed steps against eager ones; GPU_TEST=0 skips it), then the
+    # main.py runs; THROUGHPUT_MODELS (bench_throughput.py names) limits a throughput/throughput_graph run in MAIN_RUNS
+    if [ "${GPU_TEST:-1}" = 1 ]; then
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -k "gpu_cuda_graph" tests/test_main.py 2>&1 | tail -4 \
+        | tee "$OUT/gpu_tests.txt"; fi
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
       --runs "${MAIN_RUNS:-loader,slak_cold,slak_eager,convnext,convnext_compile,convnext_graph,slak_warm}" \
-      --budget_s "$(left 480)" --run_timeout_s 250 \
+      --budget_s "$(left 480)" --throughput_budget_s "$(left 510)" --run_timeout_s 250 \
+      --throughput_models "${THROUGHPUT_MODELS:-SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile}" \
+      ${THROUGHPUT_INFER_BATCH:+--throughput_infer_batch "$THROUGHPUT_INFER_BATCH"} \
       2>&1 | grep -v -e '^Test:' -e '^  ' | tee "$OUT/bench_main.log" | tail -40 ;;
   bench)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \

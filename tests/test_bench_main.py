@@ -122,3 +122,20 @@ def test_parser_reads_the_cuda_graph_and_reserved_memory_lines():
              (99.0, 'Peak GPU memory reserved: 14.25 GiB')]
     figures = bench_main.parse_main_log(lines, val_images=10)
     assert figures['graph_capture_s'] == 3.4 and figures['peak_reserved_gb'] == 14.25 and figures['first_step_s'] == 9.5
+
+
+def test_parser_reads_the_snip_and_graph_warm_up_lines(capsys):
+    """Start-up's parts: SNIP's wait for its batch and its scoring pass, and the background trace of the tail graphs
+    (the line a real GraphWarmUp prints), in sparse_core's and SLaK's wording."""
+    import inspect
+    import SLaK
+    import sparse_core
+    assert ("print(f'SNIP: first batch in {batch_s:.1f} s, scoring pass in "
+            "{time.perf_counter() - start - batch_s:.1f} s')") in inspect.getsource(sparse_core)
+    SLaK.GraphWarmUp(lambda: None).wait(timeout=30)
+    warm_line = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = [(12.0, 'SNIP: first batch in 0.8 s, scoring pass in 2.5 s'), (13.0, warm_line),
+             (20.0, 'Epoch: [0]  [  0/100]  eta: 0:01:00  img/s: 100.0  max mem: 12000')]
+    figures = bench_main.parse_main_log(lines, val_images=10)
+    assert figures['snip_batch_s'] == 0.8 and figures['snip_pass_s'] == 2.5
+    assert figures['graphs_ahead'] == 0 and figures['graphs_ahead_s'] == 0.0 and figures['first_step_s'] == 20.0

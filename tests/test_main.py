@@ -800,18 +800,23 @@ def test_training_runs_precompile_the_step_kernels_in_the_autocast_dtype(monkeyp
 
 def test_training_runs_hand_the_graph_warm_up_the_step_they_will_run(monkeypatch):
     """main.py hands SLaK.warm_step_graphs the per-GPU batch, input size, autocast dtype (None without --use_amp),
-    layout and the kernel precompile to wait for; evaluation-only runs and whole-model --compile warm nothing."""
+    layout, the kernel precompile to wait for and the step's autocast weight cache (off where the step will be
+    captured as CUDA graphs: Dynamo guards on it); evaluation-only runs and whole-model --compile warm nothing."""
     import SLaK
     calls = []
     monkeypatch.setattr(SLaK, 'warm_step_graphs', lambda *a, **k: calls.append((a, k)) or 'handle')
+    captured = []
+    monkeypatch.setattr(main, 'cuda_graph_wanted', lambda a, m, d: captured.append(m) or a.cuda_graph)
     model, device = torch.nn.Linear(2, 2), torch.device('cpu')
     args = argparse.Namespace(eval=False, compile=False, batch_size=96, input_size=192, use_amp=True,
-                              channels_last=True)
+                              channels_last=True, cuda_graph=True)
     assert main.start_graph_warm_up(args, model, device, torch.bfloat16, 'precompile') == 'handle'
-    args.use_amp, args.channels_last = False, False
+    args.use_amp, args.channels_last, args.cuda_graph = False, False, False
     main.start_graph_warm_up(args, model, device, torch.bfloat16, None)
-    assert calls == [((model, 96, 192, torch.bfloat16, device), dict(channels_last=True, after='precompile')),
-                     ((model, 96, 192, None, device), dict(channels_last=False, after=None))]
+    assert calls == [((model, 96, 192, torch.bfloat16, device),
+                      dict(channels_last=True, after='precompile', autocast_cache=False)),
+                     ((model, 96, 192, None, device), dict(channels_last=False, after=None, autocast_cache=True))]
+    assert captured == [model, model]
     for flag in ('eval', 'compile'):
         setattr(args, flag, True)
         assert main.start_graph_warm_up(args, model, device, torch.bfloat16, None) is None and len(calls) == 2

@@ -1036,31 +1036,77 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
                                                      conv_impl='torch')) == []
 
 
-@pytest.mark.parametrize('amp_dtype', [None, torch.bfloat16])
-def test_warm_step_graphs_traces_the_step_graphs_ahead_without_touching_the_model(amp_dtype, tail_backend,
+@pytest.mark.parametrize('amp_dtype,cache', [(None, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_warm_step_graphs_traces_the_step_graphs_ahead_without_touching_the_model(amp_dtype, cache, tail_backend,
                                                                                  counted_graphs, capsys):
     """SLAK_WARM_GRAPHS: a background step of a small copy traces one training tail graph per stage; the model's
     weights, BatchNorm statistics and the random stream are untouched, and the real training step (drop path on in
-    every block but the first) then meets only graphs already traced: nothing is traced again."""
+    every block but the first) then meets only graphs already traced: nothing is traced again, provided it runs
+    under the same autocast weight-cache setting (main.py's CUDA-graph capture turns the cache off; Dynamo guards
+    on it: the other setting traces every graph again)."""
     torch.manual_seed(0)
     model = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 2, 2], width_factor=0.1,
                               kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', drop_path_rate=0.3).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    handle = SLaK.warm_step_graphs(model, 3, 64, amp_dtype, device='cpu', force=True)
+    handle = SLaK.warm_step_graphs(model, 3, 64, amp_dtype, device='cpu', force=True, autocast_cache=cache)
     result = handle.wait(timeout=300)
-    # one graph per stage in float32; under autocast stages 2-4 have two (first block: the downsampling conv's
-    # bf16 output as shortcut; later blocks: float32), as the real step below
-    graphs = 4 if amp_dtype is None else 7
+    # one graph per stage, under autocast too (a stage's first block up-casts the downsampling conv's bf16 output,
+    # its shortcut, to the float32 that the later blocks receive), as the real step below
+    graphs = 4
     assert result['error'] is None and result['graphs'] == graphs and len(counted_graphs) == graphs, result
     assert f'{graphs} training graphs traced ahead of the first step' in capsys.readouterr().out
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    with torch.autocast('cpu', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    autocast = dict(dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    with torch.autocast('cpu', cache_enabled=cache, **autocast):
         out = model(torch.randn(3, 3, 64, 64))
     out.float().sum().backward()
     assert len(counted_graphs) == graphs and len(SLaK._TAIL_STATE['keys']) == graphs
+    if amp_dtype is not None:
+        with torch.autocast('cpu', cache_enabled=not cache, **autocast):
+            model(torch.randn(3, 3, 64, 64)).float().sum().backward()
+        assert len(counted_graphs) == 2 * graphs
+
+
+def test_stage_first_block_shares_the_later_blocks_tail_graph_and_outputs(tail_backend, counted_graphs, monkeypatch):
+    """Under autocast a stage's first block receives the downsampling conv's bf16 output and its later blocks the
+    float32 sum (the layer scale promotes): the compiled path up-casts the first block's shortcut, so both meet one
+    graph (training and evaluation each), with the eager block's output bit for bit and the same gradients up to
+    the bf16 rounding of the input gradient's sum."""
+    torch.manual_seed(0)
+    blocks = [SLaK.Block(16, drop_path=0.3, kernel_size=(7, 3), Decom=True, layer_scale_init_value=0.5,
+                         conv_impl='torch').train() for _ in range(2)]
+    x16 = torch.randn(4, 16, 8, 8).to(torch.bfloat16)
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
+        for b in blocks:
+            b.zero_grad()
+        x = x16.detach().requires_grad_()
+        torch.manual_seed(1)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y0 = blocks[0](x)
+            y1 = blocks[1](y0)
+        y1.float().square().sum().backward()
+        results[compiled] = (y0.detach(), y1.detach(), x.grad,
+                             {k: p.grad.clone() for k, p in blocks[0].named_parameters()})
+    assert len(counted_graphs) == 1 and len(SLaK._TAIL_STATE['keys']) == 1  # one graph for both blocks
+    (e0, e1, edx, eg), (c0, c1, cdx, cg) = results[False], results[True]
+    assert c0.dtype == e0.dtype == torch.float32 and torch.equal(c0, e0) and torch.equal(c1, e1)
+    torch.testing.assert_close(cdx, edx, rtol=1e-2, atol=1e-3)
+    assert cdx.dtype == torch.bfloat16
+    for k in eg:
+        torch.testing.assert_close(cg[k], eg[k], rtol=1e-4, atol=1e-6, msg=k)
+    for b in blocks:
+        b.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = blocks[1](blocks[0](x16))
+    assert len(counted_graphs) == 2 and len(SLaK._TAIL_STATE['keys']) == 2  # one evaluation graph for both
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(out, blocks[1](blocks[0](x16)))
 
 
 def test_graph_warm_up_starts_after_the_kernel_precompile_and_reports_failures(capsys):
@@ -1084,15 +1130,15 @@ def test_graph_warm_up_starts_after_the_kernel_precompile_and_reports_failures(c
 
 
 def test_warm_step_graphs_applies_only_where_asked_and_safe(monkeypatch, tail_backend):
-    """Opt-in (SLAK_WARM_GRAPHS=1) and CUDA only; never with SyncBatchNorm (collectives in a second thread), stage
-    checkpointing (other graphs) or the tails not compiled."""
+    """On by default ('auto'), CUDA only; off with SLAK_WARM_GRAPHS=0; never with SyncBatchNorm (collectives in a
+    second thread), stage checkpointing (other graphs) or the tails not compiled."""
     model = timm.create_model('SLaK_tiny', num_classes=5, depths=[1, 1, 1, 1], width_factor=0.1,
                               kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch')
-    for setting in (False, 'auto'):
+    monkeypatch.setattr(SLaK, 'WARM_GRAPHS', False)
+    assert SLaK.warm_step_graphs(model, 2, 64, None, device='cuda') is None
+    for setting in (True, 'auto'):
         monkeypatch.setattr(SLaK, 'WARM_GRAPHS', setting)
-        assert SLaK.warm_step_graphs(model, 2, 64, None, device='cuda') is None
-    monkeypatch.setattr(SLaK, 'WARM_GRAPHS', True)
-    assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu') is None
+        assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu') is None
     model.set_grad_checkpointing(True)
     assert SLaK.warm_step_graphs(model, 2, 64, None, device='cpu', force=True) is None
     model.set_grad_checkpointing(False)
