@@ -531,6 +531,20 @@ def start_kernel_precompile(args: argparse.Namespace, model: torch.nn.Module, de
                                         amp_dtype if args.use_amp else torch.float32, device)
 
 
+def prefetch_snip_batch(args: argparse.Namespace, data: 'Data') -> bool:
+    """A run that will score SNIP masks on its first training batch starts that batch's loader pass now, once the
+    model is built (``utils.FirstBatchShared.prefetch``): the workers decode it while the run sets up its optimizer,
+    EMA and compile jobs. Nothing in between draws random numbers, so the run is the same. Not for runs that resume
+    (their masks come from the checkpoint) or only evaluate; returns whether it started."""
+    if args.eval or not args.sparse or args.sparse_init not in ('snip', 'snip_topk') or args.resume:
+        return False
+    prefetch = getattr(data.data_loader_train, 'prefetch', None)  # (not DeviceBatches: --gpu_pipeline)
+    if prefetch is None:
+        return False
+    prefetch()
+    return True
+
+
 def start_graph_warm_up(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype,
                         after: Optional['SLaK.KernelPrecompile']) -> Optional['SLaK.GraphWarmUp']:
     """A CUDA training run of a SLaK model traces and compiles its blocks' training tail graphs in a background
@@ -997,6 +1011,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     if args.finetune:
         load_finetune(args, model)
     model = prepare_model(args, model, device)
+    prefetch_snip_batch(args, data)
     warmer = start_cache_warming(args, model, device, amp_dtype)
     precompiler = start_kernel_precompile(args, model, device, amp_dtype)
     graph_warm_up = start_graph_warm_up(args, model, device, amp_dtype, precompiler)

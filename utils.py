@@ -232,6 +232,7 @@ class FirstBatchShared:
     def __init__(self, loader: torch.utils.data.DataLoader):
         self.loader = loader
         self._kept = None  # (iterator, its first batch, the sampler's epoch when it started)
+        self._pending = None  # (iterator started by prefetch(), the sampler's epoch then)
 
     @property
     def sampler(self):
@@ -241,9 +242,22 @@ class FirstBatchShared:
     def _epoch(self):
         return getattr(self.sampler, 'epoch', None)
 
-    def _start(self):
-        """A fresh pass: (its iterator after the first batch, the first batch, joined from its slices)."""
-        iterator = iter(self.loader)
+    def prefetch(self) -> None:
+        """Start the pass whose first batch :meth:`first_batch` will return now: its workers decode that batch while
+        the caller goes on (main.py: while it sets up the optimizer, the EMA and the compile jobs before SNIP). The
+        pass draws its random seeds here, as ``iter()`` would (nothing in between may draw from the default
+        generator for the run to be the same). A prefetched pass that :meth:`first_batch` does not take is dropped
+        by the next ``iter()`` (e.g. a run that resumed its masks instead of computing them)."""
+        if self._kept is None and self._pending is None and len(self.loader):
+            self._pending = (iter(self.loader), self._epoch())
+
+    def _start(self, prefetched: bool = False):
+        """A fresh pass: (its iterator after the first batch, the first batch, joined from its slices); with
+        ``prefetched`` the pass :meth:`prefetch` started, if it is of this epoch."""
+        pending, self._pending = self._pending, None
+        iterator = pending[0] if prefetched and pending is not None and pending[1] == self._epoch() else None
+        del pending  # (a pass not taken shuts its workers down)
+        iterator = iterator if iterator is not None else iter(self.loader)
         first = next(iterator)
         slices = getattr(getattr(self.loader, 'batch_sampler', None), 'slices', 1)  # set as the pass began
         if slices > 1:
@@ -253,7 +267,7 @@ class FirstBatchShared:
 
     def first_batch(self):
         if self._kept is None:
-            self._kept = (*self._start(), self._epoch())
+            self._kept = (*self._start(prefetched=True), self._epoch())
         return self._kept[1]
 
     def __iter__(self):

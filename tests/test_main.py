@@ -1036,3 +1036,19 @@ def test_cuda_graph_auto_falls_back_to_eager_steps_when_the_capture_fails(monkey
     args.cuda_graph = True
     with pytest.raises(RuntimeError, match='stream is capturing'):
         main.graph_training_forward(args, model, torch.device('cpu'), torch.bfloat16, failing)
+
+
+def test_snip_runs_prefetch_their_scoring_batch_and_only_they(monkeypatch):
+    """main.py starts the first training pass right after building the model where SNIP will score on it: --sparse
+    with snip/snip_topk, not resuming (masks from the checkpoint), not evaluating, and a loader that can
+    (not --gpu_pipeline's DeviceBatches)."""
+    started = []
+    data = argparse.Namespace(data_loader_train=argparse.Namespace(prefetch=lambda: started.append(1)))
+    args = argparse.Namespace(eval=False, sparse=True, sparse_init='snip', resume='')
+    assert main.prefetch_snip_batch(args, data) and started == [1]
+    args.sparse_init = 'snip_topk'
+    assert main.prefetch_snip_batch(args, data) and started == [1, 1]
+    for change in (dict(sparse_init='ERK'), dict(sparse=False), dict(resume='ckpt.pth'), dict(eval=True)):
+        assert not main.prefetch_snip_batch(argparse.Namespace(**{**vars(args), **change}), data)
+    assert not main.prefetch_snip_batch(args, argparse.Namespace(data_loader_train=object()))
+    assert started == [1, 1]

@@ -445,6 +445,30 @@ def test_first_batch_shared_hands_snips_batch_and_its_workers_to_epoch_zero(num_
     assert epoch2[0] is not stale and torch.cat([b[1] for b in epoch2]).tolist() == list(iter(sampler))
 
 
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_prefetched_first_batch_is_the_same_run(num_workers):
+    """prefetch() starts the first pass early (main.py: SNIP's batch, decoded while the run sets up): first_batch()
+    and epoch 0 then give the very batches, worker random draws included, and leave the default generator where a
+    run without it does; a prefetched pass that first_batch() never takes is dropped, and the next pass is whole."""
+    def run(prefetch, take=True):
+        torch.manual_seed(11)
+        shared = utils.FirstBatchShared(torch.utils.data.DataLoader(
+            _IndexAndDraw(), batch_size=4, shuffle=True, num_workers=num_workers, drop_last=True))
+        if prefetch:
+            shared.prefetch()
+            shared.prefetch()  # (a second call starts nothing more)
+        first = shared.first_batch() if take else None
+        epoch = list(shared)
+        return first, epoch, torch.get_rng_state()
+    first0, epoch0, rng0 = run(False)
+    first1, epoch1, rng1 = run(True)
+    assert torch.equal(first1[0], first0[0]) and epoch1[0] is first1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch1, epoch0)) and len(epoch1) == len(epoch0) == 4
+    assert torch.equal(rng1, rng0)
+    _, dropped, _ = run(True, take=False)
+    assert sorted(torch.cat([b[1] for b in dropped]).tolist()) == list(range(16))
+
+
 class _IndexWorkerPath(torch.utils.data.Dataset):
     """Item i: (tensor([i, the id of the worker that loaded it]), i, its 'path')."""
 
