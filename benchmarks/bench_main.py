@@ -254,8 +254,10 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
     # the training tail graphs traced ahead in a background thread (main.py's default since session 14), own caches
     'slak_cold_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
     'slak_warm_graphs': (SLAK_T_FLAGS, 'slak_graphs', {'SLAK_WARM_GRAPHS': '1'}),
-    # without that background trace (SLAK_WARM_GRAPHS=0), slak's caches (warm after slak_cold): the A/B of slak_warm
+    # without that background trace (SLAK_WARM_GRAPHS=0): warm with slak's caches (after slak_cold), the A/B of
+    # slak_warm; cold with caches of its own, the A/B of slak_cold
     'slak_warm_nowg': (SLAK_T_FLAGS, 'slak', {'SLAK_WARM_GRAPHS': '0'}),
+    'slak_cold_nowg': (SLAK_T_FLAGS, 'slak_nowg', {'SLAK_WARM_GRAPHS': '0'}),
 }
 THROUGHPUT_MODELS = ('SLaK-T ours', 'convnext_tiny (timm)', 'convnext_tiny (timm) torch.compile')
 DEFAULT_MAIN_RUNS = ('slak_cold', 'convnext', 'convnext_compile', 'slak_warm')
@@ -400,7 +402,7 @@ def main() -> None:
                              '--cuda_graph true, slak_eager: --cuda_graph false (slak\'s caches), convnext_graph: '
                              'ConvNeXt-T with --cuda_graph true; *_noprecompile: '
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
-                             'SLAK_WARM_GRAPHS=0 (slak\'s caches); also slak_eval, '
+                             'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; also slak_eval, '
                              'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call of issue 18's end-to-end measurement (see benchmarks/bench_main.py and RESULTS.md "End to end").
-#   bash benchmarks/device_e2e.sh main     the --cuda_graph GPU test, then main.py runs: data, loader, SLaK-T cold
-#                                          (CUDA graphs: 'auto'), SLaK-T --cuda_graph false, ConvNeXt-T eager,
-#                                          compiled and --cuda_graph true, SLaK-T warm, as time allows (~9-10 min on
-#                                          one H100); MAIN_RUNS picks others, in its order (bench_main.py --runs)
+#   bash benchmarks/device_e2e.sh main     main.py runs: data, loader, SLaK-T cold and warm (the defaults: CUDA
+#                                          graphs, tail graphs traced ahead), ConvNeXt-T eager and compiled, SLaK-T
+#                                          warm with SLAK_WARM_GRAPHS=0, then SLaK-T's bare-step graph replays at the
+#                                          same batch, as time allows (~9-10 min on one H100); MAIN_RUNS picks others,
+#                                          in its order (bench_main.py --runs); GPU_TEST=1 first runs the --cuda_graph
+#                                          GPU test (~80 s), IMPORT_CHECK=0 skips timing two bare imports (~20 s)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
 #   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
 #                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
@@ -60,16 +62,16 @@ print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'timm at', timm.__fi
 left() { echo $(( $1 * ${E2E_END_S:-600} / 600 - $(date +%s) + START )); }
 case "${1:-main}" in
   main)
-    # first the GPU-only test of --cuda_graph (replayed steps against eager ones; GPU_TEST=0 skips it), then the
-    # main.py runs; THROUGHPUT_MODELS (bench_throughput.py names) limits a throughput/throughput_graph run in MAIN_RUNS
-    if [ "${GPU_TEST:-1}" = 1 ]; then
+    # GPU_TEST=1: first the GPU-only test of --cuda_graph (replayed steps against eager ones), then the main.py
+    # runs; THROUGHPUT_MODELS (bench_throughput.py names; default SLaK-T only) and THROUGHPUT_INFER_BATCH (default 0:
+    # training only) shape the throughput/throughput_graph runs in MAIN_RUNS
+    if [ "${GPU_TEST:-0}" = 1 ]; then
       timeout 120 python3 -m pytest -q -p no:cacheprovider -k "gpu_cuda_graph" tests/test_main.py 2>&1 | tail -4 \
         | tee "$OUT/gpu_tests.txt"; fi
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
-      --runs "${MAIN_RUNS:-loader,slak_cold,slak_eager,convnext,convnext_compile,convnext_graph,slak_warm}" \
+      --runs "${MAIN_RUNS:-loader,slak_cold,slak_warm,convnext,convnext_compile,slak_warm_nowg,throughput_graph}" \
       --budget_s "$(left 480)" --throughput_budget_s "$(left 510)" --run_timeout_s 250 \
-      --throughput_models "${THROUGHPUT_MODELS:-SLaK-T ours,convnext_tiny (timm),convnext_tiny (timm) torch.compile}" \
-      ${THROUGHPUT_INFER_BATCH:+--throughput_infer_batch "$THROUGHPUT_INFER_BATCH"} \
+      --throughput_models "${THROUGHPUT_MODELS:-SLaK-T ours}" --throughput_infer_batch "${THROUGHPUT_INFER_BATCH:-0}" \
       2>&1 | grep -v -e '^Test:' -e '^  ' | tee "$OUT/bench_main.log" | tail -40 ;;
   bench)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
