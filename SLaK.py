@@ -1381,12 +1381,13 @@ def warm_step_graphs(model: nn.Module, batch: int, input_size: int, amp_dtype: O
     if not isinstance(model, SLaK) or model.grad_checkpointing or not Block.COMPILE_TAIL or \
             any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         return None
-    small = step_graph_copy(model)
-    x = torch.zeros(batch, 3, input_size, input_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    held = {'copy': step_graph_copy(model)}  # (let go by the step: nothing of it outlives the thread's work)
 
     def run_step():
+        small = held.pop('copy')
+        x = torch.zeros(batch, 3, input_size, input_size, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                             cache_enabled=autocast_cache):
             out = small(x)

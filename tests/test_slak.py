@@ -1,5 +1,6 @@
 """Tests for SLaK.py: keys, shapes and counts against the original's, maths against an independent float64 reference,
 inference folding, the conv seam, modern execution paths and bad-input errors."""
+import gc
 import math
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -1038,7 +1040,8 @@ def test_fast_dwconv_layers_lists_each_triton_layer_with_its_stage_stride():
 
 @pytest.mark.parametrize('amp_dtype,cache', [(None, True), (torch.bfloat16, True), (torch.bfloat16, False)])
 def test_warm_step_graphs_traces_the_step_graphs_ahead_without_touching_the_model(amp_dtype, cache, tail_backend,
-                                                                                 counted_graphs, capsys):
+                                                                                 counted_graphs, capsys,
+                                                                                 monkeypatch):
     """SLAK_WARM_GRAPHS: a background step of a small copy traces one training tail graph per stage; the model's
     weights, BatchNorm statistics and the random stream are untouched, and the real training step (drop path on in
     every block but the first) then meets only graphs already traced: nothing is traced again, provided it runs
@@ -1049,8 +1052,18 @@ def test_warm_step_graphs_traces_the_step_graphs_ahead_without_touching_the_mode
                               kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', drop_path_rate=0.3).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
+    copies = []
+    real_copy = SLaK.step_graph_copy
+
+    def tracked_copy(m):
+        small = real_copy(m)
+        copies.append(weakref.ref(small))
+        return small
+    monkeypatch.setattr(SLaK, 'step_graph_copy', tracked_copy)
     handle = SLaK.warm_step_graphs(model, 3, 64, amp_dtype, device='cpu', force=True, autocast_cache=cache)
     result = handle.wait(timeout=300)
+    gc.collect()
+    assert len(copies) == 1 and copies[0]() is None  # the copy (and its gradients) is not kept for the whole run
     # one graph per stage, under autocast too (a stage's first block up-casts the downsampling conv's bf16 output,
     # its shortcut, to the float32 that the later blocks receive), as the real step below
     graphs = 4
