@@ -725,6 +725,33 @@ TAIL_BACKEND = 'inductor'  # tests trace with 'aot_eager' (no code generation)
 TAIL_MAX_GRAPHS = 32
 
 
+def _tail_shapes() -> str:
+    raw = os.environ.get('SLAK_TAIL_SHAPES', 'static').strip().lower()
+    if raw not in ('static', 'dynamic'):
+        raise ValueError(f"SLAK_TAIL_SHAPES must be 'static' (one compiled tail graph per stage shape, the default) or "
+                         f"'dynamic' (one graph for every stage: symbolic channels and map sizes); got {raw!r}")
+    return raw
+
+
+# 'dynamic' (SLAK_TAIL_SHAPES=dynamic, opt-in until measured on a GPU): every stage's blocks share one training graph
+# and one evaluation graph, with symbolic channels, height and width (the weights' matching sizes too): SLaK-T
+# compiles 1 + 1 graphs instead of 4 + 4 on a fresh machine and traces one per process; the price is kernels
+# generated for symbolic sizes (reductions over a symbolic channel count). On the CPU with Inductor's C++ backend the
+# four stage shapes' training graphs compiled in 20.2 s as one against 28.4 s as four (benchmarks/tail_compile_time.py,
+# RESULTS.md issue 18 session 14).
+TAIL_SHAPES = _tail_shapes()
+
+
+def _symbolic_view(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A view of a tail weight (1-D: channels or hidden units; 2-D: the MLP's matrices) with every size marked
+    symbolic for torch.compile (the weight itself stays unmarked); None stays None."""
+    if tensor is None:
+        return None
+    view = tensor.view_as(tensor)
+    torch._dynamo.mark_dynamic(view, list(range(view.dim())))
+    return view
+
+
 def _run_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut: torch.Tensor,
               ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
               b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor], drop_scale: Optional[torch.Tensor],
@@ -748,18 +775,24 @@ def _run_tail(parts: List[torch.Tensor], bias: Optional[torch.Tensor], shortcut:
     # Map sizes stay static while a stage sees one size (classification); from a second size on (multi-scale
     # detection and segmentation) one graph with symbolic height and width serves them all, instead of a compile per
     # input size. (Sizes of 1 stay static: torch.compile specialises them.)
-    sizes = state['sizes'].setdefault((shape[1], layout, modes), set())
+    one_graph = TAIL_SHAPES == 'dynamic'
+    sizes = state['sizes'].setdefault((None if one_graph else shape[1], layout, modes), set())
     sizes.add(tuple(shape[2:]))
-    if len(sizes) > 1:
+    if len(sizes) > 1 or one_graph:
         dynamic += [d for d in (2, 3) if shape[d] > 1]
+    if one_graph and shape[1] > 1:
+        dynamic.append(1)
     if dynamic:
         # Views are marked, not the caller's tensors, which a later call (training) must see static.
         parts, shortcut = [p.view_as(p) for p in parts], shortcut.view_as(shortcut)
         for tensor in (*parts, shortcut):
             torch._dynamo.mark_dynamic(tensor, dynamic)
+        if 1 in dynamic:  # symbolic channels: the weights' sizes that follow them
+            ln_w, ln_b, w1, b1, w2, b2, gamma, bias = (
+                _symbolic_view(t) for t in (ln_w, ln_b, w1, b1, w2, b2, gamma, bias))
         for d in dynamic:
             shape[d] = None
-    strides = layout if any(d in dynamic for d in (2, 3)) else (parts[0].stride()[1:], shortcut.stride()[1:])
+    strides = layout if any(d in dynamic for d in (1, 2, 3)) else (parts[0].stride()[1:], shortcut.stride()[1:])
     args = (parts, bias, shortcut, ln_w, ln_b, w1, b1, w2, b2, gamma, drop_scale, eps)
     key = (tuple(shape), strides, modes)
     if key not in state['keys']:

@@ -258,6 +258,9 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
     # slak_warm; cold with caches of its own, the A/B of slak_cold
     'slak_warm_nowg': (SLAK_T_FLAGS, 'slak', {'SLAK_WARM_GRAPHS': '0'}),
     'slak_cold_nowg': (SLAK_T_FLAGS, 'slak_nowg', {'SLAK_WARM_GRAPHS': '0'}),
+    # one compiled tail graph for every stage (SLAK_TAIL_SHAPES=dynamic: symbolic channels and map sizes), own caches
+    'slak_cold_dyn': (SLAK_T_FLAGS, 'slak_dyn', {'SLAK_TAIL_SHAPES': 'dynamic'}),
+    'slak_warm_dyn': (SLAK_T_FLAGS, 'slak_dyn', {'SLAK_TAIL_SHAPES': 'dynamic'}),
 }
 THROUGHPUT_MODELS = ('SLaK-T ours', 'convnext_tiny (timm)', 'convnext_tiny (timm) torch.compile')
 DEFAULT_MAIN_RUNS = ('slak_cold', 'convnext', 'convnext_compile', 'slak_warm')
@@ -402,7 +405,8 @@ def main() -> None:
                              '--cuda_graph true, slak_eager: --cuda_graph false (slak\'s caches), convnext_graph: '
                              'ConvNeXt-T with --cuda_graph true; *_noprecompile: '
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
-                             'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; also slak_eval, '
+                             'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; *_dyn: '
+                             'SLAK_TAIL_SHAPES=dynamic (own caches); also slak_eval, '
                              'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)

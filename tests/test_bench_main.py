@@ -1,6 +1,8 @@
 """benchmarks/bench_main.py: its JPEG folder and its reading of a real main.py log (the parser must follow main.py's
 log format, or the end-to-end figures silently go missing)."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -139,3 +141,17 @@ def test_parser_reads_the_snip_and_graph_warm_up_lines(capsys):
     figures = bench_main.parse_main_log(lines, val_images=10)
     assert figures['snip_batch_s'] == 0.8 and figures['snip_pass_s'] == 2.5
     assert figures['graphs_ahead'] == 0 and figures['graphs_ahead_s'] == 0.0 and figures['first_step_s'] == 20.0
+
+
+def test_tail_compile_time_counts_one_graph_per_mode_for_every_stage_when_dynamic(tmp_path):
+    """benchmarks/tail_compile_time.py (tracing only, no code generation): SLaK-T's four stage shapes take four
+    training and four evaluation graphs by default and one of each with SLAK_TAIL_SHAPES=dynamic, each equal to the
+    eager tail."""
+    out = tmp_path / 'tails.json'
+    run = subprocess.run([sys.executable, 'benchmarks/tail_compile_time.py', '--backend', 'count', '--json',
+                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    reports = {r['mode']: r for r in json.loads(out.read_text())}
+    assert (reports['static']['train_graphs'], reports['static']['graphs']) == (4, 8)
+    assert (reports['dynamic']['train_graphs'], reports['dynamic']['graphs']) == (1, 2)
+    assert all(r['max_abs_diff'] == 0.0 for r in reports.values())

@@ -1295,3 +1295,38 @@ def test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops():
         assert torch.equal(a, b)
     for a, b in zip(fused, original):
         assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 2e-2
+
+
+def test_tail_shapes_dynamic_compiles_one_graph_for_every_stage(tail_backend, counted_graphs, monkeypatch):
+    """SLAK_TAIL_SHAPES=dynamic: the four stages' blocks (four channel counts and map sizes) share one training graph
+    and one evaluation graph, with the eager blocks' loss, gradients and logits; a bad value is refused by name."""
+    monkeypatch.setattr(SLaK, 'TAIL_SHAPES', 'dynamic')
+    torch.manual_seed(0)
+    m = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 2, 2], width_factor=0.1, drop_path_rate=0.2,
+                          kernel_size=[7, 5, 5, 3, 3], Decom=True, conv_impl='torch', layer_scale_init_value=0.5)
+    m = m.double().train()
+    assert len({s[0].pwconv1.in_features for s in m.stages}) == 4
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
+        m.zero_grad()
+        torch.manual_seed(1)
+        loss = m(x).square().sum()
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    assert len(counted_graphs) == 1 and len(SLaK._TAIL_STATE['keys']) == 1
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+    m.eval()
+    images = torch.randn(5, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits = [m(images[:3]), m(images)]  # two batch sizes: the same evaluation graph
+        assert len(counted_graphs) == 2
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
+        torch.testing.assert_close(logits[0], m(images[:3]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logits[1], m(images), rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv('SLAK_TAIL_SHAPES', 'symbolic')
+    with pytest.raises(ValueError, match="SLAK_TAIL_SHAPES must be 'static'"):
+        SLaK._tail_shapes()
