@@ -1220,11 +1220,14 @@ class _StartUpJob:
     NAME = COUNT = DONE = FAILED = BUSY = ''  # thread name, result key, the line's start, its failure note, timeout
     WAIT_S = 300.  # how long wait() waits by default
 
-    def __init__(self, work, cuda_index: Optional[int] = None, after: Optional['_StartUpJob'] = None):
+    def __init__(self, work, cuda_index: Optional[int] = None, after: Optional['_StartUpJob'] = None,
+                 meanwhile=None):
         self.start, self.result = time.time(), {self.COUNT: 0, 'error': None}
 
         def run():
             try:
+                if meanwhile is not None:  # what need not wait for ``after``
+                    meanwhile()
                 if after is not None:
                     after.thread.join()
                 if cuda_index is not None:  # a new thread starts on GPU 0
@@ -1367,17 +1370,30 @@ WARM_GRAPHS: Union[str, bool] = _env_switch('SLAK_WARM_GRAPHS')
 
 class GraphWarmUp(_StartUpJob):
     """The background step started by :func:`warm_step_graphs` (``run_step``), after the kernel precompile ``after``
-    (the step would otherwise compile the same kernels a second time)."""
+    (the step would otherwise compile the same kernels a second time). While the precompile runs, it imports the
+    compiler that tracing needs (:func:`_import_tail_compiler`: Inductor, ~1-2 s on the H100 hosts)."""
 
     NAME, COUNT, DONE = 'slak-warm-graphs', 'graphs', 'Block tails: {} training graphs traced'
     FAILED, BUSY, WAIT_S = 'the first step traces them', 'still tracing', 600.
 
-    def __init__(self, run_step, after: Optional[KernelPrecompile] = None, cuda_index: Optional[int] = None):
+    def __init__(self, run_step, after: Optional[KernelPrecompile] = None, cuda_index: Optional[int] = None,
+                 meanwhile=None):
         def work():
             before = len(_TAIL_STATE['keys'])
             run_step()
             return len(_TAIL_STATE['keys']) - before
-        super().__init__(work, cuda_index, after)
+        super().__init__(work, cuda_index, after, meanwhile=meanwhile or _import_tail_compiler)
+
+
+def _import_tail_compiler() -> None:
+    """Import the modules that compiling the block tails needs first (Inductor's, unless a test traces with
+    another backend). Only time is at stake: whatever fails here is imported (or reported) by the step itself."""
+    if TAIL_BACKEND != 'inductor':
+        return
+    try:
+        import torch._inductor.compile_fx  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def step_graph_copy(model: nn.Module) -> nn.Module:

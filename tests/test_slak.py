@@ -1122,17 +1122,27 @@ def test_stage_first_block_shares_the_later_blocks_tail_graph_and_outputs(tail_b
         assert torch.equal(out, blocks[1](blocks[0](x16)))
 
 
-def test_graph_warm_up_starts_after_the_kernel_precompile_and_reports_failures(capsys):
+def test_graph_warm_up_starts_after_the_kernel_precompile_and_reports_failures(capsys, monkeypatch):
     """The background step runs only once the kernel precompile's thread has ended (else it would compile the same
-    kernels a second time), and a failing step is reported, not raised: the first step then traces as before."""
+    kernels a second time; its imports run meanwhile), and a failing step is reported, not raised: the first step
+    then traces as before."""
     import threading
     import time as time_module
     events = []
     precompile = type('Precompile', (), {})()
     precompile.thread = threading.Thread(target=lambda: (time_module.sleep(0.3), events.append('kernels')))
     precompile.thread.start()
-    result = SLaK.GraphWarmUp(lambda: events.append('step'), after=precompile).wait(timeout=60)
-    assert events == ['kernels', 'step'] and result['error'] is None
+    result = SLaK.GraphWarmUp(lambda: events.append('step'), after=precompile,
+                              meanwhile=lambda: events.append('imports')).wait(timeout=60)
+    # what need not wait (the compiler's imports) runs while the precompile does
+    assert events == ['imports', 'kernels', 'step'] and result['error'] is None
+    imported = []
+    monkeypatch.setattr(SLaK, '_import_tail_compiler', lambda: imported.append(1))
+    SLaK.GraphWarmUp(lambda: None).wait(timeout=60)
+    assert imported == [1]  # by default: Inductor's modules
+    monkeypatch.undo()
+    SLaK._import_tail_compiler()
+    assert 'torch._inductor.compile_fx' in sys.modules
 
     def broken():
         raise RuntimeError('out of memory')
