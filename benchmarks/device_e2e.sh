@@ -7,8 +7,9 @@
 #                                          in its order (bench_main.py --runs); GPU_TEST=1 first runs the --cuda_graph
 #                                          GPU test (~80 s), IMPORT_CHECK=0 skips timing two bare imports (~20 s)
 #   bash benchmarks/device_e2e.sh bench    bare steps (bench_throughput eager + graph) and the memory breakdown
-#   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm, then cold
-#                                          and warm with SLAK_WARM_GRAPHS=1 (~5 min; PROFILE_RUNS to choose)
+#   bash benchmarks/device_e2e.sh profile  start-up phase by phase (profile_startup.py): cold and warm as main.py
+#                                          runs by default, then cold and warm with SLAK_WARM_GRAPHS=0 (~5 min;
+#                                          PROFILE_RUNS to choose)
 #   bash benchmarks/device_e2e.sh compile [B] SLaK-T compiled as a whole (with Inductor's BNs, and with our fused
 #                                          branch BN as an op: "op BN") vs eager + compiled tails vs compiled
 #                                          ConvNeXt-T (graph replays, training batch B, default 64), then each
@@ -16,6 +17,9 @@
 #   bash benchmarks/device_e2e.sh step [B]  issue 20: where the GPU time of a training step goes (profile_step.py),
 #                                          SLaK-T, its two ceilings (depthwise convs / large-kernel part free) and
 #                                          compiled ConvNeXt-T, kernels grouped (batch B, default 64; ~4 min)
+#   bash benchmarks/device_e2e.sh inferprofile [B]  issue 20: where the GPU time of folded SLaK-T's inference goes
+#                                          (eager and compiled as a whole) against compiled ConvNeXt-T's (batch B,
+#                                          default 128; ~4 min)
 #   bash benchmarks/device_e2e.sh eval     issue 20: main.py --eval true with the README's evaluation command (fp32 as
 #                                          written, and bf16 at batch 128) on a 12,800-image view, the evaluation
 #                                          loader alone, and folded SLaK-T's graph-replay inference (~3 min)
@@ -84,10 +88,10 @@ root = Path('.bench/data')
 print(b.write_jpeg_folder(root, 12800, 1280, 100, 16) if not (root / 'val').is_dir() else 'data: kept')"
     FLAGS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_main as b
 print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
-    # cold and warm as main.py runs by default (with the parallel kernel precompile), then cold and warm with the
-    # training tail graphs traced ahead in a background thread (SLAK_WARM_GRAPHS=1, opt-in until measured)
+    # cold and warm as main.py runs by default (the parallel kernel precompile, the tail graphs traced ahead, the
+    # CUDA-graph capture), then cold and warm without the graphs traced ahead (SLAK_WARM_GRAPHS=0)
     timeout "$(left 440)" python3 benchmarks/profile_startup.py --out "$OUT" --cache_root "$PWD/.bench/pcache" \
-      --runs "${PROFILE_RUNS:-cold,warm,cold_graphs,warm_graphs}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
+      --runs "${PROFILE_RUNS:-cold,warm,cold_nowg,warm_nowg}" --steps 3 --eval_batches 2 --timeout_s 200 -- $FLAGS \
       --batch_size 128 --epochs 2 --data_path .bench/data --num_workers 16 2>&1 | tee "$OUT/profile_startup.txt" ;;
   compile)
     # is a whole-model torch.compile of SLaK-T (our op inside, plain BatchNorms for Inductor to fuse) faster than
@@ -112,6 +116,12 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
     timeout "$(left 560)" python3 benchmarks/profile_step.py --batch "${2:-64}" --steps 3 --models \
       "SLaK-T ours,SLaK-T dwconv=identity,SLaK-T large_kernel=identity,convnext_tiny (timm) torch.compile" 2>&1 \
       | grep -v -i warn | tee "$OUT/profile_step_b${2:-64}.txt" ;;
+  inferprofile)
+    # issue 20: where folded SLaK-T's inference time goes against compiled ConvNeXt-T's (profile_step.py --infer:
+    # eager bf16 forwards, kernels grouped; batch B, default 128; ~4 min)
+    timeout "$(left 560)" python3 benchmarks/profile_step.py --infer --batch "${2:-128}" --steps 3 --models \
+      "SLaK-T ours folded decomposed,SLaK-T ours folded decomposed torch.compile,convnext_tiny (timm) torch.compile" \
+      2>&1 | grep -v -i warn | tee "$OUT/profile_infer_b${2:-128}.txt" ;;
   ab)
     # session 11's eager-path changes, A/B in one process: the channels_first LayerNorm through F.layer_norm and the
     # block input's gradient in one pass, each against the old ops; graph replays, then eager launches (host time

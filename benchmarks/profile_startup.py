@@ -144,6 +144,7 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     model = main_py.build_model(args_main, args_main.model)
     mark('prepare_model')
     model = main_py.prepare_model(args_main, model, device)
+    main_py.prefetch_snip_batch(args_main, data)
     warmer = main_py.start_cache_warming(args_main, model, device, amp_dtype)
     precompiler = main_py.start_kernel_precompile(args_main, model, device, amp_dtype)
     graph_warm_up = main_py.start_graph_warm_up(args_main, model, device, amp_dtype, precompiler)
@@ -171,6 +172,8 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
     if graph_warm_up is not None:
         mark('wait for graph warm-up')
         graphs_ahead = graph_warm_up.wait()
+    mark('CUDA-graph capture')  # (main.py's default for SLaK on one GPU; nothing where it does not apply)
+    train_forward = main_py.graph_training_forward(args_main, model, device, amp_dtype)
 
     class Steps:
         """The training loader's first ``args.steps`` batches, a mark (GPU synchronised) before each."""
@@ -198,7 +201,8 @@ def child(args: argparse.Namespace, main_argv: List[str]) -> None:
                            0, loss_scaler, args_main.clip_grad, model_ema, data.mixup_fn, start_steps=0,
                            lr_schedule_values=lr_values, wd_schedule_values=wd_values,
                            num_training_steps_per_epoch=num_steps, update_freq=args_main.update_freq,
-                           use_amp=args_main.use_amp, mask=mask, amp_dtype=amp_dtype, print_freq=10 ** 6)
+                           use_amp=args_main.use_amp, mask=mask, amp_dtype=amp_dtype, print_freq=10 ** 6,
+                           train_forward=train_forward)
     mark('eval: folded copy')
     eval_model = main_py.inference_model(args_main, model_ema.ema if model_ema is not None else model)
     if data.data_loader_val is not None and args.eval_batches:
@@ -247,8 +251,9 @@ def main() -> None:
     parser.add_argument('--out', default='.', help='folder for startup_<run>.json')
     parser.add_argument('--runs', default='cold,warm',
                         help='cold (fresh caches), warm (reusing them); suffixes: _warmers (SLAK_WARM_CACHES=1: the '
-                             'per-stage compile helpers, off by default), _graphs (SLAK_WARM_GRAPHS=1: the training '
-                             'tail graphs traced ahead in a background thread, off by default), _noprecompile '
+                             'per-stage compile helpers, off by default), _graphs / _nowg (SLAK_WARM_GRAPHS=1 / 0: '
+                             'the training tail graphs traced ahead in a background thread, on by default on CUDA '
+                             'since session 14), _noprecompile '
                              '(SLAK_PRECOMPILE=0: without the parallel compile of the step\'s Triton kernels ahead '
                              'of it, on by default), e.g. cold_noprecompile, cold_graphs, warm_graphs')
     parser.add_argument('--cache_root', default='', help='Inductor/Triton caches (default: a temporary folder)')
@@ -273,7 +278,8 @@ def main() -> None:
             shutil.rmtree(caches, ignore_errors=True)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / 'inductor'),
                    TRITON_CACHE_DIR=str(caches / 'triton'), PYTHONUNBUFFERED='1')
-        env['SLAK_WARM_GRAPHS'] = '1' if '_graphs' in run else '0'
+        if '_graphs' in run or '_nowg' in run:
+            env['SLAK_WARM_GRAPHS'] = '1' if '_graphs' in run else '0'
         env['SLAK_WARM_CACHES'] = '1' if '_warmers' in run else '0'
         env['SLAK_PRECOMPILE'] = '0' if '_noprecompile' in run else '1'
         result_path = out / f'startup_{run}.json'

@@ -3,6 +3,12 @@
 Run on a CUDA machine from the repository root (needs timm)::
 
     python benchmarks/profile_step.py [--models "SLaK-T ours,convnext_tiny (timm)"] [--batch 64] [--out DIR]
+    python benchmarks/profile_step.py --infer --batch 128 \
+        --models "SLaK-T ours folded decomposed,convnext_tiny (timm) torch.compile"    # inference forwards instead
+
+``--infer`` profiles bf16-autocast inference forwards (no gradients) instead: rows named "folded" are reparameterized
+first, as ``bench_throughput.py`` does (issue 20: where folded SLaK-T's inference time goes against a compiled
+ConvNeXt-T's).
 
 Prints, per model: wall ms per step, summed GPU kernel ms per step (the two differ by host stalls and gaps), and the
 kernel time split into groups (our depthwise kernels, cuDNN depthwise, BatchNorm, LayerNorm, GEMM, elementwise and
@@ -87,9 +93,28 @@ def launchers(events, depth=4):
     return out
 
 
-def profile_model(name, batch, steps, out_dir):
+def make_infer_step(model, batch, size=224, device="cuda"):
+    """One bf16-autocast inference forward at ``batch`` (as ``bench_throughput.infer_speed`` times it, eagerly)."""
+    model.eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            model(x)
+    return step
+
+
+def profile_model(name, batch, steps, out_dir, infer=False):
     torch.manual_seed(0)
-    step = bt.make_train_step(bt.make(name).cuda(), batch)
+    model = bt.make(name).cuda()
+    if infer:
+        if "folded" in name:
+            model.eval()
+            model.reparameterize(decomposed="decomposed" in name)
+        step = make_infer_step(model, batch)
+    else:
+        step = bt.make_train_step(model, batch)
     wall = bt.seconds_per_call(step, steps, warmup=5) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -104,7 +129,8 @@ def profile_model(name, batch, steps, out_dir):
     groups = defaultdict(float)
     for k, v in kernels.items():
         groups[group_of(k)] += v
-    print(f"== {name}, batch {batch}: wall {wall:.2f} ms/step, GPU kernels {total:.2f} ms/step "
+    print(f"== {name}, {'inference' if infer else 'training'} batch {batch}: wall {wall:.2f} ms/step, GPU kernels "
+          f"{total:.2f} ms/step "
           f"({sum(counts.values()) / steps:.0f} kernels/step)")
     for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"   {g:28s} {v:8.3f} ms  {100 * v / total:5.1f} %")
@@ -125,11 +151,12 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for Chrome traces")
+    parser.add_argument("--infer", action="store_true", help="inference forwards (bf16 autocast) instead of steps")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
     for name in args.models.split(","):
-        profile_model(name, args.batch, args.steps, args.out)
+        profile_model(name, args.batch, args.steps, args.out, infer=args.infer)
         torch.cuda.empty_cache()
 
 

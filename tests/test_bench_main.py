@@ -134,7 +134,7 @@ def test_parser_reads_the_snip_and_graph_warm_up_lines(capsys):
     import sparse_core
     assert ("print(f'SNIP: first batch in {batch_s:.1f} s, scoring pass in "
             "{time.perf_counter() - start - batch_s:.1f} s')") in inspect.getsource(sparse_core)
-    SLaK.GraphWarmUp(lambda: None).wait(timeout=30)
+    SLaK.GraphWarmUp(lambda: None, meanwhile=lambda: None).wait(timeout=30)
     warm_line = capsys.readouterr().out.strip().splitlines()[-1]
     lines = [(12.0, 'SNIP: first batch in 0.8 s, scoring pass in 2.5 s'), (13.0, warm_line),
              (20.0, 'Epoch: [0]  [  0/100]  eta: 0:01:00  img/s: 100.0  max mem: 12000')]

@@ -315,3 +315,24 @@ def test_throughput_record_is_rewritten_whole_after_every_model(tmp_path, monkey
     bench_throughput.write_json(str(path), args, bench_throughput.medians(samples))
     assert list(json.loads(path.read_text())['rows']) == ['x', 'y']
     assert [p.name for p in tmp_path.iterdir()] == ['throughput.json']
+
+
+def test_profile_step_inference_forward_is_an_evaluation_without_gradients_under_bf16_autocast():
+    """profile_step --infer (issue 20: where folded inference's time goes) times what bench_throughput's inference
+    rows time: the model in evaluation mode, no autograd graph, bf16 autocast (of the input's device), one forward
+    of the batch."""
+    import torch
+    import profile_step
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((self.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+                         torch.get_autocast_dtype(x.device.type), tuple(x.shape)))
+            return x
+
+    model = Probe().train()
+    step = profile_step.make_infer_step(model, 3, size=8, device='cpu')
+    step()
+    step()
+    assert seen == [(False, False, True, torch.bfloat16, (3, 3, 8, 8))] * 2
