@@ -822,6 +822,23 @@ def test_compiled_tail_map_sizes_go_symbolic_from_the_second_size(tail_backend, 
     assert len(graphs) == 5 and len(SLaK._TAIL_STATE['keys']) == 5
 
 
+def float64_step(m, x, compiled, monkeypatch):
+    """(loss, gradients) of one float64 training step of ``m`` on ``x``, the blocks' tails compiled or eager, with the
+    same random draws (drop path) either way."""
+    monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
+    m.zero_grad()
+    torch.manual_seed(1)
+    loss = m(x).square().sum()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(eager, compiled):
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
+    for k, g in eager[1].items():
+        torch.testing.assert_close(compiled[1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+
+
 def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend, counted_graphs, monkeypatch):
     """Drop-path rates rise from 0, so the first block has none; it still passes per-sample factors (ones) and shares
     its stage's training graph: one graph per stage shape, and the same loss and gradients as the eager blocks."""
@@ -832,18 +849,9 @@ def test_compiled_tail_one_training_graph_per_stage_with_drop_path(tail_backend,
     m = m.double().train()
     assert m.stages[0][0].drop_path.__class__.__name__ == 'Identity'  # the first block has no drop path
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    results = []
-    for compiled in (False, True):
-        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
-        m.zero_grad()
-        torch.manual_seed(1)
-        loss = m(x).square().sum()
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    results = [float64_step(m, x, compiled, monkeypatch) for compiled in (False, True)]
     assert len(graphs) == 4 and len(SLaK._TAIL_STATE['keys']) == 4  # 4 stage shapes, not 5
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
-    for k, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+    assert_same_step(*results)
 
 
 def test_stage_input_is_what_each_stage_receives():
@@ -1309,7 +1317,8 @@ def test_gpu_one_pass_input_gradient_and_layer_norm_match_the_old_ops():
 
 def test_tail_shapes_dynamic_compiles_one_graph_for_every_stage(tail_backend, counted_graphs, monkeypatch):
     """SLAK_TAIL_SHAPES=dynamic: the four stages' blocks (four channel counts and map sizes) share one training graph
-    and one evaluation graph, with the eager blocks' loss, gradients and logits; a bad value is refused by name."""
+    and one evaluation graph (and the folded decomposed form one more), with the eager blocks' loss, gradients and
+    logits; a bad value is refused by name."""
     monkeypatch.setattr(SLaK, 'TAIL_SHAPES', 'dynamic')
     torch.manual_seed(0)
     m = timm.create_model('SLaK_tiny', num_classes=5, depths=[2, 2, 2, 2], width_factor=0.1, drop_path_rate=0.2,
@@ -1317,18 +1326,9 @@ def test_tail_shapes_dynamic_compiles_one_graph_for_every_stage(tail_backend, co
     m = m.double().train()
     assert len({s[0].pwconv1.in_features for s in m.stages}) == 4
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    results = []
-    for compiled in (False, True):
-        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', compiled)
-        m.zero_grad()
-        torch.manual_seed(1)
-        loss = m(x).square().sum()
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    results = [float64_step(m, x, compiled, monkeypatch) for compiled in (False, True)]
     assert len(counted_graphs) == 1 and len(SLaK._TAIL_STATE['keys']) == 1
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
-    for k, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+    assert_same_step(*results)
     m.eval()
     images = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -1337,6 +1337,13 @@ def test_tail_shapes_dynamic_compiles_one_graph_for_every_stage(tail_backend, co
         monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', False)
         torch.testing.assert_close(logits[0], m(images[:3]), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(logits[1], m(images), rtol=1e-12, atol=1e-12)
+        # the folded decomposed form (two conv outputs and a bias into the tail): one more graph for every stage
+        m.reparameterize(decomposed=True)
+        eager_folded = m(images[:3])
+        monkeypatch.setattr(SLaK.Block, 'COMPILE_TAIL', True)
+        torch.testing.assert_close(m(images[:3]), eager_folded, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eager_folded, logits[0], rtol=1e-9, atol=1e-9)  # (folding is exact)
+        assert len(counted_graphs) == 3
     monkeypatch.setenv('SLAK_TAIL_SHAPES', 'symbolic')
     with pytest.raises(ValueError, match="SLAK_TAIL_SHAPES must be 'static'"):
         SLaK._tail_shapes()
