@@ -264,7 +264,13 @@ MAIN_RUNS: Dict[str, Tuple[List[str], str, Dict[str, str]]] = {
 }
 THROUGHPUT_MODELS = ('SLaK-T ours', 'convnext_tiny (timm)', 'convnext_tiny (timm) torch.compile')
 DEFAULT_MAIN_RUNS = ('slak_cold', 'convnext', 'convnext_compile', 'slak_warm')
-OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', 'slak_eval', 'slak_eval_bf16', 'eval_loader')
+EVAL_RUNS = {  # main.py --eval true runs (issue 20): the README's command as written (fp32, batch 64 -> 96 per
+    # evaluation batch), in bf16 at --batch_size (x1.5 per evaluation batch), and that with the JPEGs decoded on the GPU
+    'slak_eval': [],
+    'slak_eval_bf16': ['--use_amp', 'true', '--amp_dtype', 'bfloat16'],
+    'slak_eval_bf16_gpu': ['--use_amp', 'true', '--amp_dtype', 'bfloat16', '--gpu_pipeline', 'true'],
+}
+OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', *EVAL_RUNS, 'eval_loader')
 
 
 def main_run_order(runs: str) -> List[str]:
@@ -407,7 +413,8 @@ def main() -> None:
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
                              'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; *_dyn: '
                              'SLAK_TAIL_SHAPES=dynamic (own caches); also slak_eval, '
-                             'slak_eval_bf16, eval_loader (issue 20: main.py --eval true, the README\'s command)')
+                             'slak_eval_bf16, slak_eval_bf16_gpu (--gpu_pipeline true), eval_loader (issue 20: '
+                             'main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--throughput_models', default=','.join(THROUGHPUT_MODELS),
@@ -509,7 +516,7 @@ def main() -> None:
     # written (fp32, batch 64 -> 96 per evaluation batch) and in bf16 at batch 128 (192), SLaK-T folded by default
     # (--eval_folded), a main.py-format checkpoint with 40 % zeros, the caches of the SLaK-T runs; and the
     # evaluation loader alone at the bf16 run's batch
-    if {'slak_eval', 'slak_eval_bf16', 'eval_loader'} & wanted:
+    if {*EVAL_RUNS, 'eval_loader'} & wanted:
         view = eval_view(data_path, Path(tempfile.mkdtemp(prefix='bench_eval_view_')))
         if 'eval_loader' in wanted:
             report['eval_loader_img_s'] = loader_speed(view, int(1.5 * args.batch_size), args.num_workers,
@@ -518,8 +525,9 @@ def main() -> None:
         checkpoint = Path(tempfile.mkdtemp(prefix='bench_eval_ckpt_')) / 'SLaK-T.pth'
         report['eval_checkpoint'] = write_classification_checkpoint(
             checkpoint, SLAK_T_FLAGS[2:] + ['--nb_classes', str(args.classes)], 0.4)
-        for name, extra in (('slak_eval', []), ('slak_eval_bf16', ['--use_amp', 'true', '--amp_dtype', 'bfloat16',
-                                                                     '--batch_size', str(args.batch_size)])):
+        for name, extra in EVAL_RUNS.items():
+            if extra:  # (the bf16 runs at the benchmark's batch)
+                extra = [*extra, '--batch_size', str(args.batch_size)]
             if due(name):
                 logged_run(name, [sys.executable, 'main.py', *EVAL_FLAGS, '--resume', str(checkpoint), '--data_path',
                                   view, '--num_workers', str(args.num_workers), *extra], env_with('slak'),

@@ -155,3 +155,16 @@ def test_tail_compile_time_counts_one_graph_per_mode_for_every_stage_when_dynami
     assert (reports['static']['train_graphs'], reports['static']['graphs']) == (4, 8)
     assert (reports['dynamic']['train_graphs'], reports['dynamic']['graphs']) == (1, 2)
     assert all(r['max_abs_diff'] == 0.0 for r in reports.values())
+
+
+def test_eval_runs_are_the_readme_command_then_bf16_then_gpu_decoding():
+    """Issue 20's main.py --eval runs: the README's evaluation command as written (no extra flag), then bf16 at the
+    benchmark's batch, then the same with the JPEGs decoded on the GPU; every flag is one main.py accepts."""
+    import main
+    assert list(bench_main.EVAL_RUNS) == ['slak_eval', 'slak_eval_bf16', 'slak_eval_bf16_gpu']
+    assert bench_main.EVAL_RUNS['slak_eval'] == []
+    assert bench_main.EVAL_RUNS['slak_eval_bf16_gpu'][-2:] == ['--gpu_pipeline', 'true']
+    for extra in bench_main.EVAL_RUNS.values():
+        args = main.get_args_parser().parse_args([*bench_main.EVAL_FLAGS, *extra, '--batch_size', '128'])
+        assert args.eval is True and args.model == 'SLaK_tiny'
+    assert bench_main.main_run_order('slak_eval_bf16_gpu,slak_cold') == ['slak_cold']
