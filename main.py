@@ -66,7 +66,7 @@ import utils
 from datasets import DATA_SETS, DeviceBatches, GpuAugment, build_dataset, check_same_classes, collate_encoded
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from optim_factory import build_layer_decay_assigner, create_optimizer
-from sparse_core import SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
+from sparse_core import SNIP_INITS, SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
 from utils import NativeScalerWithGradNormCount as NativeScaler
 from utils import str2bool
 
@@ -536,7 +536,7 @@ def prefetch_snip_batch(args: argparse.Namespace, data: 'Data') -> bool:
     model is built (``utils.FirstBatchShared.prefetch``): the workers decode it while the run sets up its optimizer,
     EMA and compile jobs. Nothing in between draws random numbers, so the run is the same. Not for runs that resume
     (their masks come from the checkpoint) or only evaluate; returns whether it started."""
-    if args.eval or not args.sparse or args.sparse_init not in ('snip', 'snip_topk') or args.resume:
+    if args.eval or not args.sparse or args.sparse_init not in SNIP_INITS or args.resume:
         return False
     prefetch = getattr(data.data_loader_train, 'prefetch', None)  # (not DeviceBatches: --gpu_pipeline)
     if prefetch is None:

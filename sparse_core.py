@@ -47,7 +47,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-SPARSE_INITS = ('snip', 'snip_topk', 'ERK', 'uniform', 'resume')
+SNIP_INITS = ('snip', 'snip_topk')  # the inits that score one training batch (Masking._snip_scores)
+SPARSE_INITS = (*SNIP_INITS, 'ERK', 'uniform', 'resume')
 PRUNE_MODES = ('magnitude', 'SET')
 GROWTH_MODES = ('random', 'gradient', 'momentum', 'momentum_neuron')
 REDISTRIBUTION_MODES = ('none', 'momentum', 'nonzero', 'magnitude')

@@ -54,8 +54,7 @@ def one_mode(args: argparse.Namespace) -> dict:
         if train:
             part.requires_grad_()
             shortcut.requires_grad_()
-        args_ = ([part], None, shortcut, *params[:2], params[2], params[3], params[4], params[5], params[6], drop,
-                 1e-6)
+        args_ = ([part], None, shortcut, *params, drop, 1e-6)  # (params: ln_w, ln_b, w1, b1, w2, b2, gamma)
         with torch.autocast(**autocast):
             out = SLaK._run_tail(*args_)
             with torch.no_grad():
