@@ -103,8 +103,11 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.images[index % len(self.images)], index % self.nb_classes
 
 
-def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.VisionDataset, int]:
-    """Build the train (``is_train``) or validation dataset named by ``args.data_set``; returns (dataset, classes)."""
+def build_dataset(is_train: bool, args: argparse.Namespace,
+                  normalize: bool = True) -> Tuple[datasets.VisionDataset, int]:
+    """Build the train (``is_train``) or validation dataset named by ``args.data_set``; returns (dataset, classes).
+    ``normalize=False``: validation images stay uint8 (:func:`build_transform`) for a :class:`DeviceLoader` to
+    normalise (synthetic images come normalised either way)."""
     gpu_pipeline = getattr(args, 'gpu_pipeline', False)
     if gpu_pipeline and args.data_set != 'IMNET':
         raise ValueError(f'--gpu_pipeline true reads ImageNet-style folders only (--data_set IMNET); got --data_set '
@@ -114,7 +117,7 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[datasets.Vi
         return SyntheticImages(size, args.nb_classes, args.input_size, seed=1 + int(is_train)), args.nb_classes
     transform = None
     if not gpu_pipeline:  # GpuAugment (built with the loaders) replaces the PIL transforms
-        transform = build_transform(is_train, args)
+        transform = build_transform(is_train, args, normalize=normalize)
         print('Transform = ')
         for t in (transform.transforms if hasattr(transform, 'transforms') else [transform]):
             print(t)
@@ -198,8 +201,14 @@ def eval_resize(args: argparse.Namespace) -> Optional[List[int]]:
     return [int(args.input_size / args.crop_pct)]
 
 
-def build_transform(is_train: bool, args: argparse.Namespace) -> transforms.Compose:
-    """timm training transform / resize-crop evaluation transform of the original."""
+def build_transform(is_train: bool, args: argparse.Namespace, normalize: bool = True) -> transforms.Compose:
+    """timm training transform / resize-crop evaluation transform of the original.
+
+    ``normalize=False`` (evaluation only): the transform stops at uint8 (C, H, W) images (``PILToTensor``) and
+    :class:`DeviceLoader` applies ``ToTensor`` + ``Normalize`` on the device, with the same bits."""
+    if is_train and not normalize:
+        raise ValueError('build_transform: normalize=False is for the evaluation transform only (the training '
+                         'transform erases patches of the normalised images)')
     resize_im = args.input_size > 32
     mean, std = mean_std(args)
 
@@ -231,6 +240,9 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> transforms.Comp
         t.append(transforms.Resize(size[0], interpolation=transforms.InterpolationMode.BICUBIC))
     if args.input_size < 384:
         t.append(transforms.CenterCrop(args.input_size))
+    if not normalize:
+        t.append(transforms.PILToTensor())
+        return transforms.Compose(t)
     t.append(transforms.ToTensor())
     t.append(transforms.Normalize(mean, std))
     return transforms.Compose(t)
@@ -576,3 +588,70 @@ class DeviceBatches:
         for batch in self.loader:
             yield first[1] if first is not None and batch is first[0] else self._on_device(batch)
             first = None
+
+
+class DeviceLoader:
+    """A loader of ``(images, targets)`` on the CPU, seen with both on ``device``, so ``engine.evaluate`` finds its
+    batches there. Exact: the same numbers as ``.to(device)`` of the batches as loaded.
+
+    * On CUDA each batch is copied on a side stream: the copy of the next batch overlaps the kernels still queued
+      for this one (copied on the compute stream, as ``engine`` did, it waits for them: ~115 MB of float32 images
+      per evaluation batch of 192, a few ms at the host link's rate, idle for the kernels).
+    * ``mean_std``: the images arrive as uint8 (:func:`build_transform` with ``normalize=False``: a quarter of the
+      bytes to pin and copy, and the workers skip the float conversion) and become what ``ToTensor`` +
+      ``Normalize(mean, std)`` give, on the device: ``x.float() / 255``, then ``- mean``, then ``/ std`` per channel,
+      in float32, the same operations in the same order (the same bits: a CPU test compares them).
+
+    ``len``, ``sampler`` and ``dataset`` are the loader's, and so are ``first_batch`` and ``prefetch`` where it has
+    them (``utils.FirstBatchShared``: SNIP's batch, as loaded, on the CPU).
+    """
+
+    def __init__(self, loader, device: torch.device, mean_std: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
+        device = torch.device(device)
+        if device.type == 'cuda' and device.index is None:  # the rank's device (set by init_distributed_mode)
+            device = torch.device('cuda', torch.cuda.current_device())
+        self.loader, self.device = loader, device
+        self.sampler, self.dataset = getattr(loader, 'sampler', None), getattr(loader, 'dataset', None)
+        self.mean_std = mean_std
+        self._stream = None
+        self._constants = None  # mean, std as (1, C, 1, 1) float32 tensors on the device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        loader = self.__dict__.get('loader')
+        if loader is not None and name in ('first_batch', 'prefetch'):  # (AttributeError where the loader has none)
+            return getattr(loader, name)
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self._constants is None:
+            self._constants = tuple(torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(self.device)
+                                    for v in self.mean_std)
+        mean, std = self._constants
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+    def _on_device(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type != 'cuda':
+            images, targets = images.to(self.device), targets.to(self.device)
+        else:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._stream):
+                images, targets = (images.to(self.device, non_blocking=True),
+                                   targets.to(self.device, non_blocking=True))
+            compute.wait_stream(self._stream)
+            for tensor in (images, targets):  # made on the side stream, used and freed on the compute stream
+                tensor.record_stream(compute)
+        if self.mean_std is not None:
+            if images.dtype != torch.uint8:
+                raise ValueError(f'DeviceLoader(mean_std=...) normalises uint8 images; the loader gave '
+                                 f'{images.dtype} (build the dataset with normalize=False)')
+            images = self._normalize(images)
+        return images, targets
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.loader:
+            yield self._on_device(batch[0], batch[-1])

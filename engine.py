@@ -195,16 +195,34 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
+@dataclasses.dataclass
+class _EvalFigures:
+    """One evaluation batch's loss, top-1 and top-k hit rates (float32, on the device until read) and its size."""
+    n: int
+    values: torch.Tensor
+
+    def record(self, metric_logger: utils.MetricLogger) -> None:
+        loss, acc1, acc5 = self.values.tolist()
+        metric_logger.update(n=self.n, loss=loss, acc1=acc1 * 100., acc5=acc5 * 100.)
+
+
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device, use_amp: bool = False,
-             amp_dtype: torch.dtype = torch.float16, channels_last: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set, all ranks together."""
+             amp_dtype: torch.dtype = torch.float16, channels_last: bool = False,
+             print_freq: int = 10) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set, all ranks together.
+
+    Each batch's figures are read (one host wait) once the next batch is queued, so the device is never idle
+    between batches; progress lines (every ``print_freq`` batches) read all so far. The figures are those the
+    original read at once (the same float32 values, averaged in the same order)."""
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = utils.MetricLogger(delimiter='  ')
     for name in ('loss', 'acc1', 'acc5'):  # every rank joins the same all-reduces, even one with no images
         metric_logger.add_meter(name, utils.SmoothedValue())
     model.eval()
-    for batch in metric_logger.log_every(data_loader, 10, 'Test:'):
+    pending: List[_EvalFigures] = []
+    last = len(data_loader) - 1
+    for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, 'Test:')):
         images = _to_device(batch[0], device, channels_last)
         target = batch[-1].to(device, non_blocking=True)
         with _autocast(device, use_amp, amp_dtype):
@@ -213,9 +231,14 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         k = min(5, output.shape[-1])
         top = output.topk(k, dim=-1).indices
         correct = top.eq(target[:, None])
-        batch_size = images.shape[0]
-        metric_logger.update(n=batch_size, loss=loss.item(), acc1=correct[:, 0].float().mean().item() * 100.,
-                             acc5=correct.any(dim=-1).float().mean().item() * 100.)
+        pending.append(_EvalFigures(images.shape[0], torch.stack(
+            [loss.float(), correct[:, 0].float().mean(), correct.any(dim=-1).float().mean()])))
+        settle_upto = len(pending) if (i % print_freq == 0 or i == last) else len(pending) - 1
+        for figures in pending[:settle_upto]:
+            figures.record(metric_logger)
+        del pending[:settle_upto]
+    for figures in pending:  # (a loader longer than its len())
+        figures.record(metric_logger)
     metric_logger.synchronize_between_processes(device)
     print(f'* Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f} '
           f'loss {metric_logger.loss.global_avg:.3f}')

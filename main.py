@@ -63,7 +63,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import SLaK  # noqa: F401  (registers SLaK_* in timm)
 import utils
-from datasets import DATA_SETS, DeviceBatches, GpuAugment, build_dataset, check_same_classes, collate_encoded
+from datasets import (DATA_SETS, DeviceBatches, DeviceLoader, GpuAugment, build_dataset, check_same_classes,
+                      collate_encoded, mean_std)
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from optim_factory import build_layer_decay_assigner, create_optimizer
 from sparse_core import SNIP_INITS, SPARSE_INITS, CosineDecay, Masking, ModelEma, count_nonzero_params
@@ -361,19 +362,21 @@ class Data:
     dataset_train: torch.utils.data.Dataset
     dataset_val: Optional[torch.utils.data.Dataset]
     sampler_train: torch.utils.data.DistributedSampler
-    data_loader_train: Union[utils.FirstBatchShared, DeviceBatches]  # DeviceBatches with --gpu_pipeline
-    data_loader_val: Optional[Union[utils.FirstBatchShared, DeviceBatches]]
+    data_loader_train: Union[DeviceLoader, DeviceBatches]  # DeviceBatches with --gpu_pipeline
+    data_loader_val: Optional[Union[DeviceLoader, DeviceBatches]]
     mixup_fn: Optional[Mixup]
 
 
 def build_data(args: argparse.Namespace) -> Data:
     """Datasets, samplers and loaders; sets ``args.nb_classes`` from the training set."""
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    # evaluation images travel as uint8 and are normalised where the model runs (DeviceLoader): same numbers
+    normalize_on_device = not args.gpu_pipeline and args.data_set != 'synthetic'
     if args.disable_eval:
         args.dist_eval = False
         dataset_val = None
     else:
-        dataset_val, _ = build_dataset(is_train=False, args=args)
+        dataset_val, _ = build_dataset(is_train=False, args=args, normalize=not normalize_on_device)
         check_same_classes(dataset_train, dataset_val)
 
     num_tasks, global_rank = utils.get_world_size(), utils.get_rank()
@@ -392,6 +395,8 @@ def build_data(args: argparse.Namespace) -> Data:
     if len(data_loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images over {num_tasks} processes) is smaller than '
                          f'one batch; lower --batch_size')
+    if not args.gpu_pipeline:  # each batch copied on a side stream while the last step's kernels run
+        data_loader_train = DeviceLoader(data_loader_train, torch.device(args.device))
 
     data_loader_val = None
     if dataset_val is not None:
@@ -403,6 +408,9 @@ def build_data(args: argparse.Namespace) -> Data:
                                                                           drop_last=False), args.num_workers)
         data_loader_val = utils.FirstBatchShared(torch.utils.data.DataLoader(
             dataset_val, batch_sampler=batches_val, num_workers=args.num_workers, **encoded))
+        if not args.gpu_pipeline:  # copied on a side stream (and normalised there) while the last batch computes
+            data_loader_val = DeviceLoader(data_loader_val, torch.device(args.device),
+                                           mean_std=mean_std(args) if normalize_on_device else None)
     if args.gpu_pipeline:
         data_loader_train = DeviceBatches(data_loader_train, GpuAugment(True, args, torch.device(args.device)))
         print(f'Transform = {data_loader_train.augment}')

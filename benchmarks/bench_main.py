@@ -346,21 +346,25 @@ def eval_view(data_path: str, root: Path) -> str:
 def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gpu_pipeline: bool = False,
                  is_train: bool = True) -> float:
     """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model), or with
-    ``is_train=False`` of its evaluation loader (resize + centre crop); with ``gpu_pipeline`` the workers read bytes
-    and ``GpuAugment`` decodes and augments on the GPU (timed to the end of its GPU work)."""
+    ``is_train=False`` of its evaluation loader (resize + centre crop, uint8 images normalised on the GPU by
+    ``DeviceLoader``, as main.py does); with ``gpu_pipeline`` the workers read bytes and ``GpuAugment`` decodes and
+    augments on the GPU (timed to the end of its GPU work)."""
     sys.path.insert(0, str(ROOT))
     import torch
     import main as main_py
-    from datasets import DeviceBatches, GpuAugment, build_dataset, collate_encoded
+    from datasets import DeviceBatches, DeviceLoader, GpuAugment, build_dataset, collate_encoded, mean_std
     args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch),
                                                  '--gpu_pipeline', str(gpu_pipeline)])
-    dataset, _ = build_dataset(is_train=is_train, args=args)
-    encoded = dict(collate_fn=collate_encoded) if gpu_pipeline else dict(pin_memory=True)
+    on_device = not is_train and not gpu_pipeline  # main.py's evaluation loader
+    dataset, _ = build_dataset(is_train=is_train, args=args, normalize=not on_device)
+    encoded = dict(collate_fn=collate_encoded) if gpu_pipeline else dict(pin_memory=torch.cuda.is_available())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True,
                                          drop_last=True, **encoded)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if gpu_pipeline:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         loader = DeviceBatches(loader, GpuAugment(is_train, args, device))
+    elif on_device:
+        loader = DeviceLoader(loader, device, mean_std=mean_std(args))
     it = iter(loader)
     warm = min(5, len(loader) - 1)
     for _ in range(warm):  # workers started, first batches decoded

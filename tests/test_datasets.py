@@ -166,3 +166,83 @@ def test_posterize_to_zero_bits_gives_black_instead_of_pillow_error():
     policy = rand_augment_transform('rand-m9-mstd0.5-inc1', {})
     posterize_ops = [o for o in policy.ops if o.name == 'PosterizeIncreasing']
     assert posterize_ops and all(o.aug_fn is datasets._posterize for o in posterize_ops)
+
+
+@pytest.mark.parametrize('input_size, inception', [(32, False), (224, True)])
+def test_device_loader_normalises_uint8_images_to_the_same_bits_as_totensor_normalize(tmp_path, input_size,
+                                                                                       inception):
+    """The evaluation images travel as uint8 (build_transform(normalize=False)) and DeviceLoader turns them into
+    exactly what ToTensor + Normalize give in the workers: bit for bit, resized and cropped colour images too."""
+    rng = np.random.default_rng(0)
+    for c in ('a', 'b'):
+        os.makedirs(tmp_path / 'val' / c)
+        for k in range(3):
+            size = (int(rng.integers(input_size + 5, 2 * input_size)), int(rng.integers(input_size + 5, 2 * input_size)))
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / 'val' / c / f'{k}.jpg')
+    args = _args(data_path=str(tmp_path), input_size=input_size, imagenet_default_mean_and_std=not inception)
+    floats, _ = datasets.build_dataset(False, args)
+    uint8, _ = datasets.build_dataset(False, args, normalize=False)
+    assert isinstance(uint8.transform.transforms[-1], transforms.PILToTensor)
+    reference = torch.utils.data.DataLoader(floats, batch_size=4)
+    loader = datasets.DeviceLoader(torch.utils.data.DataLoader(uint8, batch_size=4), 'cpu',
+                                   mean_std=datasets.mean_std(args))
+    assert len(loader) == len(reference) == 2 and loader.dataset is uint8
+    batches = list(loader)
+    for (x, y), (x_ref, y_ref) in zip(batches, reference):
+        assert x.dtype == torch.float32 and x.shape == (len(y_ref), 3, input_size, input_size)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match='normalises uint8 images; the loader gave torch.float32 .build the dataset '
+                                         'with normalize=False'):
+        next(iter(datasets.DeviceLoader(reference, 'cpu', mean_std=datasets.mean_std(args))))
+    plain = datasets.DeviceLoader(reference, 'cpu')  # no mean_std: the batches as loaded
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, reference))
+    with pytest.raises(ValueError, match='normalize=False is for the evaluation transform only'):
+        datasets.build_transform(True, args, normalize=False)
+
+
+def test_device_loader_passes_snips_first_batch_and_prefetch_through():
+    """main.py's training loader is a DeviceLoader over utils.FirstBatchShared: SNIP's first_batch() and main.py's
+    prefetch() reach the inner loader; over a plain DataLoader they are absent (SNIP then iterates)."""
+    calls = []
+
+    class Inner:
+        sampler, dataset = 'sampler', 'dataset'
+
+        def first_batch(self):
+            calls.append('first_batch')
+            return torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])
+
+        def prefetch(self):
+            calls.append('prefetch')
+
+        def __len__(self):
+            return 1
+
+    loader = datasets.DeviceLoader(Inner(), 'cpu')
+    loader.prefetch()
+    assert loader.first_batch()[1].tolist() == [0, 1] and calls == ['prefetch', 'first_batch']
+    assert (loader.sampler, loader.dataset, len(loader)) == ('sampler', 'dataset', 1)
+    plain = datasets.DeviceLoader(torch.utils.data.DataLoader([(torch.zeros(3), 0)]), 'cpu')
+    assert getattr(plain, 'first_batch', None) is None and getattr(plain, 'prefetch', None) is None
+    with pytest.raises(AttributeError, match="'DeviceLoader' object has no attribute 'batch_size'"):
+        plain.batch_size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (side-stream copies)')
+def test_gpu_device_loader_side_stream_copies_match_plain_copies():
+    """On CUDA the copies run on a side stream: each batch, consumed by kernels queued behind a long one on the
+    compute stream and then freed, holds exactly the pinned batch's values (normalised as on the CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=gen).pin_memory(),
+                torch.arange(8).pin_memory()) for _ in range(6)]
+    mean_std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cpu = list(datasets.DeviceLoader(batches, 'cpu', mean_std=mean_std))
+    busy = torch.randn(2048, 2048, device='cuda')
+    sums = []
+    for x, y in datasets.DeviceLoader(batches, 'cuda', mean_std=mean_std):
+        for _ in range(20):  # keep the compute stream busy while the next copy is queued
+            busy = busy @ busy / 2048
+        sums.append((x.double().sum(), x.cpu(), y.cpu()))
+    for (s, x, y), (x_ref, y_ref) in zip(sums, cpu):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert s.item() == pytest.approx(x_ref.double().sum().item(), rel=1e-12)

@@ -192,6 +192,22 @@ def test_eval_reproduces_logged_accuracy(trained, data_dir, capsys):
     assert main.main(args)['acc1'] == pytest.approx(read_log(trained)[1]['test_acc1_ema'])
 
 
+def test_evaluation_images_travel_as_uint8_and_arrive_as_the_float_transform_gives(data_dir):
+    """main.py's evaluation loader reads uint8 images (a quarter of the bytes to pin and copy) and its DeviceLoader
+    normalises them where the model runs: the batches are those of the original float transform, bit for bit."""
+    import datasets
+    from torchvision import transforms
+    args = parse(TINY + ['--data_path', data_dir])
+    data = main.build_data(args)
+    assert isinstance(data.data_loader_val, datasets.DeviceLoader)
+    assert isinstance(data.dataset_val.transform.transforms[-1], transforms.PILToTensor)
+    x, y = next(iter(data.data_loader_val))
+    floats, _ = datasets.build_dataset(False, args)
+    assert x.dtype == torch.float32 and len(y) == 48  # 1.5 x --batch_size
+    assert torch.equal(x, torch.stack([floats[i][0] for i in range(len(y))]))
+    assert torch.equal(y, torch.tensor([floats.targets[i] for i in range(len(y))]))
+
+
 @pytest.mark.parametrize('decom,sparse', [(True, True), (False, False)])
 def test_inference_model_is_a_folded_copy_with_the_same_logits(decom, sparse):
     """--eval_folded: a folded copy (Decom: the two rectangular kernels; else one K x K) gives the training form's
