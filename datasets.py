@@ -21,9 +21,12 @@ Differences from the original ``datasets.py``, on purpose:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import queue
 import random
+import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -473,7 +476,7 @@ class GpuAugment:
         """Normalised float images (N, 3, size, size) on the device from the files' bytes."""
         images = self.decode(data, paths)
         if not self.is_train:
-            return self.normalize(torch.stack([self.eval_geometry(image) for image in images]))
+            return self.normalize(self.eval_batch(images))
         batch = self.crop_and_flip(images)
         if self.rand_augment is not None:
             batch = self.apply_rand_augment(batch)
@@ -506,6 +509,21 @@ class GpuAugment:
                     raise ValueError(f'cannot read image file {paths[i]}: {str(e).splitlines()[0]}; remove or replace '
                                      f'it') from None
         return images
+
+    def eval_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`eval_geometry` of every image, one call per distinct image size (ImageNet's validation images
+        share a few sizes): fewer launches and less host time per batch, the same pixels as one call per image."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        batch = None
+        for index in groups.values():
+            same_size = torch.stack([images[i] for i in index]) if len(index) > 1 else images[index[0]]
+            done = self.eval_geometry(same_size)
+            if batch is None:
+                batch = done.new_empty((len(images), *done.shape[-3:]))
+            batch[index] = done if done.dim() == 4 else done[None]
+        return batch
 
     def eval_geometry(self, image: torch.Tensor) -> torch.Tensor:
         """:func:`build_transform`'s evaluation resize and centre crop (padded with black if smaller)."""
@@ -584,10 +602,68 @@ class DeviceBatches:
         return self._first[1]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if not getattr(self.augment, 'is_train', True):
+            yield from self._prepared_ahead()
+            return
         first, self._first = self._first, None
         for batch in self.loader:
             yield first[1] if first is not None and batch is first[0] else self._on_device(batch)
             first = None
+
+    def _prepared_ahead(self, ahead: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation batches decoded and resized by a helper thread (on CUDA on a stream of its own), up to
+        ``ahead`` + 1 batches before the model takes them: the decoder's host wait (``decode_jpeg`` on CUDA waits
+        for its own stream) and the per-image resizes then overlap the model's batch instead of following it. The
+        same batches in the same order (evaluation draws no random numbers); the thread's errors are raised here."""
+        device = self.augment.device
+        cuda = device.type == 'cuda'
+        ready: queue.Queue = queue.Queue(maxsize=ahead)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def work() -> None:
+            try:
+                stream = torch.cuda.Stream(device) if cuda else None
+                for batch in self.loader:
+                    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                        images, targets = self._on_device(batch)
+                        event = torch.cuda.Event() if cuda else None
+                        if cuda:
+                            event.record(stream)
+                    if not put((images, targets, event)):
+                        return
+                put(done)
+            except BaseException as e:  # (raised again in the consumer's thread)
+                put(e)
+
+        thread = threading.Thread(target=work, name='DeviceBatches-eval', daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, targets, event = item
+                if cuda:  # the batch was made on the helper's stream; it is used and freed on this one
+                    compute = torch.cuda.current_stream(device)
+                    compute.wait_event(event)
+                    images.record_stream(compute)
+                    targets.record_stream(compute)
+                yield images, targets
+        finally:
+            stop.set()
+            thread.join()
 
 
 class DeviceLoader:
@@ -606,7 +682,8 @@ class DeviceLoader:
     them (``utils.FirstBatchShared``: SNIP's batch, as loaded, on the CPU).
     """
 
-    def __init__(self, loader, device: torch.device, mean_std: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
+    def __init__(self, loader, device: torch.device,
+                 mean_std: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
         device = torch.device(device)
         if device.type == 'cuda' and device.index is None:  # the rank's device (set by init_distributed_mode)
             device = torch.device('cuda', torch.cuda.current_device())

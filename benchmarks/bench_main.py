@@ -270,7 +270,7 @@ EVAL_RUNS = {  # main.py --eval true runs (issue 20): the README's command as wr
     'slak_eval_bf16': ['--use_amp', 'true', '--amp_dtype', 'bfloat16'],
     'slak_eval_bf16_gpu': ['--use_amp', 'true', '--amp_dtype', 'bfloat16', '--gpu_pipeline', 'true'],
 }
-OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', *EVAL_RUNS, 'eval_loader')
+OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', *EVAL_RUNS, 'eval_loader', 'eval_loader_gpu')
 
 
 def main_run_order(runs: str) -> List[str]:
@@ -417,8 +417,8 @@ def main() -> None:
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
                              'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; *_dyn: '
                              'SLAK_TAIL_SHAPES=dynamic (own caches); also slak_eval, '
-                             'slak_eval_bf16, slak_eval_bf16_gpu (--gpu_pipeline true), eval_loader (issue 20: '
-                             'main.py --eval true, the README\'s command)')
+                             'slak_eval_bf16, slak_eval_bf16_gpu (--gpu_pipeline true), eval_loader, eval_loader_gpu '
+                             '(--gpu_pipeline true) (issue 20: main.py --eval true, the README\'s command)')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--throughput_models', default=','.join(THROUGHPUT_MODELS),
@@ -520,12 +520,14 @@ def main() -> None:
     # written (fp32, batch 64 -> 96 per evaluation batch) and in bf16 at batch 128 (192), SLaK-T folded by default
     # (--eval_folded), a main.py-format checkpoint with 40 % zeros, the caches of the SLaK-T runs; and the
     # evaluation loader alone at the bf16 run's batch
-    if {*EVAL_RUNS, 'eval_loader'} & wanted:
+    if {*EVAL_RUNS, 'eval_loader', 'eval_loader_gpu'} & wanted:
         view = eval_view(data_path, Path(tempfile.mkdtemp(prefix='bench_eval_view_')))
-        if 'eval_loader' in wanted:
-            report['eval_loader_img_s'] = loader_speed(view, int(1.5 * args.batch_size), args.num_workers,
-                                                       is_train=False)
-            print(f'evaluation loader alone: {report["eval_loader_img_s"]:.0f} img/s', flush=True)
+        for key, gpu in (('eval_loader', False), ('eval_loader_gpu', True)):
+            if key in wanted:
+                report[f'{key}_img_s'] = loader_speed(view, int(1.5 * args.batch_size), args.num_workers,
+                                                      gpu_pipeline=gpu, is_train=False)
+                print(f'evaluation loader alone{" (--gpu_pipeline true)" if gpu else ""}: '
+                      f'{report[f"{key}_img_s"]:.0f} img/s', flush=True)
         checkpoint = Path(tempfile.mkdtemp(prefix='bench_eval_ckpt_')) / 'SLaK-T.pth'
         report['eval_checkpoint'] = write_classification_checkpoint(
             checkpoint, SLAK_T_FLAGS[2:] + ['--nb_classes', str(args.classes)], 0.4)

@@ -108,7 +108,7 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
       | grep -v -i warn | tee "$OUT/profile_step_compile_b${2:-64}.txt" ;;
   eval)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
-      --runs eval_loader,slak_eval,slak_eval_bf16,slak_eval_bf16_gpu --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \
+      --runs eval_loader,eval_loader_gpu,slak_eval,slak_eval_bf16,slak_eval_bf16_gpu --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \
       | grep -v -e '^Test:' | tee "$OUT/bench_eval.log" | tail -20
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 128 \
       --steps 20 --models "SLaK-T ours folded decomposed" --json "$OUT/throughput_folded_b128.json" 2>&1 \

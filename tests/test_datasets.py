@@ -177,7 +177,7 @@ def test_device_loader_normalises_uint8_images_to_the_same_bits_as_totensor_norm
     for c in ('a', 'b'):
         os.makedirs(tmp_path / 'val' / c)
         for k in range(3):
-            size = (int(rng.integers(input_size + 5, 2 * input_size)), int(rng.integers(input_size + 5, 2 * input_size)))
+            size = tuple(int(rng.integers(input_size + 5, 2 * input_size)) for _ in range(2))
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / 'val' / c / f'{k}.jpg')
     args = _args(data_path=str(tmp_path), input_size=input_size, imagenet_default_mean_and_std=not inception)
     floats, _ = datasets.build_dataset(False, args)

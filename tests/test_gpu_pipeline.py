@@ -287,3 +287,83 @@ def test_device_batches_hand_snips_augmented_batch_to_epoch_zero():
     assert again[0] is not first and again[0][0].tolist()[0][0] == 4 and Augment.calls == 6  # augmented afresh
     plain = datasets.DeviceBatches(Loader(encoded), Augment())  # a loader without first_batch: a pass of its own
     assert plain.first_batch()[1].tolist() == [0, 0]
+
+
+def test_evaluation_batches_are_prepared_ahead_by_a_thread_same_batches_errors_raised(folder, tmp_path):
+    """--gpu_pipeline's evaluation: DeviceBatches decodes and resizes the next batches in a helper thread while the
+    model runs; the batches are those prepared one by one, in order; a file that fails in the thread is named in the
+    caller's; a pass left early lets its thread go."""
+    import threading
+    dataset = datasets.EncodedImageFolder(os.path.join(folder, 'val'))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=datasets.collate_encoded)
+    augment = datasets.GpuAugment(False, _args(), torch.device('cpu'))
+    batches = datasets.DeviceBatches(loader, augment)
+    threads = []
+    original = datasets.DeviceBatches._on_device
+
+    def noting(self, batch):
+        threads.append(threading.current_thread().name)
+        return original(self, batch)
+    datasets.DeviceBatches._on_device = noting
+    try:
+        ahead = list(batches)
+    finally:
+        datasets.DeviceBatches._on_device = original
+    assert set(threads) == {'DeviceBatches-eval'} and len(ahead) == 3
+    one_by_one = [original(batches, batch) for batch in loader]
+    for (x, y), (x_ref, y_ref) in zip(ahead, one_by_one, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+    before = threading.active_count()
+    it = iter(batches)
+    next(it)
+    it.close()  # (a pass left early: the thread stops)
+    assert threading.active_count() == before
+
+    bad = tmp_path / 'val' / 'b'
+    os.makedirs(bad)
+    for name in os.listdir(os.path.join(folder, 'val', 'a')):
+        (tmp_path / 'val' / 'b' / name).write_bytes(open(os.path.join(folder, 'val', 'a', name), 'rb').read())
+    os.makedirs(tmp_path / 'val' / 'a')
+    (tmp_path / 'val' / 'a' / 'x.JPEG').write_bytes(b'not an image at all' * 10)
+    broken = datasets.DeviceBatches(torch.utils.data.DataLoader(
+        datasets.EncodedImageFolder(str(tmp_path / 'val')), batch_size=3, collate_fn=datasets.collate_encoded),
+        augment)
+    with pytest.raises(ValueError, match=r'cannot read image file .*x\.JPEG: .*remove or replace it'):
+        list(broken)
+    assert threading.active_count() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (nvJPEG, side streams)')
+def test_gpu_evaluation_batches_prepared_ahead_match_one_by_one(folder):
+    """On CUDA the helper thread decodes (nvJPEG) and resizes on a stream of its own; each batch, used on the compute
+    stream behind a long kernel queue, holds exactly what the same batch prepared on the compute stream holds."""
+    dataset = datasets.EncodedImageFolder(os.path.join(folder, 'val'))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=datasets.collate_encoded)
+    batches = datasets.DeviceBatches(loader, datasets.GpuAugment(False, _args(), torch.device('cuda')))
+    busy = torch.randn(2048, 2048, device='cuda')
+    ahead = []
+    for x, y in batches:
+        for _ in range(20):
+            busy = busy @ busy / 2048
+        ahead.append((x.cpu(), y.cpu()))
+    one_by_one = [(x.cpu(), y.cpu()) for x, y in (batches._on_device(b) for b in loader)]
+    for (x, y), (x_ref, y_ref) in zip(ahead, one_by_one, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize('input_size', [64, 384, 32])
+def test_evaluation_resizes_each_image_size_once_same_pixels(folder, input_size):
+    """GpuAugment's evaluation resizes the images of one size in one call: the pixels of one call per image."""
+    args = _args(input_size=input_size)
+    augment = datasets.GpuAugment(False, args, torch.device('cpu'))
+    data, _, paths = _encoded(folder, 'val')
+    images = augment.decode(data, paths)
+    assert len({tuple(i.shape) for i in images}) == len(SIZES) < len(images)  # each size twice
+    calls = []
+    original = augment.eval_geometry
+    augment.eval_geometry = lambda x: calls.append(x.shape) or original(x)
+    grouped = augment.eval_batch(images)
+    assert len(calls) == len(SIZES)
+    one_by_one = torch.stack([original(image) for image in images])
+    assert grouped.dtype == torch.uint8 and torch.equal(grouped, one_by_one)
