@@ -632,6 +632,8 @@ class DeviceBatches:
 
         def work() -> None:
             try:
+                if cuda:  # (a new thread's current device is cuda:0; a rank's device may be another)
+                    torch.cuda.set_device(device)
                 stream = torch.cuda.Stream(device) if cuda else None
                 for batch in self.loader:
                     with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
