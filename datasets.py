@@ -139,6 +139,9 @@ def build_dataset(is_train: bool, args: argparse.Namespace,
                              f'class folders (e.g. data/mnist5k from tools/prepare_default_data.py)')
         root = os.path.join(args.data_path, 'train' if is_train else 'val')
         dataset = _image_folder(root, transform, '--data_path', encoded=gpu_pipeline)
+        share = getattr(args, 'gpu_pipeline_cpu_share', 0.0)
+        if gpu_pipeline and not is_train and share:  # some evaluation images decoded by the workers, as without it
+            dataset.decode_on_cpu(build_transform(False, args, normalize=False), share)
         nb_classes = len(dataset.classes)
         if nb_classes != args.nb_classes:
             print(f'note: {root} has {nb_classes} class folders; using nb_classes={nb_classes} '
@@ -254,13 +257,32 @@ def build_transform(is_train: bool, args: argparse.Namespace, normalize: bool = 
 # ---- --gpu_pipeline: decode and augment whole batches on the training device ---------------------------------------
 class EncodedImageFolder(datasets.ImageFolder):
     """An ImageFolder whose items are ``(file bytes as a uint8 tensor, label, path)``: the loader workers only read
-    files; :class:`GpuAugment` decodes and augments in the main process (the path names a file that fails)."""
+    files; :class:`GpuAugment` decodes and augments in the main process (the path names a file that fails).
+
+    After :meth:`decode_on_cpu` (evaluation, ``--gpu_pipeline_cpu_share``) a share of the items, spread evenly over
+    the indices, come decoded and transformed by the worker instead: ``(uint8 image (3, S, S), label, path)``."""
 
     def __init__(self, root: str):
         super().__init__(root, loader=read_bytes)
+        self.cpu_transform, self.cpu_share = None, 0.0
+
+    def decode_on_cpu(self, transform, share: float) -> None:
+        """Items whose index falls in ``share`` (0 <= share < 1) are decoded by ``rgb_loader`` and ``transform``
+        (:func:`build_transform` with ``normalize=False``) in the worker."""
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f'--gpu_pipeline_cpu_share must be in [0, 1); got {share:g}')
+        self.cpu_transform, self.cpu_share = transform, share
+
+    def on_cpu(self, index: int) -> bool:
+        """Whether item ``index`` is decoded by the worker: ``floor((index + 1) * share) > floor(index * share)``,
+        i.e. ``share`` of any run of consecutive indices, evenly spread."""
+        return self.cpu_transform is not None and math.floor((index + 1) * self.cpu_share) > math.floor(
+            index * self.cpu_share)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
         path, target = self.samples[index]
+        if self.on_cpu(index):
+            return self.cpu_transform(rgb_loader(path)), target, path
         return read_bytes(path), target, path
 
 
@@ -270,11 +292,18 @@ def read_bytes(path: str) -> torch.Tensor:
     return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
 
 
-def collate_encoded(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:
+def collate_encoded(batch) -> tuple:
     """One flat byte tensor and the files' lengths (one shared-memory block per batch to send from a worker, not one
-    per file), the labels, the paths; :class:`DeviceBatches` splits the bytes again."""
+    per file), the labels, the paths; :class:`DeviceBatches` splits the bytes again. Items that came decoded
+    (:meth:`EncodedImageFolder.decode_on_cpu`) follow as one stacked uint8 tensor and their positions in the batch."""
     data, targets, paths = zip(*batch)
-    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(targets), list(paths)
+    decoded_at = [k for k, d in enumerate(data) if d.dim() != 1]
+    encoded = [d for d in data if d.dim() == 1] if decoded_at else data
+    flat = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
+    collated = (flat, torch.tensor([len(d) for d in encoded], dtype=torch.int64), torch.tensor(targets), list(paths))
+    if decoded_at:
+        collated += (torch.stack([data[k] for k in decoded_at]), torch.tensor(decoded_at))
+    return collated
 
 
 _JPEG_MAGIC = [0xFF, 0xD8, 0xFF]
@@ -510,6 +539,19 @@ class GpuAugment:
                                      f'it') from None
         return images
 
+    def merge_decoded(self, data: Sequence[torch.Tensor], paths: Sequence[str], positions: Sequence[int],
+                      decoded: torch.Tensor, decoded_at: torch.Tensor) -> torch.Tensor:
+        """An evaluation batch of which the loader workers decoded and transformed ``decoded`` (uint8, at positions
+        ``decoded_at``) on the CPU: the rest (``data``, at ``positions``) is decoded and resized here, the two are
+        put in batch order and normalised together."""
+        if self.is_train:
+            raise ValueError('--gpu_pipeline_cpu_share applies to evaluation batches only')
+        batch = decoded.new_empty((len(positions) + len(decoded), *decoded.shape[1:]), device=self.device)
+        batch[decoded_at.to(self.device)] = decoded.to(self.device, non_blocking=True)
+        if positions:
+            batch[torch.tensor(positions, device=self.device)] = self.eval_batch(self.decode(data, paths))
+        return self.normalize(batch)
+
     def eval_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """:meth:`eval_geometry` of every image, one call per distinct image size (ImageNet's validation images
         share a few sizes): fewer launches and less host time per batch, the same pixels as one call per image."""
@@ -589,8 +631,15 @@ class DeviceBatches:
         return len(self.loader)
 
     def _on_device(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        flat, lengths, targets, paths = batch
-        return self.augment(flat.split(lengths.tolist()), paths), targets.to(self.augment.device, non_blocking=True)
+        flat, lengths, targets, paths, *decoded = batch
+        targets = targets.to(self.augment.device, non_blocking=True)
+        if not decoded:
+            return self.augment(flat.split(lengths.tolist()), paths), targets
+        images, at = decoded  # (--gpu_pipeline_cpu_share: images the workers decoded, and where they go)
+        taken = set(at.tolist())
+        rest = [k for k in range(len(paths)) if k not in taken]
+        return self.augment.merge_decoded(flat.split(lengths.tolist()), [paths[k] for k in rest], rest, images,
+                                          at), targets
 
     def first_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         take = getattr(self.loader, 'first_batch', None)

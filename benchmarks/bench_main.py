@@ -269,8 +269,11 @@ EVAL_RUNS = {  # main.py --eval true runs (issue 20): the README's command as wr
     'slak_eval': [],
     'slak_eval_bf16': ['--use_amp', 'true', '--amp_dtype', 'bfloat16'],
     'slak_eval_bf16_gpu': ['--use_amp', 'true', '--amp_dtype', 'bfloat16', '--gpu_pipeline', 'true'],
+    # and with --gpu_pipeline_cpu_share (the benchmark's --eval_cpu_share): both decoders at once
+    'slak_eval_bf16_mix': ['--use_amp', 'true', '--amp_dtype', 'bfloat16', '--gpu_pipeline', 'true'],
 }
-OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', *EVAL_RUNS, 'eval_loader', 'eval_loader_gpu')
+OTHER_RUNS = ('loader', 'throughput', 'throughput_graph', *EVAL_RUNS, 'eval_loader', 'eval_loader_gpu',
+              'eval_loader_mix')
 
 
 def main_run_order(runs: str) -> List[str]:
@@ -343,8 +346,19 @@ def eval_view(data_path: str, root: Path) -> str:
     return str(root)
 
 
+def eval_run_flags(name: str, batch_size: int, cpu_share: float) -> List[str]:
+    """main.py flags of the evaluation run ``name`` beyond ``EVAL_FLAGS``: the README's command adds none; the bf16
+    runs add the benchmark's batch, ``slak_eval_bf16_mix`` also ``--gpu_pipeline_cpu_share``."""
+    extra = list(EVAL_RUNS[name])
+    if extra:
+        extra += ['--batch_size', str(batch_size)]
+    if name == 'slak_eval_bf16_mix':
+        extra += ['--gpu_pipeline_cpu_share', str(cpu_share)]
+    return extra
+
+
 def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gpu_pipeline: bool = False,
-                 is_train: bool = True) -> float:
+                 is_train: bool = True, cpu_share: float = 0.0) -> float:
     """img/s of main.py's training loader alone (its dataset, transforms, batch and workers; no model), or with
     ``is_train=False`` of its evaluation loader (resize + centre crop, uint8 images normalised on the GPU by
     ``DeviceLoader``, as main.py does); with ``gpu_pipeline`` the workers read bytes and ``GpuAugment`` decodes and
@@ -354,7 +368,8 @@ def loader_speed(data_path: str, batch: int, workers: int, batches: int = 60, gp
     import main as main_py
     from datasets import DeviceBatches, DeviceLoader, GpuAugment, build_dataset, collate_encoded, mean_std
     args = main_py.get_args_parser().parse_args(['--data_path', data_path, '--batch_size', str(batch),
-                                                 '--gpu_pipeline', str(gpu_pipeline)])
+                                                 '--gpu_pipeline', str(gpu_pipeline),
+                                                 '--gpu_pipeline_cpu_share', str(cpu_share)])
     on_device = not is_train and not gpu_pipeline  # main.py's evaluation loader
     dataset, _ = build_dataset(is_train=is_train, args=args, normalize=not on_device)
     encoded = dict(collate_fn=collate_encoded) if gpu_pipeline else dict(pin_memory=torch.cuda.is_available())
@@ -417,8 +432,11 @@ def main() -> None:
                              'SLAK_PRECOMPILE=0, *_graphs: SLAK_WARM_GRAPHS=1 (own caches), slak_warm_nowg: '
                              'SLAK_WARM_GRAPHS=0 (slak\'s caches), slak_cold_nowg: the same, own caches; *_dyn: '
                              'SLAK_TAIL_SHAPES=dynamic (own caches); also slak_eval, '
-                             'slak_eval_bf16, slak_eval_bf16_gpu (--gpu_pipeline true), eval_loader, eval_loader_gpu '
-                             '(--gpu_pipeline true) (issue 20: main.py --eval true, the README\'s command)')
+                             'slak_eval_bf16, slak_eval_bf16_gpu (--gpu_pipeline true), slak_eval_bf16_mix (and '
+                             '--gpu_pipeline_cpu_share --eval_cpu_share), eval_loader, eval_loader_gpu, '
+                             'eval_loader_mix (issue 20: main.py --eval true, the README\'s command)')
+    parser.add_argument('--eval_cpu_share', type=float, default=0.4,
+                        help='--gpu_pipeline_cpu_share of the eval_loader_mix and slak_eval_bf16_mix runs')
     parser.add_argument('--budget_s', type=float, default=560, help='skip runs that would start after this')
     parser.add_argument('--run_timeout_s', type=float, default=300)
     parser.add_argument('--throughput_models', default=','.join(THROUGHPUT_MODELS),
@@ -522,21 +540,21 @@ def main() -> None:
     # evaluation loader alone at the bf16 run's batch
     if {*EVAL_RUNS, 'eval_loader', 'eval_loader_gpu'} & wanted:
         view = eval_view(data_path, Path(tempfile.mkdtemp(prefix='bench_eval_view_')))
-        for key, gpu in (('eval_loader', False), ('eval_loader_gpu', True)):
+        for key, gpu, share in (('eval_loader', False, 0.0), ('eval_loader_gpu', True, 0.0),
+                                ('eval_loader_mix', True, args.eval_cpu_share)):
             if key in wanted:
                 report[f'{key}_img_s'] = loader_speed(view, int(1.5 * args.batch_size), args.num_workers,
-                                                      gpu_pipeline=gpu, is_train=False)
-                print(f'evaluation loader alone{" (--gpu_pipeline true)" if gpu else ""}: '
-                      f'{report[f"{key}_img_s"]:.0f} img/s', flush=True)
+                                                      gpu_pipeline=gpu, is_train=False, cpu_share=share)
+                how = f' (--gpu_pipeline true --gpu_pipeline_cpu_share {share:g})' if gpu else ''
+                print(f'evaluation loader alone{how}: {report[f"{key}_img_s"]:.0f} img/s', flush=True)
         checkpoint = Path(tempfile.mkdtemp(prefix='bench_eval_ckpt_')) / 'SLaK-T.pth'
         report['eval_checkpoint'] = write_classification_checkpoint(
             checkpoint, SLAK_T_FLAGS[2:] + ['--nb_classes', str(args.classes)], 0.4)
-        for name, extra in EVAL_RUNS.items():
-            if extra:  # (the bf16 runs at the benchmark's batch)
-                extra = [*extra, '--batch_size', str(args.batch_size)]
+        for name in EVAL_RUNS:
             if due(name):
                 logged_run(name, [sys.executable, 'main.py', *EVAL_FLAGS, '--resume', str(checkpoint), '--data_path',
-                                  view, '--num_workers', str(args.num_workers), *extra], env_with('slak'),
+                                  view, '--num_workers', str(args.num_workers),
+                                  *eval_run_flags(name, args.batch_size, args.eval_cpu_share)], env_with('slak'),
                            parse_eval_log)
 
     bench = {}

@@ -21,9 +21,10 @@
 #                                          (eager and compiled as a whole) against compiled ConvNeXt-T's (batch B,
 #                                          default 128; ~4 min)
 #   bash benchmarks/device_e2e.sh eval     issue 20: main.py --eval true with the README's evaluation command (fp32 as
-#                                          written, bf16 at batch 128, and that with --gpu_pipeline true) on a
-#                                          12,800-image view, the evaluation loader alone, and folded SLaK-T's
-#                                          graph-replay inference (~4 min)
+#                                          written, bf16 at batch 128, that with --gpu_pipeline true, and with
+#                                          --gpu_pipeline_cpu_share 0.4: both decoders) on a 12,800-image view, the
+#                                          three evaluation loaders alone, and folded SLaK-T's graph-replay
+#                                          inference (~5 min)
 #   bash benchmarks/device_e2e.sh ab [B]   the suite's GPU-only tests, then session 11's eager-path changes
 #                                          (channels_first LayerNorm, one-pass input gradient) against the old ops,
 #                                          graph replays and eager, 2 rounds (~8-9 min)
@@ -108,7 +109,7 @@ print(' '.join(b.SLAK_T_FLAGS + b.COMMON_FLAGS))")
       | grep -v -i warn | tee "$OUT/profile_step_compile_b${2:-64}.txt" ;;
   eval)
     python3 benchmarks/bench_main.py --out "$OUT" --data_root "$PWD/.bench/data" --cache_root "$PWD/.bench/cache" \
-      --runs eval_loader,eval_loader_gpu,slak_eval,slak_eval_bf16,slak_eval_bf16_gpu --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \
+      --runs eval_loader,eval_loader_gpu,eval_loader_mix,slak_eval_bf16,slak_eval_bf16_gpu,slak_eval_bf16_mix,slak_eval --budget_s "$(left 400)" --run_timeout_s 200 2>&1 \
       | grep -v -e '^Test:' | tee "$OUT/bench_eval.log" | tail -20
     timeout "$(left 560)" python3 benchmarks/bench_throughput.py --graph --train-batch 64 --infer-batch 128 \
       --steps 20 --models "SLaK-T ours folded decomposed" --json "$OUT/throughput_folded_b128.json" 2>&1 \

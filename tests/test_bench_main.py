@@ -159,12 +159,16 @@ def test_tail_compile_time_counts_one_graph_per_mode_for_every_stage_when_dynami
 
 def test_eval_runs_are_the_readme_command_then_bf16_then_gpu_decoding():
     """Issue 20's main.py --eval runs: the README's evaluation command as written (no extra flag), then bf16 at the
-    benchmark's batch, then the same with the JPEGs decoded on the GPU; every flag is one main.py accepts."""
+    benchmark's batch, then the same with the JPEGs decoded on the GPU, then both decoders at once; every flag is
+    one main.py accepts, and passes its checks."""
     import main
-    assert list(bench_main.EVAL_RUNS) == ['slak_eval', 'slak_eval_bf16', 'slak_eval_bf16_gpu']
-    assert bench_main.EVAL_RUNS['slak_eval'] == []
+    assert list(bench_main.EVAL_RUNS) == ['slak_eval', 'slak_eval_bf16', 'slak_eval_bf16_gpu', 'slak_eval_bf16_mix']
+    assert bench_main.eval_run_flags('slak_eval', 128, 0.4) == []
     assert bench_main.EVAL_RUNS['slak_eval_bf16_gpu'][-2:] == ['--gpu_pipeline', 'true']
-    for extra in bench_main.EVAL_RUNS.values():
-        args = main.get_args_parser().parse_args([*bench_main.EVAL_FLAGS, *extra, '--batch_size', '128'])
+    assert bench_main.eval_run_flags('slak_eval_bf16_mix', 128, 0.4)[-2:] == ['--gpu_pipeline_cpu_share', '0.4']
+    for name in bench_main.EVAL_RUNS:
+        args = main.get_args_parser().parse_args([*bench_main.EVAL_FLAGS, *bench_main.eval_run_flags(name, 128, 0.4),
+                                                  '--resume', 'x.pth', '--device', 'cpu'])
+        main.check_args(args)
         assert args.eval is True and args.model == 'SLaK_tiny'
     assert bench_main.main_run_order('slak_eval_bf16_gpu,slak_cold') == ['slak_cold']

@@ -367,3 +367,43 @@ def test_evaluation_resizes_each_image_size_once_same_pixels(folder, input_size)
     assert len(calls) == len(SIZES)
     one_by_one = torch.stack([original(image) for image in images])
     assert grouped.dtype == torch.uint8 and torch.equal(grouped, one_by_one)
+
+
+def test_cpu_share_of_evaluation_images_is_decoded_by_the_workers_and_merged_in_order(folder, capsys):
+    """--gpu_pipeline_cpu_share: that share of the evaluation images (evenly spread over the indices) is decoded
+    and resized by the loader workers exactly as without --gpu_pipeline (PIL), the rest on the device; the batch
+    keeps the dataset's order and labels, each image normalised like the others."""
+    args = _args(gpu_pipeline_cpu_share=0.5, data_path=folder)
+    dataset, _ = datasets.build_dataset(False, args)
+    assert [dataset.on_cpu(i) for i in range(8)] == [False, True] * 4
+    quarter = datasets.EncodedImageFolder(os.path.join(folder, 'val'))
+    quarter.decode_on_cpu(datasets.build_transform(False, args, normalize=False), 0.25)
+    assert [i for i in range(8) if quarter.on_cpu(i)] == [3, 7]
+    with pytest.raises(ValueError, match=r'must be in \[0, 1\); got 1'):
+        quarter.decode_on_cpu(None, 1.0)
+
+    augment = datasets.GpuAugment(False, args, torch.device('cpu'))
+    mixed = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=datasets.collate_encoded)
+    batches = list(datasets.DeviceBatches(mixed, augment))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.shape == (8, 3, 64, 64) and y.tolist() == [t for _, t in dataset.samples]
+    plain = datasets.EncodedImageFolder(os.path.join(folder, 'val'))  # every image decoded on the device
+    on_device = torch.cat([b[0] for b in datasets.DeviceBatches(torch.utils.data.DataLoader(
+        plain, batch_size=3, collate_fn=datasets.collate_encoded), augment)])
+    pil = datasets.build_transform(False, args, normalize=False)
+    for i, (path, _) in enumerate(dataset.samples):
+        if dataset.on_cpu(i):
+            assert torch.equal(x[i], augment.normalize(pil(datasets.rgb_loader(path))[None])[0]), i
+        else:
+            assert torch.equal(x[i], on_device[i]), i
+    with pytest.raises(ValueError, match='evaluation batches only'):
+        datasets.GpuAugment(True, _args(aa='none', reprob=0), torch.device('cpu')).merge_decoded(
+            [], [], [], torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.tensor([0]))
+
+    code = main.run(['--gpu_pipeline_cpu_share', '0.3', '--device', 'cpu', '--data_path', folder])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("error: --gpu_pipeline_cpu_share 0.3 splits --gpu_pipeline's evaluation decoding "
+                                 "between the GPU and the loader workers: add --gpu_pipeline true or drop it")
+    code = main.run(['--gpu_pipeline', 'true', '--gpu_pipeline_cpu_share', '1', '--device', 'cpu'])
+    assert code == 2 and 'error: --gpu_pipeline_cpu_share must be in [0, 1)' in capsys.readouterr().err
