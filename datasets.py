@@ -314,8 +314,24 @@ _RRC_SCALE, _RRC_RATIO = (0.08, 1.0), (3. / 4., 4. / 3.)
 _PIL_GREY = (19595, 38470, 7471)
 
 
+def _host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few numbers drawn on the host, as a tensor on ``device``, without waiting for the device: on CUDA through
+    pinned memory (a copy from ordinary memory may wait for the kernels queued before it)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != 'cuda':
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _positions(index: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Batch positions as an int64 tensor on ``device``, for indexing a batch there: indexing a CUDA tensor with a
+    Python list (or a CPU tensor) copies the positions with a blocking copy, a wait for every kernel queued on the
+    stream (the previous step's)."""
+    return _host_values(index, torch.int64, device)
+
+
 def _per_image(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(like.device, non_blocking=True).view(-1, 1, 1, 1)
+    return _host_values(values, torch.float32, like.device).view(-1, 1, 1, 1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +363,7 @@ def _pil_affine(x: torch.Tensor, matrices: Sequence[Sequence[float]], fill: torc
     kernel has a = -0.5, ``grid_sample``'s a = -0.75: the only difference.
     """
     n, _, h, w = x.shape
-    theta = torch.tensor(matrices, dtype=torch.float32).view(n, 2, 3).to(x.device, non_blocking=True)
+    theta = _host_values(matrices, torch.float32, x.device).view(n, 2, 3)
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5,
                             indexing='ij')
     centres = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (h, w, 3)
@@ -414,7 +430,7 @@ def apply_rand_op(name: str, x: torch.Tensor, args: Sequence[tuple], fill: torch
     first = [a[0] for a in args]
     if op == 'Posterize':  # keep the top `bits` bits; 8 or more: unchanged
         masks = [(0xFF << (8 - bits)) & 0xFF if bits < 8 else 0xFF for bits in first]
-        return x & torch.tensor(masks, dtype=torch.uint8).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+        return x & _host_values(masks, torch.uint8, x.device).view(-1, 1, 1, 1)
     if op == 'Solarize':  # invert pixels >= threshold
         return torch.where(x >= _per_image(first, x), 255 - x, x)
     if op == 'SolarizeAdd':  # add to pixels below 128, clipped
@@ -547,9 +563,9 @@ class GpuAugment:
         if self.is_train:
             raise ValueError('--gpu_pipeline_cpu_share applies to evaluation batches only')
         batch = decoded.new_empty((len(positions) + len(decoded), *decoded.shape[1:]), device=self.device)
-        batch[decoded_at.to(self.device)] = decoded.to(self.device, non_blocking=True)
+        batch[_positions(decoded_at.tolist(), self.device)] = decoded.to(self.device, non_blocking=True)
         if positions:
-            batch[torch.tensor(positions, device=self.device)] = self.eval_batch(self.decode(data, paths))
+            batch[_positions(positions, self.device)] = self.eval_batch(self.decode(data, paths))
         return self.normalize(batch)
 
     def eval_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -564,7 +580,7 @@ class GpuAugment:
             done = self.eval_geometry(same_size)
             if batch is None:
                 batch = done.new_empty((len(images), *done.shape[-3:]))
-            batch[index] = done if done.dim() == 4 else done[None]
+            batch[_positions(index, batch.device)] = done if done.dim() == 4 else done[None]
         return batch
 
     def eval_geometry(self, image: torch.Tensor) -> torch.Tensor:
@@ -588,7 +604,8 @@ class GpuAugment:
         batch = torch.stack(crops)
         flipped = [k for k in range(len(batch)) if random.random() < self.hflip]
         if flipped:
-            batch[flipped] = F.horizontal_flip(batch[flipped])
+            at = _positions(flipped, batch.device)
+            batch[at] = F.horizontal_flip(batch[at])
         return batch
 
     def apply_rand_augment(self, batch: torch.Tensor) -> torch.Tensor:
@@ -607,8 +624,8 @@ class GpuAugment:
         mode = 'bicubic' if self.interpolation == F.InterpolationMode.BICUBIC else 'bilinear'
         for groups in layers:
             for name, items in groups.items():
-                index = [k for k, _ in items]
-                batch[index] = apply_rand_op(name, batch[index], [a for _, a in items], self.fill, mode)
+                at = _positions([k for k, _ in items], batch.device)
+                batch[at] = apply_rand_op(name, batch[at], [a for _, a in items], self.fill, mode)
         return batch
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -407,3 +407,33 @@ def test_cpu_share_of_evaluation_images_is_decoded_by_the_workers_and_merged_in_
                                  "between the GPU and the loader workers: add --gpu_pipeline true or drop it")
     code = main.run(['--gpu_pipeline', 'true', '--gpu_pipeline_cpu_share', '1', '--device', 'cpu'])
     assert code == 2 and 'error: --gpu_pipeline_cpu_share must be in [0, 1)' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (stream synchronisation)')
+def test_gpu_batches_are_prepared_without_waiting_for_the_queued_kernels(folder):
+    """On CUDA a batch is prepared while the previous step's kernels still run: no operation of the crop/flip path,
+    of the RandAugment ops below or of the evaluation merge waits for the stream (indexing with Python lists did:
+    its positions were copied with a blocking copy). torch's sync debug mode raises on any such wait."""
+    device = torch.device('cuda')
+    data, _, paths = _encoded(folder, 'val')
+    train = datasets.GpuAugment(True, _args(aa='none', reprob=0, color_jitter=0), device)
+    evaluate = datasets.GpuAugment(False, _args(), device)
+    images = evaluate.decode(data, paths)
+    batch = torch.stack([evaluate.eval_geometry(image) for image in images])
+    fill = torch.tensor(FILL, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    decoded = batch[:2].cpu().pin_memory()  # (as a loader's pinned batch)
+    busy = torch.randn(4096, 4096, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for _ in range(10):  # kernels still queued while the batches below are prepared
+            busy = busy @ busy / 4096
+        assert train.crop_and_flip(images).shape == (len(images), 3, 64, 64)
+        for name, args in (('Posterize', [(4,)] * len(batch)), ('Solarize', [(128,)] * len(batch)),
+                           ('Rotate', [(10.,)] * len(batch)), ('Contrast', [(1.3,)] * len(batch)),
+                           ('Sharpness', [(0.7,)] * len(batch))):
+            datasets.apply_rand_op(name, batch, args, fill)
+        evaluate.eval_batch(images)
+        evaluate.merge_decoded([], [], [], decoded, torch.tensor([1, 0]))
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
