@@ -16,7 +16,9 @@ Differences from the original ``datasets.py``, on purpose:
   defaults are the original's.
 * ``--gpu_pipeline true`` (``IMNET`` only): the loader workers read file bytes (:class:`EncodedImageFolder`) and
   :class:`GpuAugment` decodes and augments whole batches on the training device (:class:`DeviceBatches`). Its
-  differences from timm's PIL pipeline are listed in :class:`GpuAugment`.
+  differences from timm's PIL pipeline are listed in :class:`GpuAugment`. ``--gpu_pipeline_cpu_share`` leaves a
+  share of the images to the workers' PIL path (:meth:`EncodedImageFolder.decode_on_cpu`).
+* Evaluation images leave the workers as uint8 and :class:`DeviceLoader` normalises them on the device (same bits).
 """
 from __future__ import annotations
 
@@ -140,8 +142,8 @@ def build_dataset(is_train: bool, args: argparse.Namespace,
         root = os.path.join(args.data_path, 'train' if is_train else 'val')
         dataset = _image_folder(root, transform, '--data_path', encoded=gpu_pipeline)
         share = getattr(args, 'gpu_pipeline_cpu_share', 0.0)
-        if gpu_pipeline and not is_train and share:  # some evaluation images decoded by the workers, as without it
-            dataset.decode_on_cpu(build_transform(False, args, normalize=False), share)
+        if gpu_pipeline and share:  # that share of the images decoded and transformed by the workers, as without it
+            dataset.decode_on_cpu(build_transform(is_train, args, normalize=is_train), share)
         nb_classes = len(dataset.classes)
         if nb_classes != args.nb_classes:
             print(f'note: {root} has {nb_classes} class folders; using nb_classes={nb_classes} '
@@ -259,8 +261,9 @@ class EncodedImageFolder(datasets.ImageFolder):
     """An ImageFolder whose items are ``(file bytes as a uint8 tensor, label, path)``: the loader workers only read
     files; :class:`GpuAugment` decodes and augments in the main process (the path names a file that fails).
 
-    After :meth:`decode_on_cpu` (evaluation, ``--gpu_pipeline_cpu_share``) a share of the items, spread evenly over
-    the indices, come decoded and transformed by the worker instead: ``(uint8 image (3, S, S), label, path)``."""
+    After :meth:`decode_on_cpu` (``--gpu_pipeline_cpu_share``) a share of the items, spread evenly over the indices,
+    come decoded and transformed by the worker instead: ``(image (3, S, S), label, path)``, uint8 for evaluation,
+    normalised float32 (timm's training transform, erasing included) for training."""
 
     def __init__(self, root: str):
         super().__init__(root, loader=read_bytes)
@@ -268,7 +271,7 @@ class EncodedImageFolder(datasets.ImageFolder):
 
     def decode_on_cpu(self, transform, share: float) -> None:
         """Items whose index falls in ``share`` (0 <= share < 1) are decoded by ``rgb_loader`` and ``transform``
-        (:func:`build_transform` with ``normalize=False``) in the worker."""
+        (:func:`build_transform`; evaluation with ``normalize=False``) in the worker."""
         if not 0.0 <= share < 1.0:
             raise ValueError(f'--gpu_pipeline_cpu_share must be in [0, 1); got {share:g}')
         self.cpu_transform, self.cpu_share = transform, share
@@ -294,16 +297,17 @@ def read_bytes(path: str) -> torch.Tensor:
 
 def collate_encoded(batch) -> tuple:
     """One flat byte tensor and the files' lengths (one shared-memory block per batch to send from a worker, not one
-    per file), the labels, the paths; :class:`DeviceBatches` splits the bytes again. Items that came decoded
-    (:meth:`EncodedImageFolder.decode_on_cpu`) follow as one stacked uint8 tensor and their positions in the batch."""
+    per file), the labels, the paths; :class:`DeviceBatches` splits the bytes again. Then the items that came
+    decoded (:meth:`EncodedImageFolder.decode_on_cpu`) as one flat tensor of their values (empty if none) and a
+    per-item mask of them: the same fields for any batch, so that slices of a batch (``utils.SplitFirstBatch``)
+    join into the batch they are slices of."""
     data, targets, paths = zip(*batch)
-    decoded_at = [k for k, d in enumerate(data) if d.dim() != 1]
-    encoded = [d for d in data if d.dim() == 1] if decoded_at else data
-    flat = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
-    collated = (flat, torch.tensor([len(d) for d in encoded], dtype=torch.int64), torch.tensor(targets), list(paths))
-    if decoded_at:
-        collated += (torch.stack([data[k] for k in decoded_at]), torch.tensor(decoded_at))
-    return collated
+    encoded = [d for d in data if d.dim() == 1]
+    decoded = [d.reshape(-1) for d in data if d.dim() != 1]
+    empty = torch.empty(0, dtype=torch.uint8)
+    return (torch.cat(encoded) if encoded else empty, torch.tensor([len(d) for d in encoded], dtype=torch.int64),
+            torch.tensor(targets), list(paths), torch.cat(decoded) if decoded else empty,
+            torch.tensor([d.dim() != 1 for d in data]))
 
 
 _JPEG_MAGIC = [0xFF, 0xD8, 0xFF]
@@ -556,17 +560,20 @@ class GpuAugment:
         return images
 
     def merge_decoded(self, data: Sequence[torch.Tensor], paths: Sequence[str], positions: Sequence[int],
-                      decoded: torch.Tensor, decoded_at: torch.Tensor) -> torch.Tensor:
-        """An evaluation batch of which the loader workers decoded and transformed ``decoded`` (uint8, at positions
-        ``decoded_at``) on the CPU: the rest (``data``, at ``positions``) is decoded and resized here, the two are
-        put in batch order and normalised together."""
-        if self.is_train:
-            raise ValueError('--gpu_pipeline_cpu_share applies to evaluation batches only')
-        batch = decoded.new_empty((len(positions) + len(decoded), *decoded.shape[1:]), device=self.device)
-        batch[_positions(decoded_at.tolist(), self.device)] = decoded.to(self.device, non_blocking=True)
+                      decoded: torch.Tensor, decoded_at: Sequence[int]) -> torch.Tensor:
+        """A batch of which the loader workers decoded and transformed ``decoded`` (at positions ``decoded_at``) on
+        the CPU: uint8 evaluation images, normalised here, or normalised training images, as they are. The rest
+        (``data``, at ``positions``) go through this pipeline; the two are put back in batch order."""
+        batch = decoded.to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = self.normalize(batch)
         if positions:
-            batch[_positions(positions, self.device)] = self.eval_batch(self.decode(data, paths))
-        return self.normalize(batch)
+            on_device = self(data, paths)
+            merged = on_device.new_empty((len(positions) + len(decoded), *on_device.shape[1:]))
+            merged[_positions(positions, self.device)] = on_device
+            merged[_positions(decoded_at, self.device)] = batch.to(merged.dtype)
+            batch = merged
+        return batch
 
     def eval_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """:meth:`eval_geometry` of every image, one call per distinct image size (ImageNet's validation images
@@ -650,11 +657,13 @@ class DeviceBatches:
     def _on_device(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
         flat, lengths, targets, paths, *decoded = batch
         targets = targets.to(self.augment.device, non_blocking=True)
-        if not decoded:
+        on_cpu = decoded[1].tolist() if decoded else []
+        if not any(on_cpu):
             return self.augment(flat.split(lengths.tolist()), paths), targets
-        images, at = decoded  # (--gpu_pipeline_cpu_share: images the workers decoded, and where they go)
-        taken = set(at.tolist())
-        rest = [k for k in range(len(paths)) if k not in taken]
+        # --gpu_pipeline_cpu_share: the images the workers decoded, and where they go
+        at = [k for k, cpu in enumerate(on_cpu) if cpu]
+        rest = [k for k, cpu in enumerate(on_cpu) if not cpu]
+        images = decoded[0].view(len(at), 3, self.augment.size, self.augment.size)
         return self.augment.merge_decoded(flat.split(lengths.tolist()), [paths[k] for k in rest], rest, images,
                                           at), targets
 

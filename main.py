@@ -184,9 +184,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'Same distributions as timm, pixels within a few levels (datasets.GpuAugment lists the '
                              'differences); rand-* --aa policies only')
     parser.add_argument('--gpu_pipeline_cpu_share', type=float, default=0.0,
-                        help='with --gpu_pipeline true: the share of evaluation images that the loader workers decode '
-                             'and resize on the CPU (PIL, as without --gpu_pipeline) while the GPU decodes the rest: '
-                             'both decoders at once, for evaluation bound by either (default 0: all on the GPU)')
+                        help='with --gpu_pipeline true: the share of images that the loader workers decode and '
+                             'transform on the CPU (PIL and timm\'s transforms, as without --gpu_pipeline) while the '
+                             'GPU decodes and augments the rest: both decoders at once, for runs bound by either '
+                             '(default 0: all on the GPU)')
     parser.add_argument('--seed', default=0, type=int)
 
     parser.add_argument('--resume', default='', help='resume from checkpoint')
@@ -307,7 +308,7 @@ FLAG_RANGES: Dict[str, Tuple[Interval, str]] = {
     '--mixup_switch_prob': (PROBABILITY, 'probability of cutmix instead of mixup'),
     '--crop_pct': (Interval(0, 1, low_open=True), 'evaluation center-crop fraction'),
     '--sparsity': (FRACTION_BELOW_ONE, 'fraction of the 2-D/4-D weights that are zero'),
-    '--gpu_pipeline_cpu_share': (FRACTION_BELOW_ONE, 'share of evaluation images decoded by the loader workers'),
+    '--gpu_pipeline_cpu_share': (FRACTION_BELOW_ONE, 'share of images decoded by the loader workers'),
     '--prune_rate': (Interval(0, 1, low_open=True, high_open=True), 'fraction of the active weights pruned and '
                    'regrown at each prune/grow update; --fix keeps the masks static'),
     '--update-frequency': (Interval(1, high_open=True), 'optimizer steps between prune/grow updates'),
@@ -338,7 +339,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--batch_size must be >= 1; got {args.batch_size}')
     if args.gpu_pipeline_cpu_share and not args.gpu_pipeline:
         raise ValueError(f'--gpu_pipeline_cpu_share {args.gpu_pipeline_cpu_share:g} splits --gpu_pipeline\'s '
-                         f'evaluation decoding between the GPU and the loader workers: add --gpu_pipeline true or drop it')
+                         f'decoding between the GPU and the loader workers: add --gpu_pipeline true or drop it')
     if args.print_freq < 1:
         raise ValueError(f'--print_freq must be >= 1; got {args.print_freq}')
     if args.save_ckpt_freq < 1 or args.save_ckpt_num < 1:  # 0 would divide by zero / delete the file just written

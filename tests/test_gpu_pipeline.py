@@ -61,7 +61,7 @@ def _args(**kw) -> argparse.Namespace:
 
 def _encoded(folder: str, split: str = 'train'):
     dataset = datasets.EncodedImageFolder(os.path.join(folder, split))
-    flat, lengths, targets, paths = datasets.collate_encoded([dataset[i] for i in range(len(dataset))])
+    flat, lengths, targets, paths = datasets.collate_encoded([dataset[i] for i in range(len(dataset))])[:4]
     return list(flat.split(lengths.tolist())), targets, paths
 
 
@@ -238,12 +238,14 @@ def test_refused_choices_are_named(folder):
         datasets.build_dataset(True, _args(data_set='CIFAR', data_path=folder))
 
 
-def test_main_trains_and_evaluates_with_gpu_pipeline_on_cpu(folder, tmp_path, capsys):
-    """Default augmentation (RandAugment, erasing, mixup/cutmix) through loader workers, one epoch, evaluation."""
+@pytest.mark.parametrize('share, workers', [(0.0, 1), (0.5, 2)])
+def test_main_trains_and_evaluates_with_gpu_pipeline_on_cpu(folder, tmp_path, capsys, share, workers):
+    """Default augmentation (RandAugment, erasing, mixup/cutmix) through loader workers, one epoch, evaluation; and
+    with half the images decoded by the workers (each pass's first batch joined from two workers' slices)."""
     argv = ['--model', 'SLaK_tiny', '--Decom', 'true', '--width_factor', '0.125', '--kernel_size', '7', '7', '5', '5',
             '3', '--input_size', '64', '--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num_workers',
-            '1', '--device', 'cpu', '--drop_path', '0', '--gpu_pipeline', 'true', '--data_path', folder,
-            '--output_dir', str(tmp_path), '--channels_last', 'true']
+            str(workers), '--device', 'cpu', '--drop_path', '0', '--gpu_pipeline', 'true', '--data_path', folder,
+            '--output_dir', str(tmp_path), '--channels_last', 'true', '--gpu_pipeline_cpu_share', str(share)]
     assert main.run(argv) == 0
     out = capsys.readouterr().out
     assert 'Transform = GpuAugment(train' in out and 'Transform = GpuAugment(eval' in out
@@ -397,14 +399,20 @@ def test_cpu_share_of_evaluation_images_is_decoded_by_the_workers_and_merged_in_
             assert torch.equal(x[i], augment.normalize(pil(datasets.rgb_loader(path))[None])[0]), i
         else:
             assert torch.equal(x[i], on_device[i]), i
-    with pytest.raises(ValueError, match='evaluation batches only'):
-        datasets.GpuAugment(True, _args(aa='none', reprob=0), torch.device('cpu')).merge_decoded(
-            [], [], [], torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.tensor([0]))
+    # a pass's first batch is joined from slices read by several workers (utils.SplitFirstBatch), one of them
+    # without a decoded image here: the joined batch is the batch
+    import utils
+    items = [dataset[i] for i in range(4)]
+    whole = datasets.collate_encoded(items)
+    joined = utils.join_batches([datasets.collate_encoded(items[:1]), datasets.collate_encoded(items[1:])])
+    for a, b in zip(whole, joined, strict=True):
+        assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(a, torch.Tensor) else a == b
+    assert torch.equal(datasets.DeviceBatches(mixed, augment)._on_device(joined)[0], x[:4])
 
     code = main.run(['--gpu_pipeline_cpu_share', '0.3', '--device', 'cpu', '--data_path', folder])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == ("error: --gpu_pipeline_cpu_share 0.3 splits --gpu_pipeline's evaluation decoding "
-                                 "between the GPU and the loader workers: add --gpu_pipeline true or drop it")
+    assert code == 2 and err == ("error: --gpu_pipeline_cpu_share 0.3 splits --gpu_pipeline's decoding between the GPU "
+                                 "and the loader workers: add --gpu_pipeline true or drop it")
     code = main.run(['--gpu_pipeline', 'true', '--gpu_pipeline_cpu_share', '1', '--device', 'cpu'])
     assert code == 2 and 'error: --gpu_pipeline_cpu_share must be in [0, 1)' in capsys.readouterr().err
 
@@ -434,6 +442,29 @@ def test_gpu_batches_are_prepared_without_waiting_for_the_queued_kernels(folder)
                            ('Sharpness', [(0.7,)] * len(batch))):
             datasets.apply_rand_op(name, batch, args, fill)
         evaluate.eval_batch(images)
-        evaluate.merge_decoded([], [], [], decoded, torch.tensor([1, 0]))
+        evaluate.merge_decoded([], [], [], decoded, [1, 0])
     finally:
         torch.cuda.set_sync_debug_mode('default')
+
+
+def test_cpu_share_of_training_images_is_timms_transform_in_the_workers(folder):
+    """--gpu_pipeline_cpu_share in training: that share of the images comes from timm's training transform in the
+    loader workers (normalised float, erasing included), the rest from GpuAugment, each with its own random draws;
+    the batch keeps its order."""
+    args = _args(gpu_pipeline_cpu_share=0.5, data_path=folder, aa='none', reprob=0, color_jitter=0, hflip=0)
+    dataset, _ = datasets.build_dataset(True, args)
+    on_cpu = [dataset.on_cpu(i) for i in range(len(dataset))]
+    assert on_cpu[:4] == [False, True, False, True] and len(dataset) == 10
+    augment = datasets.GpuAugment(True, args, torch.device('cpu'))
+    random.seed(3)
+    batch = datasets.collate_encoded([dataset[i] for i in range(len(dataset))])
+    x, y = datasets.DeviceBatches(torch.utils.data.DataLoader(dataset), augment)._on_device(batch)
+    assert x.shape == (10, 3, 64, 64) and x.dtype == torch.float32 and y.tolist() == [t for _, t in dataset.samples]
+    random.seed(3)  # the same draws: the workers' transforms first, then the device's, as above
+    cpu_items = {i: dataset[i][0] for i in range(len(dataset)) if on_cpu[i]}
+    gpu = [i for i in range(len(dataset)) if not on_cpu[i]]
+    data, _, paths = _encoded(folder)
+    expected_gpu = augment([data[i] for i in gpu], [paths[i] for i in gpu])
+    for i, image in cpu_items.items():
+        assert image.dtype == torch.float32 and torch.equal(x[i], image), i
+    assert torch.equal(x[gpu], expected_gpu)
