@@ -780,11 +780,12 @@ class DeviceLoader:
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        if self._constants is None:
+        if self._constants is None:  # (255 as a device tensor: CUDA divides by a host scalar as a product with its
+            # reciprocal, which differs from the division in the last bit for some pixels)
             self._constants = tuple(torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(self.device)
-                                    for v in self.mean_std)
-        mean, std = self._constants
-        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+                                    for v in ((255.,), *self.mean_std))
+        scale, mean, std = self._constants
+        return images.to(torch.float32).div_(scale).sub_(mean).div_(std)
 
     def _on_device(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.device.type != 'cuda':
