@@ -733,12 +733,14 @@ def _tail_shapes() -> str:
     return raw
 
 
-# 'dynamic' (SLAK_TAIL_SHAPES=dynamic, opt-in until measured on a GPU): every stage's blocks share one training graph
+# 'dynamic' (SLAK_TAIL_SHAPES=dynamic, opt-in): every stage's blocks share one training graph
 # and one evaluation graph, with symbolic channels, height and width (the weights' matching sizes too): SLaK-T
 # compiles 1 + 1 graphs instead of 4 + 4 on a fresh machine and traces one per process; the price is kernels
 # generated for symbolic sizes (reductions over a symbolic channel count). On the CPU with Inductor's C++ backend the
 # four stage shapes' training graphs compiled in 20.2 s as one against 28.4 s as four (benchmarks/tail_compile_time.py,
-# RESULTS.md issue 18 session 14).
+# RESULTS.md issue 18 session 14). Measured on an H100 through main.py (session 15) it does not pay: the background
+# compile 45.3 s instead of 50.9 s, the cold first step 61 s instead of 65 s, warm 28 s instead of 25 s, and steady
+# training 7-8 % slower; so 'static' stays the default.
 TAIL_SHAPES = _tail_shapes()
 
 
