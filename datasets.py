@@ -29,7 +29,7 @@ import os
 import queue
 import random
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -318,6 +318,15 @@ _RRC_SCALE, _RRC_RATIO = (0.08, 1.0), (3. / 4., 4. / 3.)
 _PIL_GREY = (19595, 38470, 7471)
 
 
+def _rank_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` with its index: 'cuda' alone is this rank's GPU (set by ``utils.init_distributed_mode``), which a
+    helper thread or stream must name explicitly (a new thread starts on cuda:0)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 def _host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A few numbers drawn on the host, as a tensor on ``device``, without waiting for the device: on CUDA through
     pinned memory (a copy from ordinary memory may wait for the kernels queued before it)."""
@@ -479,9 +488,7 @@ class GpuAugment:
     """
 
     def __init__(self, is_train: bool, args: argparse.Namespace, device: torch.device):
-        device = torch.device(device)
-        if device.type == 'cuda' and device.index is None:  # the rank's device (set by init_distributed_mode)
-            device = torch.device('cuda', torch.cuda.current_device())
+        device = _rank_device(device)
         self.is_train, self.device, self.size = is_train, device, args.input_size
         mean, std = mean_std(args)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
@@ -713,9 +720,7 @@ class DeviceBatches:
                 for batch in self.loader:
                     with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                         images, targets = self._on_device(batch)
-                        event = torch.cuda.Event() if cuda else None
-                        if cuda:
-                            event.record(stream)
+                        event = stream.record_event() if cuda else None
                     if not put((images, targets, event)):
                         return
                 put(done)
@@ -761,14 +766,11 @@ class DeviceLoader:
 
     def __init__(self, loader, device: torch.device,
                  mean_std: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
-        device = torch.device(device)
-        if device.type == 'cuda' and device.index is None:  # the rank's device (set by init_distributed_mode)
-            device = torch.device('cuda', torch.cuda.current_device())
-        self.loader, self.device = loader, device
+        self.loader, self.device = loader, _rank_device(device)
         self.sampler, self.dataset = getattr(loader, 'sampler', None), getattr(loader, 'dataset', None)
         self.mean_std = mean_std
         self._stream = None
-        self._constants = None  # mean, std as (1, C, 1, 1) float32 tensors on the device
+        self._constants = None  # 255, mean, std as (1, C, 1, 1) float32 tensors on the device
 
     def __len__(self) -> int:
         return len(self.loader)

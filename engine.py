@@ -78,6 +78,15 @@ class _StepFigures:
             })
 
 
+def _settle(pending: list, everything: bool, record: Callable) -> None:
+    """Read (``record``) and drop the figures queued in ``pending``: all of them before a progress line
+    (``everything``), else all but the newest, whose step or batch the device may still be computing."""
+    upto = len(pending) if everything else len(pending) - 1
+    for figures in pending[:upto]:
+        record(figures)
+    del pending[:upto]
+
+
 def _autocast(device: torch.device, use_amp: bool, amp_dtype: torch.dtype, cache: bool = True):
     return torch.amp.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=cache)
 
@@ -181,12 +190,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         pending.append(_StepFigures(it, loss_value, class_acc, grad_norm, terms, max_lr, min_lr, weight_decay_value))
         if is_update and model_ema is not None:
             model_ema.update(model, mask)
-        last_in_epoch = data_iter_step == len(data_loader) - 1
         # progress lines (log_every prints after this body at these iterations) show every step so far
-        settle_upto = len(pending) if (data_iter_step % print_freq == 0 or last_in_epoch) else len(pending) - 1
-        for figures in pending[:settle_upto]:
-            figures.record(epoch, metric_logger, log_writer, wandb_logger)
-        del pending[:settle_upto]
+        _settle(pending, data_iter_step % print_freq == 0 or data_iter_step == len(data_loader) - 1,
+                lambda figures: figures.record(epoch, metric_logger, log_writer, wandb_logger))
     for figures in pending:  # the epoch ended on skipped micro-batches (steps past num_training_steps_per_epoch)
         figures.record(epoch, metric_logger, log_writer, wandb_logger)
 
@@ -233,10 +239,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         correct = top.eq(target[:, None])
         pending.append(_EvalFigures(images.shape[0], torch.stack(
             [loss.float(), correct[:, 0].float().mean(), correct.any(dim=-1).float().mean()])))
-        settle_upto = len(pending) if (i % print_freq == 0 or i == last) else len(pending) - 1
-        for figures in pending[:settle_upto]:
-            figures.record(metric_logger)
-        del pending[:settle_upto]
+        _settle(pending, i % print_freq == 0 or i == last, lambda figures: figures.record(metric_logger))
     for figures in pending:  # (a loader longer than its len())
         figures.record(metric_logger)
     metric_logger.synchronize_between_processes(device)
